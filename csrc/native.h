@@ -1,0 +1,7 @@
+// Registration hooks: each csrc/*.cpp file adds its functions to the one wave_rt._native module.
+#pragma once
+#include <pybind11/pybind11.h>
+
+namespace wave_rt {
+void register_audio(pybind11::module_& m);
+}  // namespace wave_rt

@@ -1,0 +1,1 @@
+"""ONNX and TensorRT export and runners, installed as wave_rt.export."""

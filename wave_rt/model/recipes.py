@@ -1,0 +1,106 @@
+"""Pooling recipes: how a sequence's hidden states become an embedding, and which prompts wrap the input.
+
+One registry entry per published recipe (WAVE all_layer / last_layer, Vela last_token, ALM2Vec
+eos_projection); a checkpoint picks one by config, a caller may override it. Recipes are data, not
+code paths: a new recipe of the same family is a new entry, not a fork.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+Head = Literal["fusion_all", "fusion_last", "none", "eos_projection"]
+
+WAVE_QA_SUFFIX = "Please respond with only the letter of the correct answer."
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """Templates the processor fills. `{media}` is replaced by the media placeholder tokens, `{instruction}`
+    by the user's instruction (or the modality default), `{text}` by the text item. Special tokens such as
+    `<|im_end|>` are written literally and recognised by the tokenizer."""
+
+    media_template: str = "{media}{instruction}<|im_end|>"
+    text_target_template: str = "{text}<|im_end|>"
+    text_query_template: str = "{instruction}{text}<|im_end|>"
+    default_instructions: dict[str, str] = field(
+        default_factory=lambda: {
+            "audio": "Please describe the audio.",
+            "video": "Please describe the video.",
+            "av": "Please describe the video.",
+            "text": "",
+        }
+    )
+    qa_suffix: str = WAVE_QA_SUFFIX
+    # Prepended to every sequence (Vela's optional in-context examples live here).
+    prefix: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> PromptConfig:
+        return cls(**data) if data else cls()
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    # Head applied to media items and Text(side="query").
+    head: Head
+    # Head applied to text targets (plain str). WAVE: the raw final-layer last token.
+    text_target_head: Head
+    prompts: PromptConfig
+    description: str = ""
+
+    def with_prompts(self, prompts: PromptConfig) -> Recipe:
+        return replace(self, prompts=prompts)
+
+
+WAVE_PROMPTS = PromptConfig()
+
+VELA_PROMPTS = PromptConfig(
+    media_template="{media}{instruction}",
+    text_target_template="{text}\nSummarize the above sentence in one word:",
+    text_query_template="{instruction}{text}\nSummarize the above sentence in one word:",
+    default_instructions={
+        "audio": "Summarize the caption of the audio in one word:",
+        "video": "Summarize the video in one word:",
+        "av": "Summarize the video in one word:",
+        "text": "",
+    },
+)
+
+ALM2VEC_PROMPTS = PromptConfig(
+    media_template="{media}{instruction}<|endoftext|>",
+    text_target_template="{text}<|endoftext|>",
+    text_query_template="{instruction}{text}<|endoftext|>",
+    default_instructions={"audio": "", "video": "", "av": "", "text": ""},
+)
+
+RECIPES: dict[str, Recipe] = {
+    "all_layer": Recipe(
+        "all_layer", "fusion_all", "none", WAVE_PROMPTS,
+        "WAVE: last token of every decoder layer -> Linear(L*D, D) -> GELU -> Linear(D, D)",
+    ),
+    "last_layer": Recipe(
+        "last_layer", "fusion_last", "none", WAVE_PROMPTS,
+        "WAVE variant: final-layer last token -> Linear(D, D) -> GELU -> Linear(D, D)",
+    ),
+    "last_token": Recipe(
+        "last_token", "none", "none", WAVE_PROMPTS,
+        "final-layer last token, no head (Vela; also a plain thinker)",
+    ),
+    "eos_projection": Recipe(
+        "eos_projection", "eos_projection", "eos_projection", ALM2VEC_PROMPTS,
+        "ALM2Vec: appended EOS token, hidden state at EOS -> Linear projection",
+    ),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}") from None

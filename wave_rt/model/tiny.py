@@ -1,0 +1,125 @@
+"""Tiny, randomly initialised checkpoints built from the real transformers configs.
+
+Used by the tests (every shape is small enough for a 2-core CPU) and by the bundled demo model.
+Nothing here is downloaded: the tokenizer is a byte-level BPE with no merges built offline with
+the `tokenizers` library, carrying Qwen's special tokens, and the configs' token ids point at it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+# Qwen2.5-Omni's special tokens (order matters only for their ids in the tiny vocabulary).
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|AUDIO|>",
+    "<|audio_bos|>",
+    "<|audio_eos|>",
+    "<|vision_bos|>",
+    "<|vision_eos|>",
+    "<|vision_pad|>",
+    "<|IMAGE|>",
+    "<|VIDEO|>",
+)
+
+
+def build_tiny_tokenizer(out_dir: str | os.PathLike[str]) -> dict[str, int]:
+    """Write tokenizer.json + tokenizer_config.json into out_dir; return {special token: id}."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(list(QWEN_SPECIAL_TOKENS))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "model_max_length": 32768,
+            },
+            indent=2,
+        )
+    )
+    return {tok: tokenizer.token_to_id(tok) for tok in QWEN_SPECIAL_TOKENS}
+
+
+def tiny_thinker_config_dict(
+    token_ids: dict[str, int],
+    *,
+    vocab_size: int = 320,
+    hidden: int = 64,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    audio_layers: int = 2,
+    vision_depth: int = 2,
+) -> dict[str, Any]:
+    """A Qwen2.5-Omni thinker config dict with every width tiny and the token ids of the tiny tokenizer."""
+    head_dim = hidden // heads
+    half = head_dim // 2
+    t = max(1, half // 4)
+    mrope = [t, (half - t) // 2, half - t - (half - t) // 2]
+    return {
+        "model_type": "qwen2_5_omni_thinker",
+        "audio_token_index": token_ids["<|AUDIO|>"],
+        "image_token_index": token_ids["<|IMAGE|>"],
+        "video_token_index": token_ids["<|VIDEO|>"],
+        "audio_start_token_id": token_ids["<|audio_bos|>"],
+        "audio_end_token_id": token_ids["<|audio_eos|>"],
+        "vision_start_token_id": token_ids["<|vision_bos|>"],
+        "vision_end_token_id": token_ids["<|vision_eos|>"],
+        "position_id_per_seconds": 25,
+        "seconds_per_chunk": 2,
+        "text_config": {
+            "model_type": "qwen2_5_omni_text",
+            "vocab_size": vocab_size,
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 2,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
+            "pad_token_id": token_ids["<|endoftext|>"],
+            "use_cache": False,
+        },
+        "audio_config": {
+            "model_type": "qwen2_5_omni_audio_encoder",
+            "num_mel_bins": 128,
+            "encoder_layers": audio_layers,
+            "encoder_attention_heads": 4,
+            "encoder_ffn_dim": 64,
+            "d_model": 32,
+            "n_window": 50,
+            "output_dim": hidden,
+            "max_source_positions": 1500,
+        },
+        "vision_config": {
+            "model_type": "qwen2_5_omni_vision_encoder",
+            "depth": vision_depth,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "in_channels": 3,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "out_hidden_size": hidden,
+            "fullatt_block_indexes": [vision_depth - 1],
+        },
+    }

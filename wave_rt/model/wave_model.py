@@ -1,0 +1,296 @@
+"""WaveModel: the backbone's encoders and decoder (from transformers), BEATs, the dual-audio merge and
+the pooling heads, with an embedding forward that keeps only what an embedding needs.
+
+State-dict names follow the released WAVE checkpoint (transformers 4.51/4.52 thinker layout):
+`model.*` (decoder), `audio_tower.*`, `visual.*`, `beats.*`, `beats_ln.*`, `beats_proj.{0,2}.*`,
+`classify_linear.{0,2}.*`; ALM2Vec's projection is `eos_proj.*`; Qwen2-Audio keeps
+`multi_modal_projector.*`. There is no `lm_head`: embeddings never need the 152k-vocab logits.
+
+The forward differs from `thinker(..., output_hidden_states=True)` in three ways that matter at 7B:
+the last-token row of every decoder layer is copied into a [B, L, D] buffer as the layer finishes
+(the full [L, B, T, D] stack is never kept), the final norm runs on those rows only, and there is no
+LM head, KV cache or generation state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wave_rt.config import OMNI_THINKER, QWEN2_AUDIO, WaveConfig
+from wave_rt.model.batch import ModelBatch
+
+BEATS_WIDTH = 768
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] (1 = real) -> bool [B, 1, T, T], True = may attend.
+
+    Causal and key-padding masked; the diagonal is always open so that the (left) padding rows attend
+    to themselves instead of to nothing, which would make SDPA produce NaN rows that then poison the
+    values every later layer reads. Real tokens never see padding keys, so outputs are unaffected."""
+    T = attention_mask.shape[-1]
+    idx = torch.arange(T, device=attention_mask.device)
+    causal = idx.view(1, T) <= idx.view(T, 1)
+    allowed = causal.view(1, 1, T, T) & attention_mask.bool().view(-1, 1, 1, T)
+    return allowed | torch.eye(T, dtype=torch.bool, device=attention_mask.device).view(1, 1, T, T)
+
+
+class WaveModel(nn.Module):
+    def __init__(self, config: WaveConfig) -> None:
+        super().__init__()
+        self.config = config
+        hf = config.hf_config
+        if config.backbone == OMNI_THINKER:
+            from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as omni
+
+            self.model = omni.Qwen2_5OmniThinkerTextModel._from_config(hf.text_config)
+            self.audio_tower = omni.Qwen2_5OmniAudioEncoder._from_config(hf.audio_config)
+            self.visual = omni.Qwen2_5OmniVisionEncoder._from_config(hf.vision_config)
+        elif config.backbone == QWEN2_AUDIO:
+            from transformers import AutoModel
+            from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioMultiModalProjector
+
+            self.model = AutoModel.from_config(hf.text_config)
+            self.audio_tower = AutoModel.from_config(hf.audio_config)
+            self.multi_modal_projector = Qwen2AudioMultiModalProjector(hf)
+        else:  # pragma: no cover - WaveConfig validates model types
+            raise ValueError(config.backbone)
+
+        if config.use_beats:
+            from wave_rt.model.beats import BEATsConfig, BEATsEncoder
+
+            beats_cfg = BEATsConfig.from_dict(config.beats) if config.beats else BEATsConfig()
+            config.beats = beats_cfg.to_dict()
+            audio_out = int(hf.audio_config.output_dim)
+            self.beats = BEATsEncoder(beats_cfg)
+            self.beats_ln = nn.LayerNorm(beats_cfg.encoder_embed_dim)
+            self.beats_proj = nn.Sequential(
+                nn.Linear(beats_cfg.encoder_embed_dim, audio_out), nn.GELU(), nn.Linear(audio_out, audio_out)
+            )
+
+        d, n_layers = config.hidden_size, config.num_layers
+        heads = {config.recipe.head, config.recipe.text_target_head}
+        if "fusion_all" in heads:
+            self.classify_linear = nn.Sequential(nn.Linear(d * n_layers, d), nn.GELU(), nn.Linear(d, d))
+        elif "fusion_last" in heads:
+            self.classify_linear = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+        if "eos_projection" in heads:
+            self.eos_proj = nn.Linear(d, config.embedding_dim)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build(
+        cls,
+        config: WaveConfig,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        init: str = "random",
+        seed: int | None = None,
+    ) -> WaveModel:
+        """Construct directly on `device` in `dtype` (like transformers' from_pretrained, buffers such as
+        RoPE frequencies stay float32). init="empty" skips weight initialisation (weights are loaded next);
+        init="random" runs the backbone's own initialisation, seeded when `seed` is given."""
+        from transformers.initialization import no_init_weights
+
+        skip = no_init_weights() if init == "empty" else contextlib.nullcontext()
+        rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+        with rng, torch.device(device), _default_dtype(dtype), skip:
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = cls(config)
+        return model.eval().requires_grad_(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    # ------------------------------------------------------------------ encoders (tensor in, tensor out)
+    def encode_whisper(self, mel: torch.Tensor, mel_lens: torch.Tensor) -> torch.Tensor:
+        """Omni audio tower on concatenated log-mel [128, sum(frames)] -> [sum(tokens), D]."""
+        aftercnn = (mel_lens - 1) // 2 + 1
+        out = self.audio_tower(
+            input_features=mel.to(self.audio_tower.conv1.weight.dtype), feature_lens=mel_lens, aftercnn_lens=aftercnn
+        )
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def encode_qwen2_audio(self, mel: torch.Tensor, mel_lens: torch.Tensor, audio_tokens: torch.Tensor) -> torch.Tensor:
+        """Qwen2-Audio tower on [n, 128, 3000] padded log-mel -> projected valid tokens [sum(tokens), D]."""
+        n, _, frames = mel.shape
+        after_conv = (mel_lens - 1) // 2 + 1
+        max_len = (frames - 2) // 2 + 1
+        valid = torch.arange(max_len, device=mel.device).view(1, -1) < after_conv.view(-1, 1)
+        # Bidirectional mask over the padded frames, as Qwen2AudioModel builds it (additive, dtype min).
+        dtype = self.audio_tower.conv1.weight.dtype
+        add = torch.zeros((n, 1, max_len, max_len), dtype=dtype, device=mel.device)
+        add.masked_fill_(~valid.view(n, 1, 1, max_len), torch.finfo(dtype).min)
+        out = self.audio_tower(mel.to(dtype), attention_mask=add)
+        feats = self.multi_modal_projector(out.last_hidden_state)  # [n, 750, D]
+        keep = torch.arange(feats.shape[1], device=mel.device).view(1, -1) < audio_tokens.view(-1, 1)
+        return feats[keep]
+
+    def encode_beats(
+        self, fbank: torch.Tensor, fbank_padding: torch.Tensor, audio_tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """BEATs tokens of each segment, padded with zeros / truncated to exactly 2x the segment's Whisper
+        tokens, averaged in pairs, then LayerNorm -> Linear -> GELU -> Linear: [sum(tokens), D]."""
+        dtype = self.beats_ln.weight.dtype
+        tokens, _ = self.beats(fbank.to(dtype), padding_mask=fbank_padding)
+        n_seg, n_max, width = tokens.shape
+        patch = int(self.beats.cfg.input_patch_size)
+        valid = ((~fbank_padding).sum(1) // patch) * (fbank.shape[-1] // patch)
+        want = 2 * audio_tokens
+        total = int(want.sum())
+        seg = torch.repeat_interleave(torch.arange(n_seg, device=tokens.device), want, output_size=total)
+        starts = torch.cumsum(want, 0) - want
+        j = torch.arange(total, device=tokens.device) - torch.repeat_interleave(starts, want, output_size=total)
+        flat = torch.cat([tokens.reshape(n_seg * n_max, width), tokens.new_zeros(1, width)])
+        index = torch.where(j < valid[seg], seg * n_max + j, n_seg * n_max)
+        pooled = flat[index].view(-1, 2, width).mean(dim=1)
+        return self.beats_proj(self.beats_ln(pooled))
+
+    def encode_audio(self, batch: ModelBatch) -> torch.Tensor:
+        if self.config.backbone == QWEN2_AUDIO:
+            return self.encode_qwen2_audio(batch.mel, batch.mel_lens, batch.audio_tokens)
+        cfg = self.config
+        whisper = None if cfg.beats_only else self.encode_whisper(batch.mel, batch.mel_lens)
+        if not cfg.use_beats:
+            return whisper
+        beats = self.encode_beats(batch.fbank, batch.fbank_padding, batch.audio_tokens)
+        if whisper is None:
+            return beats
+        # WAVE interleaves token by token: w0, b0, w1, b1, ...
+        return torch.stack([whisper, beats.to(whisper.dtype)], dim=1).reshape(-1, whisper.shape[-1])
+
+    def encode_video(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        out = self.visual(pixel_values.to(self.visual.patch_embed.proj.weight.dtype), grid_thw=grid_thw)
+        return out.pooler_output if hasattr(out, "pooler_output") else out
+
+    def embed_inputs(self, batch: ModelBatch) -> torch.Tensor:
+        """Token embeddings with the encoders' outputs scattered into their placeholder positions."""
+        embeds = self.model.embed_tokens(batch.input_ids)
+        if batch.mel is not None or batch.fbank is not None:
+            audio = self.encode_audio(batch)
+            mask = batch.input_ids == self.config.token_id("audio")
+            _check_count(mask, audio, "audio")
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), audio.to(embeds.dtype))
+        if batch.pixel_values is not None:
+            video = self.encode_video(batch.pixel_values, batch.grid_thw)
+            mask = batch.input_ids == self.config.token_id("video")
+            _check_count(mask, video, "video")
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), video.to(embeds.dtype))
+        return embeds
+
+    # ------------------------------------------------------------------ decoder + heads (export-ready)
+    def last_token_states(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """Run the decoder and return the last position's hidden state after every layer: [B, L, D].
+
+        Entries 0..L-2 are raw layer outputs, entry L-1 is the final-norm output, i.e. exactly
+        `hidden_states[1:]` of transformers' output_hidden_states at the last position. Rows must be
+        left-padded. attention_mask=None means no row is padded (plain causal attention)."""
+        lm = self.model
+        layers = lm.layers
+        B, _, D = inputs_embeds.shape
+        rows = inputs_embeds.new_empty(B, len(layers), D)
+        pos = position_ids if self.config.uses_mrope else position_ids[0]
+        position_embeddings = lm.rotary_emb(inputs_embeds, pos)
+        mask = causal_padding_mask(attention_mask) if attention_mask is not None else None
+        h = inputs_embeds
+        for i, layer in enumerate(layers):
+            out = layer(h, attention_mask=mask, position_embeddings=position_embeddings, use_cache=False)
+            h = out[0] if isinstance(out, tuple) else out
+            if i < len(layers) - 1:
+                rows[:, i] = h[:, -1]
+        rows[:, -1] = lm.norm(h[:, -1:]).squeeze(1)
+        return rows
+
+    def apply_head(self, head: str, rows: torch.Tensor) -> torch.Tensor:
+        if head == "none":
+            return rows[:, -1]
+        if head == "eos_projection":
+            return self.eos_proj(rows[:, -1])
+        if head == "fusion_last":
+            return self.classify_linear(rows[:, -1])
+        if head == "fusion_all":
+            first, act, second = self.classify_linear
+            hidden = _fused_first_layer(rows, first.weight, first.bias)
+            if hidden is None:
+                hidden = act(first(rows.reshape(rows.shape[0], -1)))
+            return second(hidden)
+        raise ValueError(f"unknown head {head!r}")
+
+    def pool(self, rows: torch.Tensor, use_head: torch.Tensor, all_same: bool | None = None) -> torch.Tensor:
+        """Per row: the recipe's head (media, text queries) or the text-target head (plain strings).
+        `all_same` (host-side knowledge of use_head) lets a uniform batch skip the unused head."""
+        recipe = self.config.recipe
+        if recipe.head == recipe.text_target_head or all_same is True:
+            head = recipe.head if (recipe.head == recipe.text_target_head or bool(use_head[0])) else recipe.text_target_head
+            return self.apply_head(head, rows)
+        a = self.apply_head(recipe.head, rows)
+        b = self.apply_head(recipe.text_target_head, rows)
+        return torch.where(use_head.view(-1, 1), a, b.to(a.dtype))
+
+    def forward_core(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        use_head: torch.Tensor,
+    ) -> torch.Tensor:
+        """The export-ready part: embeddings in, unnormalised embeddings out, no Python decisions on data."""
+        rows = self.last_token_states(inputs_embeds, attention_mask, position_ids)
+        recipe = self.config.recipe
+        if recipe.head == recipe.text_target_head:
+            return self.apply_head(recipe.head, rows)
+        a = self.apply_head(recipe.head, rows)
+        b = self.apply_head(recipe.text_target_head, rows)
+        return torch.where(use_head.view(-1, 1), a, b.to(a.dtype))
+
+    def forward(self, batch: ModelBatch) -> torch.Tensor:
+        """Unnormalised embeddings [B, embedding_dim] for a collated batch already on this model's device."""
+        embeds = self.embed_inputs(batch)
+        rows = self.last_token_states(embeds, batch.attention_mask if batch.padded else None, batch.position_ids)
+        uses = batch.use_head
+        all_same = bool(uses.all()) or not bool(uses.any())
+        return self.pool(rows, uses, all_same=all_same)
+
+
+def _check_count(mask: torch.Tensor, feats: torch.Tensor, what: str) -> None:
+    n = int(mask.sum())
+    if n != feats.shape[0]:
+        raise ValueError(f"{what} placeholders ({n}) and {what} encoder tokens ({feats.shape[0]}) disagree")
+
+
+def _fused_first_layer(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor | None:
+    """GELU(concat(rows) @ W1.T + b1) with the fused split-K Triton kernel on CUDA; None elsewhere
+    (on the CPU, rows.reshape(B, L*D) is already a free view and one GEMM is the fastest path)."""
+    if not rows.is_cuda:
+        return None
+    try:
+        from wave_rt.kernels import layer_fusion_mlp
+    except ImportError:
+        return None
+    return layer_fusion_mlp(rows, weight, bias)

@@ -17,6 +17,7 @@ _LAZY: dict[str, str] = {
     "similarity": "wave_rt.embed.encoder",
     "WaveConfig": "wave_rt.config",
     "WaveModel": "wave_rt.model.wave_model",
+    "Text": "wave_rt.items",
     "Audio": "wave_rt.items",
     "Video": "wave_rt.items",
     "AudioVisual": "wave_rt.items",
@@ -59,5 +60,5 @@ if TYPE_CHECKING:  # pragma: no cover
         UnsupportedItemError,
         WaveRTError,
     )
-    from wave_rt.items import Audio, AudioVisual, Video
+    from wave_rt.items import Audio, AudioVisual, Text, Video
     from wave_rt.model.wave_model import WaveModel

@@ -74,6 +74,12 @@ class WaveConfig:
         return self.backbone == OMNI_THINKER
 
     @property
+    def wave_chunking(self) -> bool:
+        """Audio-visual chunks follow WAVE's processor (2 * seconds-per-grid, doubled audio) rather than
+        transformers' (fixed 2 s): true for WAVE checkpoints (fusion heads or BEATs)."""
+        return self.use_beats or self.recipe.name in ("all_layer", "last_layer")
+
+    @property
     def dual_audio(self) -> bool:
         """Whisper and BEATs tokens interleaved (audio placeholders doubled)."""
         return self.use_beats and not self.beats_only

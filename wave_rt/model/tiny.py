@@ -123,3 +123,54 @@ def tiny_thinker_config_dict(
             "fullatt_block_indexes": [vision_depth - 1],
         },
     }
+
+
+def make_tiny_checkpoint(
+    out_dir: str | os.PathLike[str],
+    *,
+    recipe: str = "all_layer",
+    use_beats: bool = True,
+    seed: int = 0,
+    beats_in_safetensors: bool = True,
+    extra_config: dict[str, Any] | None = None,
+    **sizes: Any,
+) -> Path:
+    """Build and save a tiny random checkpoint in the WAVE layout (or a plain thinker for
+    recipe="last_token" without BEATs). With beats_in_safetensors=False the BEATs weights go to a
+    separate BEATs_iter3_plus_AS2M.pt beside the safetensors, as the released checkpoint ships them."""
+    import torch
+
+    from wave_rt.config import WaveConfig
+    from wave_rt.model.loading import save_wave_model
+    from wave_rt.model.wave_model import WaveModel
+
+    out = Path(out_dir)
+    ids = build_tiny_tokenizer(out)
+    data = tiny_thinker_config_dict(ids, **sizes)
+    ours: dict[str, Any] = {"recipe": recipe}
+    if recipe in ("all_layer", "last_layer"):
+        data["train_classify"] = True
+        data["classify_type"] = recipe
+        data["sim_temperature"] = 0.01
+    if use_beats:
+        from wave_rt.model.beats import BEATsConfig
+
+        data["audio_config"]["beats_path"] = "BEATs_iter3_plus_AS2M.pt"
+        data["audio_config"]["beats_only"] = False
+        ours["beats"] = BEATsConfig.tiny().to_dict()
+    if recipe == "eos_projection":
+        ours["projection_dim"] = sizes.get("hidden", 64)
+    data["wave_rt"] = ours
+    if extra_config:
+        data.update(extra_config)
+    config = WaveConfig.from_dict(data)
+    model = WaveModel.build(config, seed=seed)
+    save_wave_model(model, out)
+    if use_beats and not beats_in_safetensors:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(out / "model.safetensors"))
+        beats = {k[len("beats."):]: v for k, v in tensors.items() if k.startswith("beats.")}
+        save_file({k: v for k, v in tensors.items() if not k.startswith("beats.")}, str(out / "model.safetensors"))
+        torch.save({"cfg": config.beats, "model": beats}, out / "BEATs_iter3_plus_AS2M.pt")
+    return out

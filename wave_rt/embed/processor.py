@@ -1,0 +1,347 @@
+"""WaveProcessor: raw items -> model inputs, with WAVE's templates.
+
+Sequences follow the reference code: the system prompt is dropped, the input is the media
+placeholders, then the instruction (or the modality's default), then `<|im_end|>`, so the last token
+of every sequence is `<|im_end|>` and a left-padded batch can read each row's last position. Text
+targets are `text<|im_end|>`. With BEATs (dual audio) every audio placeholder is doubled, and the
+audio-visual chunking and audio positions follow WAVE's rule (see wave_rt.model.positions).
+
+Text is tokenized piecewise around the placeholders with the checkpoint's own tokenizer (tokens
+never merge across special tokens, so this equals tokenizing the whole string).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wave_rt.config import QWEN2_AUDIO, WaveConfig
+from wave_rt.embed.prepared import PreparedItem
+from wave_rt.errors import CheckpointError, InputError, MediaError, UnsupportedItemError
+from wave_rt.items import Audio, AudioVisual, Text, Video
+from wave_rt.model.batch import AudioSegmentInputs, ItemInputs
+from wave_rt.model.positions import SequenceBuilder, VideoGrid
+
+QWEN2_AUDIO_SECONDS = 30.0  # Qwen2-Audio's Whisper window: longer audio is truncated, as its processor does
+WHISPER_HOP = 160
+
+
+def whisper_tokens(mel_frames: int) -> int:
+    """LLM tokens the Whisper-style tower yields for `mel_frames` frames (conv stride 2, then avg-pool 2)."""
+    return ((mel_frames - 1) // 2 + 1 - 2) // 2 + 1
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Any:
+    """The checkpoint's `tokenizers.Tokenizer` (tokenizer.json, or built by transformers from vocab/merges)."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if (path / "tokenizer.json").exists():
+        try:
+            return Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as exc:  # tokenizers raises its own exception type
+            raise CheckpointError(path / "tokenizer.json", f"unreadable tokenizer: {exc}") from None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path)).backend_tokenizer
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(path, f"no usable tokenizer (tokenizer.json or vocab/merges): {exc}") from None
+
+
+class WaveProcessor:
+    def __init__(self, config: WaveConfig, tokenizer: Any, media_backend: str = "auto") -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.media_backend = media_backend
+        self.prompts = config.recipe.prompts
+        self.ids = self._resolve_special_ids()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ special tokens
+    def _resolve_special_ids(self) -> dict[str, int]:
+        by_string = {
+            "audio": "<|AUDIO|>",
+            "audio_bos": "<|audio_bos|>",
+            "audio_eos": "<|audio_eos|>",
+            "video": "<|VIDEO|>",
+            "vision_bos": "<|vision_bos|>",
+            "vision_eos": "<|vision_eos|>",
+            "im_end": "<|im_end|>",
+            "pad": "<|endoftext|>",
+        }
+        ids: dict[str, int] = {}
+        for name, token in by_string.items():
+            from_tok = self.tokenizer.token_to_id(token)
+            from_cfg = self.config.token_id(name) if name not in ("im_end", "pad") else None
+            if from_cfg is not None and from_tok is not None and from_cfg != from_tok:
+                raise CheckpointError(
+                    "tokenizer", f"{token} is id {from_tok} in the tokenizer but {from_cfg} in config.json"
+                )
+            value = from_cfg if from_cfg is not None else from_tok
+            if value is not None:
+                ids[name] = int(value)
+        for required in ("audio", "im_end", "pad"):
+            if required not in ids:
+                raise CheckpointError("tokenizer", f"the tokenizer has no {by_string[required]} token")
+        pad = getattr(self.config.text_config, "pad_token_id", None)
+        if pad is not None:
+            ids["pad"] = int(pad)
+        return ids
+
+    def encode_text(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    # ------------------------------------------------------------------ public
+    def prepare(self, item: Any, instruction: str | None = None, index: int | None = None) -> PreparedItem:
+        """One item -> PreparedItem. Raises InputError/UnsupportedItemError/MediaError naming the item."""
+        try:
+            if isinstance(item, str):
+                return self._text(Text(item), instruction)
+            if isinstance(item, Text):
+                if not isinstance(item.text, str):
+                    raise InputError(item, f"Text.text must be a str, got {type(item.text).__name__}", index)
+                return self._text(item, instruction)
+            if isinstance(item, Audio):
+                return self._audio(item, instruction)
+            if isinstance(item, Video):
+                return self._video(item, instruction)
+            if isinstance(item, AudioVisual):
+                return self._audio_visual(item, instruction)
+        except MediaError:
+            raise
+        except InputError as exc:
+            if exc.index is None and index is not None:
+                exc.index = index
+            raise
+        raise UnsupportedItemError(
+            item,
+            f"unsupported item type {type(item).__name__}; expected str, wave_rt.Text, wave_rt.Audio, "
+            "wave_rt.Video or wave_rt.AudioVisual",
+            index,
+        )
+
+    def qa_instruction(self, question: str, options: list[str] | None = None) -> tuple[str, list[str]]:
+        """(instruction, option texts) for a multiple-choice question, WAVE style: the question with lettered
+        options, then the QA suffix; options are scored as the letters A, B, ... encoded as text targets."""
+        if options:
+            letters = [chr(ord("A") + i) for i in range(len(options))]
+            listed = "\n".join(f"{l}. {o}" for l, o in zip(letters, options))
+            body = f"{question}\n{listed}"
+        else:
+            letters, body = [], question
+        return f"{body}\n{self.prompts.qa_suffix}", letters
+
+    # ------------------------------------------------------------------ text
+    def _fill(self, template: str, **values: str) -> tuple[str, str]:
+        """Split a template at {media} and fill the other fields: (text before media, text after)."""
+        before, sep, after = template.partition("{media}")
+        if not sep:
+            before, after = "", template
+        return self.prompts.prefix + before.format(**values), after.format(**values)
+
+    def _text(self, item: Text, instruction: str | None) -> PreparedItem:
+        if item.side == "target":
+            _, text = self._fill(self.prompts.text_target_template, text=item.text)
+            use_head = False
+        elif item.side == "query":
+            instr = instruction if instruction is not None else self.prompts.default_instructions.get("text", "")
+            if instr and not instr.endswith(("\n", " ")):
+                instr += "\n"
+            _, text = self._fill(self.prompts.text_query_template, text=item.text, instruction=instr)
+            use_head = True
+        else:
+            raise InputError(item, f"Text.side must be 'target' or 'query', got {item.side!r}")
+        ids = self.encode_text(self.prompts.prefix + text)
+        if not item.text.strip():
+            raise InputError(item, "empty text")
+        sb = SequenceBuilder()
+        sb.text(ids)
+        input_ids, positions = sb.build()
+        inputs = ItemInputs(input_ids, positions, use_head=use_head)
+        return PreparedItem("text", inputs.num_tokens, None, inputs)
+
+    # ------------------------------------------------------------------ media helpers
+    def _instruction(self, modality: str, instruction: str | None) -> str:
+        return instruction if instruction is not None else self.prompts.default_instructions.get(modality, "")
+
+    def _waveform(self, item: Audio) -> torch.Tensor:
+        from wave_rt import media
+
+        src = item.source
+        sr = self.config.media.sample_rate
+        if isinstance(src, (np.ndarray, torch.Tensor)):
+            if item.sample_rate is None:
+                raise InputError(item, "a raw waveform needs sample_rate=")
+            wav = torch.as_tensor(np.asarray(src) if isinstance(src, np.ndarray) else src)
+            if wav.ndim == 2:
+                wav = wav[0]  # first channel, as WAVE reads multi-channel files
+            if wav.ndim != 1 or wav.numel() == 0:
+                raise InputError(item, f"waveform must be 1-D or [channels, samples] and non-empty, got {tuple(wav.shape)}")
+            wav = wav.to(torch.float32)
+            if not torch.isfinite(wav).all():
+                raise InputError(item, "waveform contains NaN or infinite samples")
+            if item.sample_rate != sr:
+                wav = media.resample(wav, item.sample_rate, sr)
+            min_len = sr
+            return torch.nn.functional.pad(wav, (0, max(0, min_len - wav.numel())))
+        return media.load_audio(_as_source(item, src), sample_rate=sr, backend=self.media_backend)
+
+    def _audio_segments(self, wav: torch.Tensor) -> list[AudioSegmentInputs]:
+        from wave_rt import media
+
+        cfg = self.config
+        sr = cfg.media.sample_rate
+        if cfg.backbone == QWEN2_AUDIO:
+            n = min(wav.numel(), int(QWEN2_AUDIO_SECONDS * sr))
+            padded = torch.nn.functional.pad(wav[:n], (0, int(QWEN2_AUDIO_SECONDS * sr) - n))
+            mel, _ = media.whisper_log_mel(padded)
+            frames = min(math.ceil(n / WHISPER_HOP), mel.shape[-1])
+            return [AudioSegmentInputs(mel.contiguous(), frames, whisper_tokens(frames))]
+        segments = []
+        for seg in media.audio_segments(wav, sample_rate=sr, seconds=cfg.media.audio_segment_seconds):
+            mel, mask = media.whisper_log_mel(seg)
+            frames = int(mask.sum())
+            fbank = media.beats_fbank(seg) if cfg.use_beats else None
+            segments.append(AudioSegmentInputs(mel[:, :frames].contiguous(), frames, whisper_tokens(frames), fbank))
+        return segments
+
+    def _audio_block_tokens(self, segments: list[AudioSegmentInputs]) -> tuple[int, int]:
+        """(Whisper tokens, repeat): BEATs-only models use one BEATs token per Whisper slot."""
+        return sum(s.tokens for s in segments), 2 if self.config.dual_audio else 1
+
+    def _video_features(self, frames: torch.Tensor, fps: float) -> tuple[torch.Tensor, VideoGrid]:
+        from wave_rt import media
+
+        m = self.config.media
+        feats = media.patchify_video(frames, max_pixels=m.max_pixels, min_pixels=m.min_pixels, fps=fps)
+        t, h, w = (int(x) for x in feats.video_grid_thw.tolist())
+        grid = VideoGrid(t, h, w, float(feats.video_second_per_grid))
+        return feats.pixel_values_videos, grid
+
+    def _clip(self, item: Video | AudioVisual) -> Any:
+        from wave_rt import media
+
+        m = self.config.media
+        return media.load_video(
+            _as_source(item, item.source),
+            fps=m.fps,
+            max_frames=m.max_frames,
+            max_pixels=m.max_pixels,
+            min_pixels=m.min_pixels,
+            backend=self.media_backend,
+        )
+
+    def _media_sequence(self, modality: str, instruction: str | None, emit_media) -> tuple[torch.Tensor, torch.Tensor]:
+        instr = self._instruction(modality, instruction)
+        before, after = self._fill(self.prompts.media_template, instruction=instr)
+        sb = SequenceBuilder()
+        sb.text(self.encode_text(before))
+        emit_media(sb)
+        sb.text(self.encode_text(after))
+        return sb.build()
+
+    # ------------------------------------------------------------------ audio / video / av
+    def _audio(self, item: Audio, instruction: str | None) -> PreparedItem:
+        wav = self._waveform(item)
+        duration = _duration_of(item, wav, self.config.media.sample_rate)
+        segments = self._audio_segments(wav)
+        n, repeat = self._audio_block_tokens(segments)
+        ids = self.ids
+
+        def emit(sb: SequenceBuilder) -> None:
+            sb.audio(n * repeat, audio_id=ids["audio"], bos_id=ids["audio_bos"], eos_id=ids["audio_eos"])
+
+        input_ids, positions = self._media_sequence("audio", instruction, emit)
+        inputs = ItemInputs(input_ids, positions, use_head=True, audio=segments)
+        return PreparedItem("audio", inputs.num_tokens, duration, inputs)
+
+    def _require_vision(self, item: object) -> None:
+        if self.config.backbone == QWEN2_AUDIO or "video" not in self.ids:
+            raise UnsupportedItemError(item, f"the {self.config.backbone} backbone has no vision encoder")
+
+    def _video(self, item: Video, instruction: str | None) -> PreparedItem:
+        self._require_vision(item)
+        if isinstance(item.source, (np.ndarray, torch.Tensor)):
+            frames = torch.as_tensor(item.source)
+            if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
+                raise InputError(item, f"frames must be uint8 [T, H, W, 3], got {tuple(frames.shape)} {frames.dtype}")
+            fps = float(item.fps or self.config.media.fps)
+            duration = frames.shape[0] / fps
+        else:
+            clip = self._clip(item)
+            frames, fps, duration = clip.frames, clip.fps, clip.duration
+        pixel_values, grid = self._video_features(frames, fps)
+        ids = self.ids
+
+        def emit(sb: SequenceBuilder) -> None:
+            sb.video(grid, video_id=ids["video"], bos_id=ids["vision_bos"], eos_id=ids["vision_eos"],
+                     position_id_per_seconds=self._pps())
+
+        input_ids, positions = self._media_sequence("video", instruction, emit)
+        inputs = ItemInputs(input_ids, positions, True, pixel_values=pixel_values, grid_thw=(grid.t, grid.h, grid.w))
+        return PreparedItem("video", inputs.num_tokens, duration, inputs)
+
+    def _pps(self) -> float:
+        return float(getattr(self.config.hf_config, "position_id_per_seconds", 25))
+
+    def _audio_visual(self, item: AudioVisual, instruction: str | None) -> PreparedItem:
+        from wave_rt import media
+
+        self._require_vision(item)
+        m = self.config.media
+        av = media.load_av(
+            _as_source(item, item.source),
+            fps=m.fps,
+            max_frames=m.max_frames,
+            max_pixels=m.max_pixels,
+            min_pixels=m.min_pixels,
+            backend=self.media_backend,
+        )
+        if not av.has_audio:
+            raise InputError(item, "has no audio track; encode it as wave_rt.Video")
+        pixel_values, grid = self._video_features(av.video.frames, av.video.fps)
+        segments = self._audio_segments(av.audio)
+        n, repeat = self._audio_block_tokens(segments)
+        ids = self.ids
+        rule = "wave" if self.config.wave_chunking else "transformers"
+
+        def emit(sb: SequenceBuilder) -> None:
+            sb.audio_visual(
+                grid, n, audio_repeat=repeat, rule=rule,
+                video_id=ids["video"], audio_id=ids["audio"],
+                vision_bos_id=ids["vision_bos"], vision_eos_id=ids["vision_eos"],
+                audio_bos_id=ids["audio_bos"], audio_eos_id=ids["audio_eos"],
+                position_id_per_seconds=self._pps(),
+                seconds_per_chunk=float(getattr(self.config.hf_config, "seconds_per_chunk", 2)),
+            )
+
+        input_ids, positions = self._media_sequence("av", instruction, emit)
+        inputs = ItemInputs(
+            input_ids, positions, True, audio=segments, pixel_values=pixel_values, grid_thw=(grid.t, grid.h, grid.w)
+        )
+        return PreparedItem("av", inputs.num_tokens, av.video.duration, inputs)
+
+
+def _as_source(item: object, src: object) -> str | bytes:
+    if isinstance(src, (str, os.PathLike)):
+        return os.fspath(src)
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return bytes(src)
+    raise InputError(item, f"source must be a path, bytes, or decoded samples/frames, got {type(src).__name__}")
+
+
+def _duration_of(item: Audio, wav: torch.Tensor, sr: int) -> float:
+    src = item.source
+    if isinstance(src, (np.ndarray, torch.Tensor)) and item.sample_rate:
+        n = src.shape[-1]
+        return float(n) / float(item.sample_rate)
+    return float(wav.numel()) / float(sr)

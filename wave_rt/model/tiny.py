@@ -125,6 +125,36 @@ def tiny_thinker_config_dict(
     }
 
 
+def tiny_qwen2_audio_config_dict(token_ids: dict[str, int], *, vocab_size: int = 320, hidden: int = 64,
+                                 layers: int = 4) -> dict[str, Any]:
+    """A Qwen2-Audio config dict (Vela's backbone) with tiny widths."""
+    return {
+        "model_type": "qwen2_audio",
+        "audio_token_index": token_ids["<|AUDIO|>"],
+        "audio_config": {
+            "model_type": "qwen2_audio_encoder",
+            "num_mel_bins": 128,
+            "encoder_layers": 2,
+            "encoder_attention_heads": 4,
+            "encoder_ffn_dim": 64,
+            "d_model": 32,
+            "max_source_positions": 1500,
+        },
+        "text_config": {
+            "model_type": "qwen2",
+            "vocab_size": vocab_size,
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 2,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+            "pad_token_id": token_ids["<|endoftext|>"],
+            "use_cache": False,
+        },
+    }
+
+
 def make_tiny_checkpoint(
     out_dir: str | os.PathLike[str],
     *,
@@ -133,6 +163,7 @@ def make_tiny_checkpoint(
     seed: int = 0,
     beats_in_safetensors: bool = True,
     extra_config: dict[str, Any] | None = None,
+    backbone: str = "qwen2_5_omni_thinker",
     **sizes: Any,
 ) -> Path:
     """Build and save a tiny random checkpoint in the WAVE layout (or a plain thinker for
@@ -146,7 +177,10 @@ def make_tiny_checkpoint(
 
     out = Path(out_dir)
     ids = build_tiny_tokenizer(out)
-    data = tiny_thinker_config_dict(ids, **sizes)
+    if backbone == "qwen2_audio":
+        data = tiny_qwen2_audio_config_dict(ids, **sizes)
+    else:
+        data = tiny_thinker_config_dict(ids, **sizes)
     ours: dict[str, Any] = {"recipe": recipe}
     if recipe in ("all_layer", "last_layer"):
         data["train_classify"] = True

@@ -96,7 +96,7 @@ class WaveEncoder:
     def __init__(
         self,
         model: WaveModel,
-        processor: WaveProcessor,
+        processor: WaveProcessor | None,
         model_id: str = "wave_rt-model",
         weights_id: str | None = None,
         num_workers: int | None = None,
@@ -105,6 +105,7 @@ class WaveEncoder:
         self.processor = processor
         self.config: WaveConfig = model.config
         self.model_id = model_id
+        self.pad_token_id = processor.ids["pad"] if processor is not None else int(model.config.text_config.pad_token_id)
         self._weights_id = weights_id or _state_fingerprint(model)
         self.num_workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
 
@@ -179,7 +180,7 @@ class WaveEncoder:
     @torch.inference_mode()
     def embed_prepared(self, batch: Sequence[PreparedItem], normalize: bool = True) -> torch.Tensor:
         """One forward over already prepared items; float32 [len(batch), dim] on CPU in the given order."""
-        model_batch = collate([p.inputs for p in batch], self.processor.ids["pad"],
+        model_batch = collate([p.inputs for p in batch], self.pad_token_id,
                               stack_mel=self.config.backbone == "qwen2_audio")
         if self.device.type == "cuda":
             model_batch = model_batch.pin_memory().to(self.device, self.dtype, non_blocking=True)

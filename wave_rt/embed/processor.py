@@ -193,7 +193,8 @@ class WaveProcessor:
                 wav = media.resample(wav, item.sample_rate, sr)
             min_len = sr
             return torch.nn.functional.pad(wav, (0, max(0, min_len - wav.numel())))
-        return media.load_audio(_as_source(item, src), sample_rate=sr, backend=self.media_backend)
+        source = _as_source(item, src)
+        return media.load_audio(source, sample_rate=sr, backend=self.media_backend)
 
     def _audio_segments(self, wav: torch.Tensor) -> list[AudioSegmentInputs]:
         from wave_rt import media

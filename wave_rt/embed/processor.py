@@ -288,7 +288,8 @@ class WaveProcessor:
                      position_id_per_seconds=self._pps())
 
         input_ids, positions = self._media_sequence("video", instruction, emit)
-        inputs = ItemInputs(input_ids, positions, True, pixel_values=pixel_values, grid_thw=(grid.t, grid.h, grid.w))
+        inputs = ItemInputs(input_ids, positions, True, pixel_values=pixel_values, grid_thw=(grid.t, grid.h, grid.w),
+                            second_per_grid=grid.second_per_grid)
         return PreparedItem("video", inputs.num_tokens, duration, inputs)
 
     def _pps(self) -> float:
@@ -327,7 +328,8 @@ class WaveProcessor:
 
         input_ids, positions = self._media_sequence("av", instruction, emit)
         inputs = ItemInputs(
-            input_ids, positions, True, audio=segments, pixel_values=pixel_values, grid_thw=(grid.t, grid.h, grid.w)
+            input_ids, positions, True, audio=segments, pixel_values=pixel_values, grid_thw=(grid.t, grid.h, grid.w),
+            second_per_grid=grid.second_per_grid,
         )
         return PreparedItem("av", inputs.num_tokens, av.video.duration, inputs)
 

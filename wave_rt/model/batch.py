@@ -29,6 +29,7 @@ class ItemInputs:
     audio: list[AudioSegmentInputs] = field(default_factory=list)
     pixel_values: torch.Tensor | None = None  # [patches, 1176]
     grid_thw: tuple[int, int, int] | None = None
+    second_per_grid: float | None = None  # seconds per temporal patch (already folded into position_ids)
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,135 @@
+"""Media items through the processor: WAVE's templates, doubled audio placeholders, 300 s segments,
+positions equal to transformers' get_rope_index, and file/array inputs agreeing."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import wave_rt
+from wave_rt.embed.encoder import WaveEncoder
+from wave_rt.embed.processor import whisper_tokens
+from wave_rt.model.tiny import make_tiny_checkpoint
+
+
+def tone(seconds: float, freq: float = 440.0, sr: int = 16000) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    return (0.4 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def wave_encoder(tmp_path_factory) -> WaveEncoder:
+    return WaveEncoder.from_pretrained(make_tiny_checkpoint(tmp_path_factory.mktemp("wave"), use_beats=True, seed=4))
+
+
+@pytest.fixture(scope="module")
+def thinker_encoder(tmp_path_factory) -> WaveEncoder:
+    return WaveEncoder.from_pretrained(
+        make_tiny_checkpoint(tmp_path_factory.mktemp("thinker"), recipe="last_token", use_beats=False, seed=5))
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("media")
+    sf.write(d / "tone.wav", tone(2.5), 16000)
+    sf.write(d / "stereo44k.wav", np.stack([tone(1.7, 300, 44100), tone(1.7, 900, 44100)], 1), 44100)
+    # 3 s of 64x48 test video at 10 fps, with and without a 440 Hz audio track
+    common = ["-y", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=10:duration=3"]
+    subprocess.run(["ffmpeg", *common, "-c:v", "libvpx-vp9", str(d / "silent.webm")], check=True)
+    subprocess.run(["ffmpeg", *common, "-f", "lavfi", "-i", "sine=frequency=440:duration=3",
+                    "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(d / "av.mp4")], check=True)
+    return d
+
+
+def decode(enc: WaveEncoder, ids: torch.Tensor) -> str:
+    return enc.processor.tokenizer.decode(ids.tolist(), skip_special_tokens=False)
+
+
+def test_audio_template_with_doubled_placeholders(wave_encoder, media_dir):
+    p = wave_encoder.prepare(wave_rt.Audio(str(media_dir / "tone.wav")))
+    n = whisper_tokens(math.ceil(2.5 * 16000 / 160))
+    assert decode(wave_encoder, p.inputs.input_ids) == (
+        "<|audio_bos|>" + "<|AUDIO|>" * (2 * n) + "<|audio_eos|>Please describe the audio.<|im_end|>")
+    assert p.inputs.audio[0].tokens == n and p.inputs.audio[0].fbank is not None
+    q = wave_encoder.prepare(wave_rt.Audio(str(media_dir / "tone.wav")), instruction="Is anyone speaking?")
+    assert decode(wave_encoder, q.inputs.input_ids).endswith("<|audio_eos|>Is anyone speaking?<|im_end|>")
+    assert p.modality == "audio" and p.duration == pytest.approx(2.5, abs=0.01)
+
+
+def test_plain_thinker_audio_is_not_doubled(thinker_encoder, media_dir):
+    p = thinker_encoder.prepare(wave_rt.Audio(str(media_dir / "tone.wav")))
+    n = whisper_tokens(math.ceil(2.5 * 16000 / 160))
+    assert int((p.inputs.input_ids == thinker_encoder.processor.ids["audio"]).sum()) == n
+
+
+def test_long_audio_is_split_in_300s_segments(wave_encoder):
+    wav = tone(301.5, 220)
+    p = wave_encoder.prepare(wave_rt.Audio(wav, sample_rate=16000))
+    frames = [s.mel_len for s in p.inputs.audio]
+    assert frames == [30000, 150]  # 300 s, then 1.5 s
+    n = sum(whisper_tokens(f) for f in frames)
+    assert int((p.inputs.input_ids == wave_encoder.processor.ids["audio"]).sum()) == 2 * n
+
+
+def test_file_and_array_inputs_agree(wave_encoder, media_dir):
+    wav, sr = sf.read(media_dir / "tone.wav", dtype="float32")
+    a = wave_encoder.encode(wave_rt.Audio(str(media_dir / "tone.wav")))
+    b = wave_encoder.encode(wave_rt.Audio(wav, sample_rate=sr))
+    c = wave_encoder.encode(wave_rt.Audio((media_dir / "tone.wav").read_bytes()))
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_allclose(a, c, atol=1e-5)
+    # multi-channel at 44.1 kHz: first channel, resampled
+    d = wave_encoder.prepare(wave_rt.Audio(str(media_dir / "stereo44k.wav")))
+    assert d.duration == pytest.approx(1.7, abs=0.02)
+
+
+def test_video_and_av_templates_and_positions(thinker_encoder, media_dir):
+    import transformers
+
+    enc = thinker_encoder
+    ids = enc.processor.ids
+    v = enc.prepare(wave_rt.Video(str(media_dir / "silent.webm")))
+    text = decode(enc, v.inputs.input_ids)
+    assert text.startswith("<|vision_bos|><|VIDEO|>") and text.endswith("<|vision_eos|>Please describe the video.<|im_end|>")
+    av = enc.prepare(wave_rt.AudioVisual(str(media_dir / "av.mp4")))
+    text = decode(enc, av.inputs.input_ids)
+    assert text.startswith("<|vision_bos|><|audio_bos|><|VIDEO|>")
+    assert text.endswith("<|audio_eos|><|vision_eos|>Please describe the video.<|im_end|>")
+    # positions: exactly what transformers derives from the same ids
+    cfg = enc.config.hf_config
+    with torch.device("meta"):
+        hf = transformers.Qwen2_5OmniThinkerForConditionalGeneration(cfg)
+    for p, use_av in ((v, False), (av, True)):
+        x = p.inputs
+        ids_ = x.input_ids[None]
+        mel_lens = torch.tensor([[s.mel_len for s in x.audio]]).sum(-1) if x.audio else None
+        pos, _ = hf.model.get_rope_index(ids_, None, torch.tensor([x.grid_thw]), torch.ones_like(ids_), use_av, mel_lens,
+                                         torch.tensor([x.second_per_grid]))
+        assert torch.equal(pos[:, 0], x.position_ids)
+
+
+def test_av_without_audio_track_is_a_typed_error(thinker_encoder, media_dir):
+    with pytest.raises(wave_rt.InputError, match="no audio track"):
+        thinker_encoder.prepare(wave_rt.AudioVisual(str(media_dir / "silent.webm")))
+
+
+def test_mixed_media_batch_equals_items_alone(wave_encoder, media_dir):
+    items = ["a text", wave_rt.Audio(str(media_dir / "tone.wav")), wave_rt.Video(str(media_dir / "silent.webm")),
+             wave_rt.AudioVisual(str(media_dir / "av.mp4")), wave_rt.Text("a query", side="query")]
+    together = wave_encoder.encode(items)
+    for k, item in enumerate(items):
+        np.testing.assert_allclose(wave_encoder.encode(item), together[k], atol=1e-5)
+
+
+def test_qa_helper_scores_letters(wave_encoder, media_dir):
+    res = wave_encoder.answer(wave_rt.Audio(str(media_dir / "tone.wav")), "What is heard?", ["a tone", "speech", "silence"])
+    assert res.letter in ("A", "B", "C") and len(res.scores) == 3
+    assert res.scores[res.choice] == max(res.scores)
+    instr, letters = wave_encoder.processor.qa_instruction("What is heard?", ["a tone", "speech"])
+    assert instr == "What is heard?\nA. a tone\nB. speech\nPlease respond with only the letter of the correct answer."

@@ -87,8 +87,31 @@ def time_it(fn: Callable[[], Any], warmup: int = 2, repeats: int = 5) -> dict[st
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "n": len(times)}
 
 
+def _malloc_in_use() -> int | None:
+    """Bytes currently allocated through glibc malloc (heap + mmapped chunks), or None off glibc.
+
+    Process RSS is useless for a CPU peak: freed pages stay mapped and reused. mallinfo2 counts the
+    bytes in use right now, and large tensors (mmapped chunks) drop out of it as soon as they are freed."""
+    import ctypes
+
+    class _MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        fn = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    info = fn()
+    return int(info.uordblks + info.hblkhd)
+
+
 class PeakMemory:
-    """Peak memory above the level at entry: CUDA allocator peak on GPU; sampled process RSS on CPU."""
+    """Peak memory above the level at entry: the CUDA allocator's peak on GPU; on CPU, bytes in use by
+    malloc sampled from a background thread (torch releases the GIL inside ops, so the sampler runs)."""
 
     def __init__(self, interval: float = 0.002) -> None:
         self.interval = interval
@@ -100,10 +123,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
         else:
-            import psutil
-
-            self._proc = psutil.Process()
-            self._base = self._proc.memory_info().rss
+            self._base = _malloc_in_use() or 0
             self._peak = self._base
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -112,7 +132,7 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self._peak = max(self._peak, self._proc.memory_info().rss)
+            self._peak = max(self._peak, _malloc_in_use() or 0)
             time.sleep(self.interval)
 
     def __exit__(self, *exc: object) -> None:
@@ -122,7 +142,7 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            self._peak = max(self._peak, self._proc.memory_info().rss)
+            self._peak = max(self._peak, _malloc_in_use() or 0)
             self.peak_bytes = self._peak - self._base
 
 

@@ -171,6 +171,12 @@ class WaveConfig:
         """The config.json we write: the backbone config plus WAVE's fields (reference-compatible)."""
         data = self.hf_config.to_dict()
         data["model_type"] = self.backbone
+        text = data.get("text_config") or {}
+        rope = text.get("rope_parameters") or {}
+        if "mrope_section" in rope:
+            # transformers 4.x (the reference code) reads M-RoPE from rope_scaling / rope_theta.
+            text["rope_scaling"] = {"mrope_section": rope["mrope_section"], "rope_type": "default", "type": "default"}
+            text["rope_theta"] = rope.get("rope_theta", 1000000.0)
         if self.recipe.name in ("all_layer", "last_layer"):
             data["train_classify"] = True
             data["classify_type"] = self.recipe.name

@@ -222,3 +222,26 @@ def test_plain_bin_checkpoint_loads_with_weights_only(thinker_dir, tmp_path):
     a, _ = load_wave_model(thinker_dir)
     b, _ = load_wave_model(d)
     assert _same_weights(a, b)
+
+
+def test_released_wave_layout_written_by_transformers_4_51(tmp_path):
+    """config.json as the reference code writes it (4.51: rope_scaling, in_chans, the authors' absolute
+    beats_path, no wave_rt section), an lm_head in the safetensors, BEATs beside them as a .pt."""
+    src = make_tiny_checkpoint(tmp_path / "ours", recipe="all_layer", use_beats=True, seed=8, beats_in_safetensors=False)
+    ours, _ = load_wave_model(src)
+    d = _copy(src, tmp_path / "released")
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["wave_rt"]
+    text = cfg["text_config"]
+    rope = text.pop("rope_parameters")
+    text["rope_scaling"] = {"mrope_section": rope["mrope_section"], "rope_type": "default", "type": "default"}
+    text["rope_theta"] = rope["rope_theta"]
+    cfg["vision_config"].update(in_chans=3, embed_dim=cfg["vision_config"]["hidden_size"], spatial_patch_size=14)
+    cfg["audio_config"]["beats_path"] = "/mnt/sh/mmvision/home/someone/BEATs_iter3_plus_AS2M.pt"
+    cfg["transformers_version"] = "4.51.3"
+    (d / "config.json").write_text(json.dumps(cfg))
+    _rewrite(d, lambda t: {**t, "lm_head.weight": torch.zeros(cfg["text_config"]["vocab_size"], 64)})
+    released, config = load_wave_model(d)
+    assert config.recipe.name == "all_layer" and config.use_beats
+    assert config.text_config.rope_parameters["mrope_section"] == rope["mrope_section"]
+    assert _same_weights(ours, released)

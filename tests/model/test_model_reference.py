@@ -125,7 +125,7 @@ def build_cases(model: WaveModel, ids: dict[str, int], fe) -> list[Case]:
 
 def reference_embedding(model: WaveModel, hf, case: Case) -> torch.Tensor:
     cfg = model.config
-    ids = case.item.input_ids[None]
+    ids = case.item.input_ids[None].to(model.device)
     mask = torch.ones_like(ids)
     head = cfg.recipe.head if case.item.use_head else cfg.recipe.text_target_head
     with torch.no_grad():
@@ -143,9 +143,10 @@ def reference_embedding(model: WaveModel, hf, case: Case) -> torch.Tensor:
                 embeds = embeds.masked_scatter((ids == cfg.token_id("video")).unsqueeze(-1), video)
             if case.av is not None:
                 grid, n2 = case.av
-                pos = ref.wave_rope_index(ids[0], (grid.t, grid.h, grid.w), grid.second_per_grid, n2, cfg)[:, None]
+                pos = ref.wave_rope_index(ids[0].cpu(), (grid.t, grid.h, grid.w), grid.second_per_grid, n2, cfg)[:, None]
             else:
                 pos = torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, 1, -1)  # audio-only: sequential
+            pos = pos.to(model.device)
             out = hf.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
                                           output_hidden_states=True)
             rows = ref.last_token_rows(out.hidden_states)

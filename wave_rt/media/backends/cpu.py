@@ -1,0 +1,320 @@
+"""The CPU backend: FFmpeg through PyAV. Demux once to index a video's frames (no decoding), decode only the
+frames that sampling picks (seeking over groups of pictures that hold none), decode audio to float32.
+
+Every loop checks MediaLimits as it goes, so no header value sizes an allocation."""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+from wave_rt._optional import require
+from wave_rt.media.errors import (
+    CorruptMediaError,
+    EmptyMediaError,
+    MediaError,
+    MediaTooLargeError,
+    MediaTooLongError,
+    MissingStreamError,
+    TruncatedMediaError,
+    UnsupportedCodecError,
+)
+from wave_rt.media.limits import MediaLimits
+from wave_rt.media.source import Source
+
+
+def _av() -> Any:
+    return require("av", "decoding media with the CPU backend")
+
+
+def media_error(source: Source, exc: Exception, doing: str) -> MediaError:
+    """Map an FFmpeg/PyAV failure to the MediaError subclass that names its cause."""
+    av = _av()
+    if isinstance(exc, MediaError):
+        return exc
+    if isinstance(exc, av.error.DecoderNotFoundError):
+        return UnsupportedCodecError(source.label, f"no decoder for the stream's codec while {doing}")
+    if isinstance(exc, av.error.EOFError):
+        return TruncatedMediaError(source.label, f"unexpected end of data while {doing}")
+    if isinstance(exc, (av.error.InvalidDataError, av.error.FFmpegError)):
+        return CorruptMediaError(source.label, f"{doing} failed: {exc}")
+    if isinstance(exc, MemoryError):
+        return MediaTooLargeError(source.label, f"out of memory while {doing}")
+    return CorruptMediaError(source.label, f"{doing} failed: {type(exc).__name__}: {exc}")
+
+
+@contextlib.contextmanager
+def open_container(source: Source) -> Iterator[Any]:
+    av = _av()
+    try:
+        container = av.open(source.open(), mode="r")
+    except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError) as exc:
+        if isinstance(exc, av.error.FFmpegError) or not isinstance(exc, OSError):
+            raise CorruptMediaError(source.label, f"not a media container FFmpeg can read ({exc})") from None
+        raise CorruptMediaError(source.label, f"cannot open: {exc}") from None
+    try:
+        yield container
+    finally:
+        container.close()
+
+
+def is_cover_art(stream: Any) -> bool:
+    """A still picture attached to an audio file (MP3/M4A cover) is a video stream but not a video."""
+    av = _av()
+    try:
+        return bool(stream.disposition & av.stream.Disposition.attached_pic)
+    except AttributeError:  # older PyAV
+        return False
+
+
+def video_streams(container: Any) -> list[Any]:
+    return [s for s in container.streams.video if not is_cover_art(s)]
+
+
+# ------------------------------------------------------------------------------------------------ audio
+_INT_SCALE = {"s16": 1.0 / 32768.0, "s32": 1.0 / 2147483648.0, "s64": 1.0 / 9223372036854775808.0}
+
+
+def first_channel_float(frame_array: np.ndarray, fmt: str, planar: bool, channels: int) -> np.ndarray:
+    """One decoded PyAV audio frame -> float32 samples of its first channel, FFmpeg's int->float scaling."""
+    row = frame_array[0] if planar else frame_array.reshape(-1)[::channels]
+    base = fmt.rstrip("p")
+    if base in ("flt",):
+        return np.array(row, dtype=np.float32, copy=True)
+    if base == "dbl":
+        return row.astype(np.float32)
+    if base == "u8":
+        return (row.astype(np.float32) - 128.0) * np.float32(1.0 / 128.0)
+    if base in _INT_SCALE:
+        return row.astype(np.float32) * np.float32(_INT_SCALE[base])
+    raise ValueError(f"unknown sample format {fmt}")
+
+
+@dataclass
+class DecodedAudio:
+    samples: np.ndarray  # float32, first channel, native rate
+    sample_rate: int
+    channels: int
+    declared_seconds: float | None  # what the container's headers claim
+
+
+def check_audio_stream(source: Source, stream: Any, limits: MediaLimits) -> tuple[int, int]:
+    ctx = stream.codec_context
+    if ctx is None:
+        raise UnsupportedCodecError(source.label, "the audio stream's codec has no decoder in FFmpeg")
+    sr = int(ctx.sample_rate or 0)
+    channels = int(getattr(ctx, "channels", 0) or ctx.layout.nb_channels or 0)
+    if sr <= 0:
+        raise CorruptMediaError(source.label, f"audio stream declares sample rate {sr}")
+    if limits.max_sample_rate is not None and sr > limits.max_sample_rate:
+        raise MediaTooLargeError(source.label, f"sample rate {sr} Hz exceeds MediaLimits.max_sample_rate")
+    if limits.max_channels is not None and channels > limits.max_channels:
+        raise MediaTooLargeError(source.label, f"{channels} audio channels exceed MediaLimits.max_channels")
+    return sr, channels
+
+
+def declared_seconds(container: Any, stream: Any) -> float | None:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1_000_000.0
+    return None
+
+
+def decode_audio(source: Source, limits: MediaLimits) -> DecodedAudio:
+    """First audio stream -> float32 first channel at its own rate. Raises MissingStreamError without one."""
+    with open_container(source) as container:
+        if not container.streams.audio:
+            raise MissingStreamError(source.label, "no audio stream")
+        stream = container.streams.audio[0]
+        sr, channels = check_audio_stream(source, stream, limits)
+        declared = declared_seconds(container, stream)
+        cap = None if limits.max_seconds is None else int(limits.max_seconds * sr)
+        chunks: list[np.ndarray] = []
+        total = 0
+        try:
+            for frame in container.decode(stream):
+                if frame.sample_rate and frame.sample_rate != sr:
+                    raise CorruptMediaError(source.label, f"sample rate changes mid-stream ({sr} -> {frame.sample_rate} Hz)")
+                fmt = frame.format
+                chunk = first_channel_float(frame.to_ndarray(), fmt.name, fmt.is_planar, frame.layout.nb_channels)
+                total += chunk.shape[0]
+                if cap is not None and total > cap:
+                    raise MediaTooLongError(source.label, f"audio is longer than MediaLimits.max_seconds={limits.max_seconds}")
+                chunks.append(chunk)
+        except MediaError:
+            raise
+        except Exception as exc:  # FFmpeg raises many error types mid-stream; each becomes a typed MediaError
+            raise media_error(source, exc, "decoding audio") from None
+    if total == 0:
+        raise EmptyMediaError(source.label, "the audio stream holds no samples")
+    samples = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+    check_complete(source, container.format.name, total / sr, declared, "audio")
+    return DecodedAudio(samples, sr, channels, declared)
+
+
+# Containers whose headers state the duration exactly (not an estimate from the bitrate, as MP3/ADTS have).
+_EXACT_DURATION = ("wav", "mov", "mp4", "matroska", "webm", "flac", "aiff", "w64")
+
+
+def check_complete(source: Source, container_format: str, got: float, declared: float | None, what: str) -> None:
+    """A file whose headers promise much more than the decoder delivered was cut off."""
+    if declared is None or not any(f in container_format.split(",") for f in _EXACT_DURATION):
+        return
+    if got < 0.9 * declared - 0.5:
+        raise TruncatedMediaError(
+            source.label, f"headers declare {declared:.2f} s of {what} but only {got:.2f} s could be decoded")
+
+
+# ------------------------------------------------------------------------------------------------ video
+@dataclass
+class VideoIndex:
+    """Where a video's frames are, from one demux pass (no decoding)."""
+
+    pts: list[int]  # presentation timestamps of every frame, in presentation order
+    keyframe_pts: list[int]  # sorted
+    time_base: Fraction
+    avg_fps: float
+    width: int
+    height: int
+    codec: str
+    container_format: str
+    declared_seconds: float | None
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.pts)
+
+    @property
+    def duration(self) -> float:
+        """WAVE's clip length: frame count / average frame rate (what decord reports)."""
+        return self.num_frames / self.avg_fps
+
+
+def check_video_stream(source: Source, stream: Any, limits: MediaLimits) -> None:
+    ctx = stream.codec_context
+    if ctx is None:
+        raise UnsupportedCodecError(source.label, "the video stream's codec has no decoder in FFmpeg")
+    w, h = int(ctx.width or 0), int(ctx.height or 0)
+    if w <= 0 or h <= 0:
+        raise CorruptMediaError(source.label, f"video stream declares frame size {w}x{h}")
+    if limits.max_pixels_decoded is not None and w * h > limits.max_pixels_decoded:
+        raise MediaTooLargeError(source.label, f"frame size {w}x{h} exceeds MediaLimits.max_pixels_decoded")
+
+
+def _avg_fps(stream: Any) -> float:
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate:
+            return float(rate)
+    return 0.0
+
+
+def video_index(source: Source, limits: MediaLimits) -> VideoIndex:
+    with open_container(source) as container:
+        streams = video_streams(container)
+        if not streams:
+            raise MissingStreamError(source.label, "no video stream")
+        stream = streams[0]
+        check_video_stream(source, stream, limits)
+        fps = _avg_fps(stream)
+        if fps <= 0:
+            raise CorruptMediaError(source.label, "video stream has no frame rate")
+        pts: list[int] = []
+        keys: list[int] = []
+        max_frames = None if limits.max_seconds is None else int(limits.max_seconds * fps) + 1
+        try:
+            for packet in container.demux(stream):
+                if packet.size == 0:  # the flush packet at the end
+                    continue
+                if packet.pts is None:
+                    raise CorruptMediaError(source.label, "video packets carry no timestamps")
+                pts.append(int(packet.pts))
+                if packet.is_keyframe:
+                    keys.append(int(packet.pts))
+                if max_frames is not None and len(pts) > max_frames:
+                    raise MediaTooLongError(source.label, f"video is longer than MediaLimits.max_seconds={limits.max_seconds}")
+        except MediaError:
+            raise
+        except Exception as exc:  # FFmpeg's demuxers raise several error types; all become typed MediaErrors
+            raise media_error(source, exc, "reading video packets") from None
+        index = VideoIndex(
+            pts=sorted(pts), keyframe_pts=sorted(keys), time_base=Fraction(stream.time_base), avg_fps=fps,
+            width=int(stream.codec_context.width), height=int(stream.codec_context.height),
+            codec=stream.codec_context.name, container_format=container.format.name,
+            declared_seconds=declared_seconds(container, stream))
+    if not index.pts:
+        raise EmptyMediaError(source.label, "the video stream holds no frames")
+    return index
+
+
+def decode_video_frames(source: Source, index: VideoIndex, frame_ids: np.ndarray, limits: MediaLimits) -> np.ndarray:
+    """Frames at `frame_ids` (presentation order, ascending, repeats allowed) -> uint8 [T, H, W, 3] RGB.
+
+    Decodes forward and seeks to a target's keyframe only when that skips at least one group of pictures, so a
+    dense 2 fps sampling decodes linearly while a sparse one touches only the GOPs it needs."""
+    wanted = sorted(set(int(i) for i in frame_ids))
+    target_pts = [index.pts[i] for i in wanted]
+    slots: dict[int, list[int]] = {}
+    for j, i in enumerate(frame_ids):
+        slots.setdefault(int(i), []).append(j)
+    # Filled in place as frames arrive: the clip is held once, at decoded size.
+    out = np.empty((len(frame_ids), index.height, index.width, 3), dtype=np.uint8)
+    filled = 0
+    decoded = 0
+    cap = limits.max_frames_decoded
+    with open_container(source) as container:
+        stream = video_streams(container)[0]
+        stream.thread_type = "AUTO"
+        k = 0  # next target (position in target_pts)
+        last_pts: int | None = None
+        frames = None
+        try:
+            while k < len(target_pts):
+                key = _keyframe_before(index.keyframe_pts, target_pts[k])
+                if frames is None or (last_pts is not None and key > last_pts):
+                    container.seek(key, stream=stream, backward=True, any_frame=False)
+                    frames = container.decode(stream)
+                ran_dry = True
+                for frame in frames:
+                    decoded += 1
+                    if cap is not None and decoded > cap:
+                        raise MediaTooLargeError(
+                            source.label, f"decoding needs more than MediaLimits.max_frames_decoded={cap} frames")
+                    fpts = frame.pts
+                    if fpts is None:
+                        raise CorruptMediaError(source.label, "decoded frames carry no timestamps")
+                    last_pts = fpts
+                    while k < len(target_pts) and fpts >= target_pts[k]:
+                        # A frame past its target means the target could not be decoded on its own (an open GOP
+                        # after a seek): the next shown frame stands in, as a player would show it.
+                        rgb = frame.to_ndarray(format="rgb24")
+                        if rgb.shape != out.shape[1:]:
+                            raise CorruptMediaError(
+                                source.label, f"frame size changes mid-stream ({out.shape[1:3]} -> {rgb.shape[:2]})")
+                        out[slots[wanted[k]]] = rgb
+                        filled += 1
+                        k += 1
+                    if k >= len(target_pts) or _keyframe_before(index.keyframe_pts, target_pts[k]) > fpts:
+                        ran_dry = False  # done, or the next target lies past another keyframe: seek there
+                        break
+                if ran_dry and k < len(target_pts):
+                    raise TruncatedMediaError(
+                        source.label, f"the decoder ran out before frame {wanted[k]} of {index.num_frames}")
+        except MediaError:
+            raise
+        except Exception as exc:  # FFmpeg raises many error types mid-stream; each becomes a typed MediaError
+            raise media_error(source, exc, "decoding video") from None
+    if filled != len(wanted):
+        raise TruncatedMediaError(source.label, f"decoded {filled} of the {len(wanted)} frames sampled")
+    return out
+
+
+def _keyframe_before(keyframe_pts: list[int], pts: int) -> int:
+    i = bisect.bisect_right(keyframe_pts, pts) - 1
+    return keyframe_pts[max(i, 0)] if keyframe_pts else pts

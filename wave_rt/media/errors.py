@@ -1,0 +1,47 @@
+"""Why a media file could not be used: one MediaError subclass per cause, each naming the file and the reason.
+
+The base class lives in wave_rt.errors so that code above media (the processor, the archive job) can catch
+every media failure without importing the decoders."""
+
+from __future__ import annotations
+
+from wave_rt.errors import MediaError
+
+__all__ = [
+    "MediaError",
+    "EmptyMediaError",
+    "CorruptMediaError",
+    "TruncatedMediaError",
+    "UnsupportedCodecError",
+    "MissingStreamError",
+    "MediaTooLongError",
+    "MediaTooLargeError",
+]
+
+
+class EmptyMediaError(MediaError):
+    """The file has no bytes, or its streams hold no decodable sample or frame."""
+
+
+class CorruptMediaError(MediaError):
+    """The bytes are not a container any demuxer recognizes, or the decoder rejects the data."""
+
+
+class TruncatedMediaError(MediaError):
+    """The container is recognizable but ends before the data its headers declare."""
+
+
+class UnsupportedCodecError(MediaError):
+    """The stream's codec has no decoder in the chosen backend."""
+
+
+class MissingStreamError(MediaError):
+    """The file has no stream of the kind asked for (e.g. load_video on an audio-only file)."""
+
+
+class MediaTooLongError(MediaError):
+    """The media lasts longer than MediaLimits.max_seconds (checked while decoding, never trusted from headers)."""
+
+
+class MediaTooLargeError(MediaError):
+    """The file or its decoded frames exceed a size limit of MediaLimits."""

@@ -4,5 +4,5 @@
 
 PYBIND11_MODULE(_native, m) {
     m.doc() = "wave_rt native host-side kernels (pybind11)";
-    wave_rt::register_audio(m);
+    wave_rt::register_video(m);
 }

@@ -3,5 +3,5 @@
 #include <pybind11/pybind11.h>
 
 namespace wave_rt {
-void register_audio(pybind11::module_& m);
+void register_video(pybind11::module_& m);
 }  // namespace wave_rt

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -188,6 +189,21 @@ def _native():
     return _native if hasattr(_native, "resize_normalize_patchify") else None
 
 
+def patchify_native(frames: torch.Tensor, height: int, width: int, out: torch.Tensor, order: str = "classic",
+                    threads: int | None = None) -> torch.Tensor:
+    """The fused native kernel: same result as patchify_reference, written into `out` (float32 [N, 1176])."""
+    native = _native()
+    if native is None:
+        raise RuntimeError("wave_rt._native is not built: pip install --no-build-isolation -e .")
+    _, h, w, _ = frames.shape
+    hb, hc = bicubic_coefficients(w, width)
+    vb, vc = bicubic_coefficients(h, height)
+    native.resize_normalize_patchify(
+        frames.contiguous().numpy(), height, width, normalize_lut(), hb, hc, vb, vc, out.numpy(),
+        vertical_first(h, w, height, width, order), threads or os.cpu_count() or 1)
+    return out
+
+
 def patchify_video(frames: torch.Tensor | np.ndarray, *, max_pixels: int = 176400, min_pixels: int = 784,
                    fps: float | None = None, out: torch.Tensor | None = None) -> VideoFeatures:
     """uint8 frames [T, H, W, 3] -> the Qwen2.5-Omni vision tower's video inputs.
@@ -208,14 +224,11 @@ def patchify_video(frames: torch.Tensor | np.ndarray, *, max_pixels: int = 17640
     height, width = smart_resize(h, w, FACTOR, min_pixels, max_pixels)
     grid = (math.ceil(t / TEMPORAL), height // PATCH, width // PATCH)
     n = grid[0] * grid[1] * grid[2]
-    if out is not None and (out.shape != (n, PATCH_DIM) or out.dtype != torch.float32 or out.device.type != "cpu"
-                            or not out.is_contiguous()):
+    if out is not None and (tuple(out.shape) != (n, PATCH_DIM) or out.dtype != torch.float32
+                            or out.device.type != "cpu" or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous CPU float32 tensor of shape ({n}, {PATCH_DIM})")
-    native = _native() if frames.device.type == "cpu" else None
-    if native is not None:
-        buf = out if out is not None else torch.empty((n, PATCH_DIM), dtype=torch.float32)
-        native.resize_normalize_patchify(frames.contiguous().numpy(), height, width, normalize_lut(), buf.numpy())
-        pixels = buf
+    if frames.device.type == "cpu" and _native() is not None:
+        pixels = patchify_native(frames, height, width, out if out is not None else torch.empty((n, PATCH_DIM)))
     else:
         pixels = patchify_reference(frames, height, width)
         if out is not None:

@@ -1,0 +1,198 @@
+// Fused Qwen-VL video preprocessing for CPU frames: Pillow-exact bicubic resize (8-bit fixed point, the
+// resampling tables come from Python so both paths share them), CLIP normalization through a per-channel
+// lookup table, and the temporal/spatial patch layout, written straight into a caller-provided float32
+// [N, 1176] buffer (which may be pinned). One frame per task, frames spread over threads, GIL released.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include <pybind11/numpy.h>
+
+#include "native.h"
+
+namespace py = pybind11;
+
+namespace wave_rt {
+namespace {
+
+constexpr int kPrecisionBits = 32 - 8 - 2;  // Pillow's 8-bit layout
+constexpr int kPatch = 14;
+constexpr int kMerge = 2;
+constexpr int kTemporal = 2;
+constexpr int kPatchDim = 3 * kTemporal * kPatch * kPatch;
+
+inline uint8_t clip8(int32_t acc) {
+    const int32_t v = acc >> kPrecisionBits;  // arithmetic shift: floor, like Pillow's lookup index
+    return static_cast<uint8_t>(v < 0 ? 0 : (v > 255 ? 255 : v));
+}
+
+struct Axis {
+    const int32_t* bounds;  // [out, 2]: first tap, tap count
+    const int32_t* coeffs;  // [out, ksize]
+    int ksize;
+    int out;
+};
+
+// Resample rows: src [rows, in_w, 3] -> dst [rows, out_w, 3].
+void horizontal(const uint8_t* src, int rows, int in_w, const Axis& ax, uint8_t* dst) {
+    const int out_w = ax.out;
+    for (int y = 0; y < rows; ++y) {
+        const uint8_t* line = src + static_cast<int64_t>(y) * in_w * 3;
+        uint8_t* o = dst + static_cast<int64_t>(y) * out_w * 3;
+        for (int xx = 0; xx < out_w; ++xx) {
+            const int xmin = ax.bounds[2 * xx], count = ax.bounds[2 * xx + 1];
+            const int32_t* k = ax.coeffs + static_cast<int64_t>(xx) * ax.ksize;
+            int32_t s0 = 1 << (kPrecisionBits - 1), s1 = s0, s2 = s0;
+            const uint8_t* p = line + xmin * 3;
+            for (int x = 0; x < count; ++x) {
+                s0 += p[3 * x + 0] * k[x];
+                s1 += p[3 * x + 1] * k[x];
+                s2 += p[3 * x + 2] * k[x];
+            }
+            o[3 * xx + 0] = clip8(s0);
+            o[3 * xx + 1] = clip8(s1);
+            o[3 * xx + 2] = clip8(s2);
+        }
+    }
+}
+
+// Resample columns: src [in_h, width, 3] (row `first` of the image at src row 0) -> dst [out_h, width, 3].
+void vertical(const uint8_t* src, int width, int first, const Axis& ax, int32_t* acc, uint8_t* dst) {
+    const int n = width * 3;
+    for (int yy = 0; yy < ax.out; ++yy) {
+        const int ymin = ax.bounds[2 * yy] - first, count = ax.bounds[2 * yy + 1];
+        const int32_t* k = ax.coeffs + static_cast<int64_t>(yy) * ax.ksize;
+        std::fill(acc, acc + n, 1 << (kPrecisionBits - 1));
+        for (int y = 0; y < count; ++y) {
+            const uint8_t* line = src + static_cast<int64_t>(ymin + y) * n;
+            const int32_t w = k[y];
+            for (int i = 0; i < n; ++i) acc[i] += line[i] * w;  // contiguous: vectorizes
+        }
+        uint8_t* o = dst + static_cast<int64_t>(yy) * n;
+        for (int i = 0; i < n; ++i) o[i] = clip8(acc[i]);
+    }
+}
+
+// One resized frame [H, W, 3] -> its temporal slot `tp` of temporal group `t` in the patch buffer.
+void scatter(const uint8_t* img, int height, int width, const float* lut, int t, int tp, float* out) {
+    const int gh = height / kPatch, gw = width / kPatch;
+    const int64_t base_row = static_cast<int64_t>(t) * gh * gw;
+    for (int y = 0; y < height; ++y) {
+        const int hb = y / (kPatch * kMerge), mh = (y / kPatch) % kMerge, ph = y % kPatch;
+        const uint8_t* line = img + static_cast<int64_t>(y) * width * 3;
+        for (int x0 = 0; x0 < width; x0 += kPatch) {
+            const int wb = x0 / (kPatch * kMerge), mw = (x0 / kPatch) % kMerge;
+            const int64_t row = base_row + ((static_cast<int64_t>(hb) * (gw / kMerge) + wb) * kMerge + mh) * kMerge + mw;
+            float* dst_row = out + row * kPatchDim;
+            for (int c = 0; c < 3; ++c) {
+                float* d = dst_row + ((c * kTemporal + tp) * kPatch + ph) * kPatch;
+                const float* l = lut + c * 256;
+                const uint8_t* s = line + x0 * 3 + c;
+                for (int pw = 0; pw < kPatch; ++pw) d[pw] = l[s[3 * pw]];
+            }
+        }
+    }
+}
+
+void check_axis(const py::array_t<int32_t>& bounds, const py::array_t<int32_t>& coeffs, int in, int out,
+                const char* name) {
+    if (bounds.ndim() != 2 || bounds.shape(0) != out || bounds.shape(1) != 2 || coeffs.ndim() != 2 ||
+        coeffs.shape(0) != out)
+        throw std::invalid_argument(std::string(name) + " resampling table has the wrong shape");
+    const int32_t* b = bounds.data();
+    for (int i = 0; i < out; ++i)
+        if (b[2 * i] < 0 || b[2 * i + 1] < 0 || b[2 * i + 1] > coeffs.shape(1) || b[2 * i] + b[2 * i + 1] > in)
+            throw std::invalid_argument(std::string(name) + " resampling table reads outside the frame");
+}
+
+void resize_normalize_patchify(
+    py::array_t<uint8_t, py::array::c_style | py::array::forcecast> frames, int height, int width,
+    py::array_t<float, py::array::c_style | py::array::forcecast> lut,
+    py::array_t<int32_t, py::array::c_style | py::array::forcecast> h_bounds,
+    py::array_t<int32_t, py::array::c_style | py::array::forcecast> h_coeffs,
+    py::array_t<int32_t, py::array::c_style | py::array::forcecast> v_bounds,
+    py::array_t<int32_t, py::array::c_style | py::array::forcecast> v_coeffs, py::array_t<float> out,
+    bool vertical_first, int threads) {
+    if (frames.ndim() != 4 || frames.shape(3) != 3) throw std::invalid_argument("frames must be uint8 [T, H, W, 3]");
+    const int T = static_cast<int>(frames.shape(0)), H = static_cast<int>(frames.shape(1)),
+              W = static_cast<int>(frames.shape(2));
+    if (T < 1 || H < 1 || W < 1) throw std::invalid_argument("frames must be non-empty");
+    if (height % (kPatch * kMerge) || width % (kPatch * kMerge) || height <= 0 || width <= 0)
+        throw std::invalid_argument("output size must be positive multiples of 28");
+    if (lut.ndim() != 2 || lut.shape(0) != 3 || lut.shape(1) != 256) throw std::invalid_argument("lut must be [3, 256]");
+    check_axis(h_bounds, h_coeffs, W, width, "horizontal");
+    check_axis(v_bounds, v_coeffs, H, height, "vertical");
+    const int groups = (T + kTemporal - 1) / kTemporal;
+    const int64_t n_rows = static_cast<int64_t>(groups) * (height / kPatch) * (width / kPatch);
+    if (out.ndim() != 2 || out.shape(0) != n_rows || out.shape(1) != kPatchDim ||
+        !(out.flags() & py::array::c_style) || !out.writeable())
+        throw std::invalid_argument("out must be a writable C-contiguous float32 [N, 1176] array");
+
+    const uint8_t* src = frames.data();
+    const float* table = lut.data();
+    float* dst = out.mutable_data();
+    const Axis hx{h_bounds.data(), h_coeffs.data(), static_cast<int>(h_coeffs.shape(1)), width};
+    const Axis vy{v_bounds.data(), v_coeffs.data(), static_cast<int>(v_coeffs.shape(1)), height};
+    const bool need_h = W != width, need_v = H != height;
+    // Rows the vertical pass reads (Pillow resamples only those horizontally).
+    const int first = vy.bounds[0], last = vy.bounds[2 * (height - 1)] + vy.bounds[2 * (height - 1) + 1];
+
+    py::gil_scoped_release release;
+    const int workers = std::max(1, std::min(threads, T));
+    std::atomic<int> next{0};
+    auto work = [&] {
+        std::vector<uint8_t> tmp, img;
+        std::vector<int32_t> acc;
+        for (int f; (f = next.fetch_add(1)) < T;) {
+            const uint8_t* frame = src + static_cast<int64_t>(f) * H * W * 3;
+            const uint8_t* result = frame;
+            if (need_h && need_v) {
+                img.resize(static_cast<size_t>(height) * width * 3);
+                if (vertical_first) {
+                    tmp.resize(static_cast<size_t>(height) * W * 3);
+                    acc.resize(static_cast<size_t>(W) * 3);
+                    vertical(frame, W, 0, vy, acc.data(), tmp.data());
+                    horizontal(tmp.data(), height, W, hx, img.data());
+                } else {
+                    tmp.resize(static_cast<size_t>(last - first) * width * 3);
+                    acc.resize(static_cast<size_t>(width) * 3);
+                    horizontal(frame + static_cast<int64_t>(first) * W * 3, last - first, W, hx, tmp.data());
+                    vertical(tmp.data(), width, first, vy, acc.data(), img.data());
+                }
+                result = img.data();
+            } else if (need_h) {
+                img.resize(static_cast<size_t>(height) * width * 3);
+                horizontal(frame, H, W, hx, img.data());
+                result = img.data();
+            } else if (need_v) {
+                img.resize(static_cast<size_t>(height) * width * 3);
+                acc.resize(static_cast<size_t>(width) * 3);
+                vertical(frame, width, 0, vy, acc.data(), img.data());
+                result = img.data();
+            }
+            scatter(result, height, width, table, f / kTemporal, f % kTemporal, dst);
+            if (f == T - 1 && T % kTemporal)  // the processor repeats the last frame to fill the temporal patch
+                scatter(result, height, width, table, f / kTemporal, 1, dst);
+        }
+    };
+    std::vector<std::thread> pool;
+    for (int i = 1; i < workers; ++i) pool.emplace_back(work);
+    work();
+    for (auto& th : pool) th.join();
+}
+
+}  // namespace
+
+void register_video(py::module_& m) {
+    m.def("resize_normalize_patchify", &resize_normalize_patchify, py::arg("frames"), py::arg("height"),
+          py::arg("width"), py::arg("lut"), py::arg("h_bounds"), py::arg("h_coeffs"), py::arg("v_bounds"),
+          py::arg("v_coeffs"), py::arg("out"), py::arg("vertical_first") = false, py::arg("threads") = 4,
+          "uint8 frames [T, H, W, 3] -> Qwen-VL pixel_values_videos written into `out` float32 [N, 1176]: "
+          "Pillow-exact bicubic resize with the given tables, LUT normalization, patch layout; releases the GIL.");
+}
+
+}  // namespace wave_rt

@@ -151,6 +151,11 @@ def decode_audio(source: Source, limits: MediaLimits) -> DecodedAudio:
         except MediaError:
             raise
         except Exception as exc:  # FFmpeg raises many error types mid-stream; each becomes a typed MediaError
+            if total and declared is not None and total / sr < 0.9 * declared - 0.5:
+                # The data stops well short of what the headers declare: a cut-off file, not a corrupt one.
+                raise TruncatedMediaError(
+                    source.label, f"headers declare {declared:.2f} s of audio but decoding fails after "
+                                  f"{total / sr:.2f} s ({exc})") from None
             raise media_error(source, exc, "decoding audio") from None
     if total == 0:
         raise EmptyMediaError(source.label, "the audio stream holds no samples")

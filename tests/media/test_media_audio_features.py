@@ -1,0 +1,171 @@
+"""Whisper log-mel against transformers' WhisperFeatureExtractor (Qwen2.5-Omni's configuration), and BEATs'
+Kaldi fbank against an independent float64 numpy implementation (and torchaudio where it imports)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from wave_rt.media import beats_fbank, load_audio, whisper_log_mel
+from wave_rt.media.features_audio import whisper_mel_filters
+
+N_SAMPLES = 300 * 16000
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    from transformers import WhisperFeatureExtractor
+
+    # Qwen2.5-Omni's preprocessor_config.json for the feature extractor
+    return WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, n_fft=400, chunk_length=300,
+                                   padding_value=0.0, return_attention_mask=True)
+
+
+def reference(extractor, waves):
+    out = extractor(waves, sampling_rate=16000, padding="max_length", return_attention_mask=True, return_tensors="np")
+    return out["input_features"], out["attention_mask"]
+
+
+def test_mel_filters_equal_transformers(extractor):
+    np.testing.assert_allclose(whisper_mel_filters(), extractor.mel_filters, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [16000, 16001, 16159, 16160, 37_123, 160 * 250 + 1])
+def test_log_mel_matches_extractor(extractor, n):
+    rng = np.random.default_rng(n)
+    x = (0.1 * rng.standard_normal(n)).astype(np.float32)
+    x[-40:] *= 25.0  # a loud tail: the global max lives in a frame past the last valid one
+    ref, ref_mask = reference(extractor, x)
+    feats, mask = whisper_log_mel(torch.from_numpy(x))
+    t = math.ceil(n / 160)
+    assert feats.shape == (128, t) and feats.dtype == torch.float32
+    assert mask.shape == (t,) and int(mask.sum()) == int(ref_mask.sum()) == t
+    np.testing.assert_allclose(feats.numpy(), ref[0, :, :t], rtol=0, atol=1e-4)
+
+
+def test_global_max_comes_from_a_frame_past_the_valid_ones(extractor):
+    """Silence except a click in the last 30 samples: the loudest frames are the ones the mask drops, and
+    the clamp at max - 8 must still use them."""
+    x = np.zeros(16000 + 100, dtype=np.float32)
+    x[-30:] = 0.9
+    ref, _ = reference(extractor, x)
+    feats, mask = whisper_log_mel(x)
+    t = int(mask.sum())
+    valid_max = feats.max().item()
+    padded_max = ref[0].max()
+    assert padded_max > valid_max + 1e-3  # the case is real: a dropped frame holds the maximum
+    np.testing.assert_allclose(feats.numpy(), ref[0, :, :t], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [N_SAMPLES - 700, N_SAMPLES - 200, N_SAMPLES, N_SAMPLES + 3210])
+def test_log_mel_at_the_300s_boundary(extractor, n):
+    """Near 300 s the last frames see the extractor's reflect padding, and longer input is truncated."""
+    rng = np.random.default_rng(7)
+    x = (0.05 * rng.standard_normal(n)).astype(np.float32)
+    x[N_SAMPLES - 150: N_SAMPLES - 100] = 0.8 if n >= N_SAMPLES - 100 else 0.0
+    ref, ref_mask = reference(extractor, x)
+    feats, mask = whisper_log_mel(torch.from_numpy(x))
+    t = int(ref_mask.sum())
+    assert feats.shape[1] == t == min(math.ceil(n / 160), 30000)
+    np.testing.assert_allclose(feats.numpy(), ref[0, :, :t], rtol=0, atol=1e-4)
+
+
+def test_batched_list_and_2d(extractor):
+    rng = np.random.default_rng(3)
+    waves = [(0.2 * rng.standard_normal(n)).astype(np.float32) for n in (16000, 23456, 17001)]
+    ref, ref_mask = reference(extractor, waves)
+    feats, mask = whisper_log_mel(waves)
+    t = max(math.ceil(len(w) / 160) for w in waves)
+    assert feats.shape == (3, 128, t) and mask.shape == (3, t)
+    np.testing.assert_array_equal(mask.numpy(), ref_mask[:, :t])
+    # every frame up to the batch's longest equals the padded computation, valid or not
+    np.testing.assert_allclose(feats.numpy(), ref[:, :, :t], rtol=0, atol=1e-4)
+    stacked = np.stack([w[:16000] for w in waves])
+    f2, m2 = whisper_log_mel(torch.from_numpy(stacked))
+    r2, _ = reference(extractor, list(stacked))
+    np.testing.assert_allclose(f2.numpy(), r2[:, :, :100], rtol=0, atol=1e-4)
+    assert m2.dtype == torch.int32 and bool(m2.all())
+
+
+def test_speech_file(extractor, media):
+    path = media / "speech.wav"
+    if not path.exists():
+        pytest.skip("espeak-ng is not installed")
+    wav = load_audio(str(path))
+    ref, ref_mask = reference(extractor, wav.numpy())
+    feats, mask = whisper_log_mel(wav)
+    np.testing.assert_allclose(feats.numpy(), ref[0, :, : int(ref_mask.sum())], rtol=0, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_log_mel_on_gpu_matches_cpu():
+    x = torch.randn(16000 * 7 + 13) * 0.1
+    f_cpu, _ = whisper_log_mel(x)
+    f_gpu, m_gpu = whisper_log_mel(x.cuda())
+    assert f_gpu.is_cuda and m_gpu.is_cuda
+    torch.testing.assert_close(f_gpu.cpu(), f_cpu, rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- fbank
+def kaldi_fbank_numpy(x: np.ndarray) -> np.ndarray:
+    """Kaldi compute-fbank-feats (torchaudio.compliance.kaldi.fbank defaults, 128 bins) in float64 numpy,
+    written from Kaldi's definitions: povey window, DC removal, preemphasis 0.97, 512-point power spectrum,
+    mel = 1127 ln(1 + f/700) triangles from 20 Hz to Nyquist, log floored at float32 epsilon."""
+    x = x.astype(np.float64)
+    size, shift, nfft, bins = 400, 160, 512, 128
+    m = 1 + (len(x) - size) // shift
+    frames = np.stack([x[i * shift: i * shift + size] for i in range(m)])
+    frames = frames - frames.mean(axis=1, keepdims=True)
+    shifted = np.concatenate([frames[:, :1], frames[:, :-1]], axis=1)
+    frames = frames - 0.97 * shifted
+    n = np.arange(size)
+    frames = frames * (0.5 - 0.5 * np.cos(2 * np.pi * n / (size - 1))) ** 0.85
+    power = np.abs(np.fft.rfft(frames, n=nfft)) ** 2
+
+    def mel(f):
+        return 1127.0 * np.log(1.0 + f / 700.0)
+
+    lo, hi = mel(20.0), mel(8000.0)
+    delta = (hi - lo) / (bins + 1)
+    fft_mel = mel(np.arange(nfft // 2) * 16000.0 / nfft)
+    banks = np.zeros((bins, nfft // 2 + 1))
+    for b in range(bins):
+        left, center, right = lo + b * delta, lo + (b + 1) * delta, lo + (b + 2) * delta
+        up = (fft_mel - left) / (center - left)
+        down = (right - fft_mel) / (right - center)
+        banks[b, : nfft // 2] = np.maximum(0.0, np.minimum(up, down))
+    return np.log(np.maximum(power @ banks.T, np.finfo(np.float32).eps))
+
+
+@pytest.mark.parametrize("n", [400, 16000, 16000 * 3 + 77])
+def test_beats_fbank_matches_float64_reference(n):
+    rng = np.random.default_rng(n)
+    x = (0.3 * rng.standard_normal(n)).astype(np.float32)
+    ref = (kaldi_fbank_numpy(x.astype(np.float64) * 2**15) - 15.41663) / (2 * 6.55582)
+    got = beats_fbank(torch.from_numpy(x))
+    assert got.dtype == torch.float32 and got.shape == (1 + (n - 400) // 160, 128)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=0, atol=1e-4)
+
+
+def test_beats_fbank_on_a_file_and_batches(media):
+    wav, sr = sf.read(media / "tone16k.wav", dtype="float32")
+    ref = (kaldi_fbank_numpy(wav.astype(np.float64) * 2**15) - 15.41663) / (2 * 6.55582)
+    np.testing.assert_allclose(beats_fbank(wav).numpy(), ref, rtol=0, atol=1e-4)
+    batch = beats_fbank(np.stack([wav, wav[::-1].copy()]))
+    assert batch.shape == (2, *ref.shape)
+    np.testing.assert_array_equal(batch[0].numpy(), beats_fbank(wav).numpy())
+    listed = beats_fbank([wav[:8000], wav])
+    assert [t.shape[0] for t in listed] == [1 + (8000 - 400) // 160, ref.shape[0]]
+    assert beats_fbank(wav[:399]).shape == (0, 128)
+
+
+def test_beats_fbank_matches_torchaudio_when_installed():
+    kaldi = pytest.importorskip("torchaudio.compliance.kaldi")
+    x = torch.randn(16000 * 2, dtype=torch.float64) * 0.2
+    ref = kaldi.fbank(x[None] * 2**15, num_mel_bins=128, sample_frequency=16000, frame_length=25, frame_shift=10)
+    ref = (ref - 15.41663) / (2 * 6.55582)
+    torch.testing.assert_close(beats_fbank(x.float()).double(), ref, rtol=0, atol=1e-4)

@@ -1,0 +1,248 @@
+"""patchify_video against transformers' Qwen2-VL processing of the same frames.
+
+transformers' Qwen2VLVideoProcessor needs torchvision, which cannot be installed next to this torch. What runs
+here is the PIL path: Qwen2VLImageProcessorPil (smart_resize, PIL bicubic, rescale, normalize, spatial patch
+order) per frame, combined along time by transformers' own Qwen2VLVideoProcessor.patchify, whose source is
+loaded from the installed file and run as is. Without Pillow, an independent loop-by-loop port of Pillow's
+resampler in this file is the reference."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from wave_rt.media import load_video, patchify_video, smart_resize
+from wave_rt.media.features_video import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    patchify_native,
+    patchify_reference,
+    resize_bicubic_pil,
+)
+
+HAS_PIL = importlib.util.find_spec("PIL") is not None
+
+
+def transformers_video_patchify():
+    """transformers' Qwen2VLVideoProcessor.patchify, compiled from the installed source (the module itself
+    cannot be imported without torchvision)."""
+    spec = importlib.util.find_spec("transformers.models.qwen2_vl.video_processing_qwen2_vl")
+    tree = ast.parse(open(spec.origin).read())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Qwen2VLVideoProcessor")
+    fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "patchify")
+    module = ast.Module(body=[fn], type_ignores=[])
+    namespace = {"torch": torch}
+    exec(compile(module, spec.origin, "exec"), namespace)
+    return namespace["patchify"]
+
+
+def pillow_order() -> str:
+    import PIL
+
+    return "pillow13" if int(PIL.__version__.split(".")[0]) >= 13 else "classic"
+
+
+def transformers_reference(frames: np.ndarray, min_pixels: int, max_pixels: int) -> tuple[np.ndarray, list[int]]:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    proc = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    size = proc.size
+    normalized = []
+    for f in frames:
+        img = np.moveaxis(f, -1, 0)  # channel-first, as the PIL backend holds images
+        img = proc.resize(img, size=size, resample=proc.resample, factor=28)
+        img = proc.rescale(img, proc.rescale_factor)
+        img = proc.normalize(img, proc.image_mean, proc.image_std)
+        normalized.append(img)
+    video = torch.from_numpy(np.stack(normalized))[None]  # [1, T, C, H, W]
+    patches, t, h, w = transformers_video_patchify()(None, video, 14, 2, 2)
+    # the image path of the same processor must agree on each frame's spatial layout
+    single = proc(images=[frames[0]], return_tensors="np")
+    assert single["image_grid_thw"].tolist() == [[1, h, w]]
+    return patches[0].numpy(), [t, h, w]
+
+
+# ---------------------------------------------------------------- independent Pillow port (no numpy tricks)
+def pillow_axis_ref(in_size: int, out_size: int):
+    scale = in_size / out_size
+    fs = max(scale, 1.0)
+    support = 2.0 * fs
+    table = []
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), in_size)
+        ws = []
+        for x in range(xmin, xmax):
+            d = abs((x - center + 0.5) / fs)
+            ws.append(1.5 * d**3 - 2.5 * d**2 + 1 if d < 1 else (-0.5 * d**3 + 2.5 * d**2 - 4 * d + 2 if d < 2 else 0.0))
+        total = sum(ws)
+        table.append((xmin, [int(math.floor(w / total * (1 << 22) + 0.5)) if w >= 0 else
+                             -int(math.floor(-w / total * (1 << 22) + 0.5)) for w in ws]))
+    return table
+
+
+def pillow_resize_ref(img: np.ndarray, height: int, width: int, vertical_first: bool = False) -> np.ndarray:
+    def run(a, axis, size):
+        table = pillow_axis_ref(a.shape[axis], size)
+        a = np.moveaxis(a.astype(np.int64), axis, 0)
+        out = np.empty((size, *a.shape[1:]), dtype=np.int64)
+        for i, (start, ws) in enumerate(table):
+            acc = np.full(a.shape[1:], 1 << 21, dtype=np.int64)
+            for j, w in enumerate(ws):
+                acc += a[start + j] * w
+            out[i] = np.clip(acc >> 22, 0, 255)
+        return np.moveaxis(out, 0, axis).astype(np.uint8)
+
+    steps = [(1, width), (0, height)]
+    if vertical_first:
+        steps.reverse()
+    for axis, size in steps:
+        if img.shape[axis] != size:
+            img = run(img, axis, size)
+    return img
+
+
+def numpy_reference(frames: np.ndarray, min_pixels: int, max_pixels: int) -> np.ndarray:
+    t, h, w, _ = frames.shape
+    height, width = smart_resize(h, w, 28, min_pixels, max_pixels)
+    resized = np.stack([pillow_resize_ref(f, height, width) for f in frames]).astype(np.float64) / 255.0
+    norm = (resized - np.array(OPENAI_CLIP_MEAN)) / np.array(OPENAI_CLIP_STD)  # [T, H, W, C]
+    if t % 2:
+        norm = np.concatenate([norm, norm[-1:]])
+    gt, gh, gw = norm.shape[0] // 2, height // 14, width // 14
+    x = norm.transpose(0, 3, 1, 2).reshape(gt, 2, 3, gh // 2, 2, 14, gw // 2, 2, 14)
+    return x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(gt * gh * gw, 1176)
+
+
+CASES = [(4, 48, 64), (3, 37, 53), (1, 20, 300), (5, 120, 90), (2, 28, 28), (6, 31, 500), (3, 360, 640)]
+
+
+@pytest.mark.skipif(not HAS_PIL, reason="Pillow is not installed; the numpy port below is the reference")
+@pytest.mark.parametrize("t,h,w", CASES)
+def test_patchify_equals_transformers_pil_path(t, h, w):
+    rng = np.random.default_rng(t * h + w)
+    frames = rng.integers(0, 256, (t, h, w, 3), dtype=np.uint8)
+    ref, grid = transformers_reference(frames, 784, 176400)
+    order = pillow_order()
+    height, width = smart_resize(h, w, 28, 784, 176400)
+    feats = patchify_video(frames, fps=2.0)
+    assert feats.video_grid_thw.tolist() == grid and feats.video_grid_thw.dtype == torch.long
+    exact = patchify_reference(torch.from_numpy(frames), height, width, order=order)
+    np.testing.assert_allclose(exact.numpy(), ref, rtol=0, atol=1e-5)
+    native = torch.full((ref.shape[0], 1176), float("nan"))
+    patchify_native(torch.from_numpy(frames), height, width, native, order=order)
+    np.testing.assert_allclose(native.numpy(), ref, rtol=0, atol=1e-5)
+    if order == "classic" or not (h - height > 0 and h - height > 2 * (w - width)):
+        # the default (Pillow <= 12 pass order) agrees with the installed Pillow wherever the orders agree
+        np.testing.assert_allclose(feats.pixel_values_videos.numpy(), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("t,h,w", CASES[:4])
+def test_patchify_equals_independent_numpy_port(t, h, w):
+    rng = np.random.default_rng(100 + t * h + w)
+    frames = rng.integers(0, 256, (t, h, w, 3), dtype=np.uint8)
+    ref = numpy_reference(frames, 784, 176400)
+    feats = patchify_video(frames)
+    np.testing.assert_allclose(feats.pixel_values_videos.numpy(), ref, rtol=0, atol=1e-5)
+    assert feats.video_second_per_grid == 1.0  # 2 / the processor's default 2 fps
+
+
+def test_native_equals_torch_reference_and_overwrites_poisoned_output():
+    rng = np.random.default_rng(5)
+    for (t, h, w) in [(3, 240, 320), (5, 97, 41), (1, 700, 60), (2, 56, 84)]:
+        frames = torch.from_numpy(rng.integers(0, 256, (t, h, w, 3), dtype=np.uint8))
+        height, width = smart_resize(h, w, 28, 784, 176400)
+        for order in ("classic", "pillow13"):
+            ref = patchify_reference(frames, height, width, order=order)
+            out = torch.full_like(ref, float("nan"))
+            for threads in (1, 3):
+                out.fill_(float("nan"))
+                patchify_native(frames, height, width, out, order=order, threads=threads)
+                assert torch.equal(out, ref)
+
+
+def test_preallocated_and_pinned_style_output_buffer():
+    frames = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (3, 50, 70, 3), dtype=np.uint8))
+    first = patchify_video(frames)
+    buf = torch.full(first.pixel_values_videos.shape, float("nan"))
+    second = patchify_video(frames, out=buf)
+    assert second.pixel_values_videos.data_ptr() == buf.data_ptr()
+    assert torch.equal(buf, first.pixel_values_videos)
+    with pytest.raises(ValueError, match="out must be"):
+        patchify_video(frames, out=torch.empty(3, 1176))
+
+
+def test_resize_equals_installed_pillow():
+    if not HAS_PIL:
+        pytest.skip("Pillow is not installed")
+    from PIL import Image
+
+    rng = np.random.default_rng(11)
+    order = pillow_order()
+    for _ in range(40):
+        h, w, H, W = (int(v) for v in rng.integers(1, 90, 4))
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        want = np.asarray(Image.fromarray(img).resize((W, H), Image.BICUBIC))
+        got = resize_bicubic_pil(torch.from_numpy(img)[None], H, W, order=order)[0].numpy()
+        np.testing.assert_array_equal(got, want)
+
+
+def test_torch_resize_equals_numpy_port_both_orders():
+    rng = np.random.default_rng(12)
+    for (h, w, H, W) in [(37, 53, 28, 56), (40, 50, 56, 28), (9, 9, 28, 84), (120, 30, 28, 28)]:
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for vf, order in ((False, "classic"), (h - H > 0 and h - H > 2 * (w - W), "pillow13")):
+            want = pillow_resize_ref(img, H, W, vertical_first=vf)
+            got = resize_bicubic_pil(torch.from_numpy(img)[None], H, W, order=order)[0].numpy()
+            np.testing.assert_array_equal(got, want)
+
+
+def test_smart_resize_equals_transformers():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        h, w = (int(v) for v in rng.integers(10, 4000, 2))
+        if max(h, w) / min(h, w) > 200:
+            continue
+        assert smart_resize(h, w, 28, 784, 176400) == hf_smart_resize(h, w, 28, 784, 176400)
+    with pytest.raises(ValueError, match="aspect ratio"):
+        smart_resize(10, 2500)
+
+
+def test_odd_frame_count_repeats_last_frame():
+    frames = np.random.default_rng(4).integers(0, 256, (3, 56, 56, 3), dtype=np.uint8)
+    odd = patchify_video(frames).pixel_values_videos
+    even = patchify_video(np.concatenate([frames, frames[-1:]])).pixel_values_videos
+    assert torch.equal(odd, even)
+    assert patchify_video(frames).video_grid_thw.tolist() == [2, 4, 4]
+
+
+def test_bad_frames_are_rejected():
+    with pytest.raises(ValueError, match="uint8"):
+        patchify_video(torch.zeros(2, 28, 28, 3))
+    with pytest.raises(ValueError, match="at least one frame"):
+        patchify_video(torch.zeros(0, 28, 28, 3, dtype=torch.uint8))
+
+
+def test_decoded_clip_end_to_end(media):
+    clip = load_video(str(media / "vp9.webm"))
+    feats = patchify_video(clip.frames, fps=clip.fps)
+    assert feats.video_second_per_grid == pytest.approx(2 / clip.fps)
+    ref = numpy_reference(clip.frames.numpy(), 784, 176400)
+    np.testing.assert_allclose(feats.pixel_values_videos.numpy(), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_path_equals_cpu():
+    frames = torch.from_numpy(np.random.default_rng(9).integers(0, 256, (5, 360, 640, 3), dtype=np.uint8))
+    cpu = patchify_video(frames)
+    gpu = patchify_video(frames.cuda())
+    assert gpu.pixel_values_videos.is_cuda
+    torch.testing.assert_close(gpu.pixel_values_videos.cpu(), cpu.pixel_values_videos, rtol=0, atol=1e-5)

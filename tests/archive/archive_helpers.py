@@ -1,0 +1,196 @@
+"""Shared helpers of the archive tests: a generated media archive (ffmpeg, sox, espeak-ng), a fake fast
+encoder that satisfies the WaveEncoder contract, and shard readers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+
+# file -> (expected modality, or None for a bad file that must land in errors.jsonl)
+GOOD_MEDIA = {
+    "speech/hello.wav": "audio",  # espeak-ng, 22.05 kHz
+    "tones/tone.flac": "audio",  # sox
+    "tones/noise.ogg": "audio",  # sox, Vorbis
+    "tones/deep/beep.wav": "audio",  # nested folder
+    "tones/sine.m4a": "audio",  # ffmpeg, AAC in MP4
+    "video/clip.mp4": "av",  # ffmpeg, H.264 + AAC
+    "video/silent.webm": "video",  # ffmpeg, VP9, no audio
+}
+BAD_MEDIA = {
+    "bad/broken.mp4": "random bytes",
+    "bad/truncated.wav": "header of a longer file",
+    "bad/empty.flac": "0 bytes",
+    "bad/notaudio.ogg": "text content",
+}
+
+
+def _run(cmd: list[str]) -> None:
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def tools_available() -> bool:
+    return all(shutil.which(t) for t in ("ffmpeg", "sox", "espeak-ng"))
+
+
+def make_media_archive(root: Path) -> Path:
+    """A small archive of real files: the formats of the issue plus corrupt and empty ones."""
+    root.mkdir(parents=True, exist_ok=True)
+    for sub in ("speech", "tones/deep", "video", "bad", ".hidden"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    _run(["espeak-ng", "-w", str(root / "speech/hello.wav"), "hello world, this is a test"])
+    _run(["sox", "-n", "-r", "16000", str(root / "tones/tone.flac"), "synth", "1.5", "sine", "440"])
+    _run(["sox", "-n", "-r", "44100", str(root / "tones/noise.ogg"), "synth", "1.2", "pinknoise", "vol", "0.3"])
+    _run(["sox", "-n", "-r", "8000", "-c", "2", str(root / "tones/deep/beep.wav"), "synth", "0.7", "square", "1000",
+          "vol", "0.2"])
+    ff = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y"]
+    _run(ff + ["-f", "lavfi", "-i", "sine=frequency=330:duration=1.3", "-c:a", "aac", str(root / "tones/sine.m4a")])
+    _run(ff + ["-f", "lavfi", "-i", "testsrc=size=160x120:rate=10:duration=2", "-f", "lavfi", "-i",
+               "sine=frequency=500:duration=2", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac",
+               "-shortest", str(root / "video/clip.mp4")])
+    _run(ff + ["-f", "lavfi", "-i", "testsrc2=size=128x96:rate=8:duration=2", "-c:v", "libvpx-vp9", "-b:v", "200k",
+               str(root / "video/silent.webm")])
+    rng = np.random.default_rng(7)
+    (root / "bad/broken.mp4").write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    (root / "bad/truncated.wav").write_bytes((root / "speech/hello.wav").read_bytes()[:300])
+    (root / "bad/empty.flac").write_bytes(b"")
+    (root / "bad/notaudio.ogg").write_text("this is not an ogg file\n" * 20)
+    (root / ".hidden/skip.wav").write_bytes((root / "tones/deep/beep.wav").read_bytes())
+    (root / "notes.txt").write_text("not media: ignored by the directory walk\n")
+    return root
+
+
+TEXTS = [
+    "a dog barks twice",
+    "rain falling on a tin roof",
+    "a violin plays a slow melody",
+    "a crowd cheers in a stadium",
+    "  leading and trailing spaces  ",
+    "ünïcödé and emoji 🎵 are fine",
+    "a car engine starts and idles",
+    "birds singing at dawn",
+]
+
+
+def write_text_manifest(path: Path, media_root: Path | None = None) -> dict[str, Any]:
+    """JSONL manifest: text rows (with and without ids), a duplicate id, malformed rows, and (with
+    media_root) media rows with a forced modality and a per-row instruction. Returns what to expect."""
+    rows: list[Any] = []
+    for i, t in enumerate(TEXTS):
+        rows.append({"id": f"t{i}", "text": t} if i % 2 == 0 else {"text": t})
+    expect_good = {f"t{i}" if i % 2 == 0 else f"text:{i}" for i in range(len(TEXTS))}
+    rows.append({"id": "t0", "text": "a duplicate id"})  # duplicate: reported, not embedded
+    rows.append({"id": "nothing"})  # neither path nor text
+    rows.append({"id": "badmod", "text": "x", "modality": "smell"})
+    expect_bad = {"nothing", "badmod"}
+    if media_root is not None:
+        rows.append({"id": "clip-video-only", "path": str(media_root / "video/clip.mp4"), "modality": "video"})
+        rows.append({"id": "speech-steered", "path": str(media_root / "speech/hello.wav"),
+                     "instruction": "What is being said?", "text": "caption kept as metadata"})
+        rows.append({"id": "missing-file", "path": str(media_root / "no/such/file.wav")})
+        expect_good |= {"clip-video-only", "speech-steered"}
+        expect_bad |= {"missing-file"}
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    lines.insert(3, "{not json")  # a malformed line: reported as row:3
+    expect_bad.add("row:3")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {"good": expect_good, "bad": expect_bad, "duplicates": {"t0"}}
+
+
+# ---------------------------------------------------------------------------------------------- shards
+def read_archive(out_dir: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """id -> row (with the embedding as float32 numpy) over every committed shard; asserts ids are unique."""
+    import pyarrow.parquet as pq
+
+    rows: dict[str, dict[str, Any]] = {}
+    for p in sorted(Path(out_dir).glob("part-*.parquet")):
+        table = pq.read_table(p)
+        dim = table.schema.field("embedding").type.list_size
+        emb = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+        for i, r in enumerate(table.drop(["embedding"]).to_pylist()):
+            assert r["id"] not in rows, f"id {r['id']} written twice"
+            r["embedding"] = np.asarray(emb[i], dtype=np.float32)
+            rows[r["id"]] = r
+    return rows
+
+
+def read_error_ids(out_dir: str | os.PathLike[str]) -> list[str]:
+    path = Path(out_dir) / "errors.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["id"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------- fake encoder
+@dataclass
+class FakePrepared:
+    modality: str
+    num_tokens: int
+    duration: float | None
+    vector: np.ndarray
+    poison: bool = False
+
+
+class FakeEncoder:
+    """The WaveEncoder contract with a deterministic hash embedding: fast enough for 100k items on 2 cores.
+
+    oom_above: raise torch.OutOfMemoryError when a batch's padded tokens exceed it (to test splitting).
+    fail_on: texts whose forward raises RuntimeError (to test isolation of a poisoned item)."""
+
+    model_id = "fake-encoder"
+    fingerprint = "fake0000fake0000"
+    dtype = torch.float32
+    device = torch.device("cpu")
+    default_max_batch_tokens = 512
+
+    def __init__(self, dim: int = 16, oom_above: int | None = None, fail_on: set[str] | None = None,
+                 prepare_delay: float = 0.0) -> None:
+        self.dim = dim
+        self.oom_above = oom_above
+        self.fail_on = fail_on or set()
+        self.prepare_delay = prepare_delay
+        self.calls: list[int] = []  # batch sizes seen by embed_prepared
+
+    def _vector(self, key: str) -> np.ndarray:
+        seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+        v = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
+        return v / np.linalg.norm(v)
+
+    def prepare(self, item: Any, instruction: str | None = None, index: int | None = None) -> FakePrepared:
+        from wave_rt.errors import InputError
+
+        if self.prepare_delay:
+            import time
+
+            time.sleep(self.prepare_delay)
+        if isinstance(item, str):
+            if not item.strip():
+                raise InputError(item, "empty text")
+            return FakePrepared("text", 2 + len(item) // 4, None, self._vector("text|" + item), item in self.fail_on)
+        src = os.fspath(item.source)
+        modality = {"Audio": "audio", "Video": "video", "AudioVisual": "av"}[type(item).__name__]
+        size = os.path.getsize(src)
+        return FakePrepared(modality, 8 + size % 50, 1.0, self._vector(f"{modality}|{src}|{instruction}"))
+
+    def embed_prepared(self, batch: list[FakePrepared], normalize: bool = True) -> torch.Tensor:
+        padded = len(batch) * max(p.num_tokens for p in batch)
+        if self.oom_above is not None and padded > self.oom_above:
+            raise torch.OutOfMemoryError("fake CUDA out of memory")
+        if any(p.poison for p in batch):
+            raise RuntimeError("poisoned item")
+        self.calls.append(len(batch))
+        return torch.from_numpy(np.stack([p.vector for p in batch]))
+
+    def encode(self, items: list[Any], instruction: str | None = None, **_: Any) -> np.ndarray:
+        return self.embed_prepared([self.prepare(i, instruction) for i in items]).numpy()

@@ -1,0 +1,49 @@
+"""Errors of the archive job. They subclass wave_rt.errors' types so `except WaveRTError` catches them."""
+
+from __future__ import annotations
+
+from wave_rt.errors import WaveRTError
+
+
+class SourceError(WaveRTError, ValueError):
+    """The SOURCE of a job cannot be read as a whole (missing, unknown format, a manifest without
+    a path or text column). Per-item problems are not raised: they go to errors.jsonl."""
+
+    def __init__(self, source: object, reason: str) -> None:
+        self.source = str(source)
+        self.reason = reason
+        super().__init__(f"source {self.source}: {reason}")
+
+
+class ArchiveMismatchError(WaveRTError):
+    """The output directory holds embeddings made with other settings (model, dtype, instruction...);
+    mixing them would silently corrupt the archive."""
+
+    def __init__(self, out_dir: object, differences: dict[str, tuple[object, object]]) -> None:
+        self.out_dir = str(out_dir)
+        self.differences = differences
+        lines = [f"  {key}: the directory has {old!r}, this run would use {new!r}"
+                 for key, (old, new) in differences.items()]
+        super().__init__(
+            f"{self.out_dir} already holds embeddings made with different settings:\n" + "\n".join(lines)
+            + "\nEmbeddings from different settings must not be mixed: choose another --out directory, "
+            "or delete this one to start over."
+        )
+
+
+class ArchiveFormatError(WaveRTError):
+    """A file of an archive directory is unreadable or not what wave_rt writes."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class ArchiveLockedError(WaveRTError):
+    """Another process is writing to the same output directory."""
+
+    def __init__(self, out_dir: object) -> None:
+        self.out_dir = str(out_dir)
+        super().__init__(f"{self.out_dir} is being written by another wave-rt embed process; "
+                         "wait for it to finish or choose another --out directory")

@@ -1,0 +1,188 @@
+"""Progress of an archive job: a live one-line bar on a terminal, plain log lines every few seconds
+otherwise (CI logs, nohup), and the final summary table. All counters are O(1) memory."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+STAGES = ("prepare", "model", "write")  # prepare = probe + decode + features + tokens (bench-archive splits it)
+
+
+@dataclass
+class JobSummary:
+    """What embed_archive returns (also printed as the final table)."""
+
+    source: str
+    out_dir: str
+    engine: str
+    model_id: str = ""
+    config_hash: str = ""
+    dtype: str = ""
+    dim: int = 0
+    seen: int = 0  # items the source listed this run
+    already_done: int = 0  # skipped: finished by an earlier run
+    embedded: int = 0  # rows written this run
+    failed: int = 0  # error records written this run
+    rows_total: int = 0  # rows in the archive after this run
+    errors_total: int = 0
+    shards_total: int = 0
+    tokens: int = 0
+    audio_seconds: float = 0.0
+    video_seconds: float = 0.0
+    setup_seconds: float = 0.0  # source scan, resume recovery, model load
+    wall_seconds: float = 0.0  # embedding itself (what the rates divide by)
+    stage_seconds: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
+    workers: int = 0
+    batches: int = 0
+    oom_splits: int = 0
+    nothing_to_do: bool = False
+    interrupted: bool = False
+    complete: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def rate(self, value: float) -> float:
+        return value / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def table(self) -> str:
+        rows: list[tuple[str, str]] = [("source", self.source), ("output", self.out_dir)]
+        if self.model_id:
+            rows.append(("model", f"{self.model_id} (config {self.config_hash}, {self.dtype}, dim {self.dim})"))
+        rows.append(("engine", self.engine))
+        if self.nothing_to_do:
+            rows.append(("status", f"nothing to do: all {self.already_done:,} items of the source are already "
+                                   f"in the archive"))
+        else:
+            state = "interrupted (re-run the same command to resume)" if self.interrupted else (
+                "complete" if self.complete else "stopped")
+            rows.append(("status", state))
+            rows.append(("embedded", f"{self.embedded:,} items this run ({self.already_done:,} already done)"))
+            rows.append(("failed", f"{self.failed:,} this run" + (" (see errors.jsonl)" if self.failed else "")))
+        rows.append(("archive", f"{self.rows_total:,} rows in {self.shards_total} shard(s), "
+                                f"{self.errors_total:,} error record(s)"))
+        if not self.nothing_to_do:
+            rows.append(("wall time", f"{_duration(self.wall_seconds)} (+ {_duration(self.setup_seconds)} setup: "
+                                      "scan, resume, model load)"))
+            rows.append(("throughput", f"{self.rate(self.embedded + self.failed):,.2f} items/s, "
+                                       f"{self.rate(self.tokens):,.0f} tokens/s, "
+                                       f"audio {self.rate(self.audio_seconds):,.2f} s/s, "
+                                       f"video {self.rate(self.video_seconds):,.2f} s/s"))
+            busy = ", ".join(f"{s} {self.stage_seconds.get(s, 0.0):.2f} s" for s in STAGES)
+            rows.append(("stage busy time", f"{busy} ({self.workers} decode worker(s), {self.batches} batches"
+                                            + (f", {self.oom_splits} OOM splits" if self.oom_splits else "") + ")"))
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(["wave-rt embed summary"] + [f"  {k.ljust(width)}  {v}" for k, v in rows])
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, s = divmod(int(seconds + 0.5), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """Thread-safe counters plus rendering. `total` may be None (unknown) or set later."""
+
+    def __init__(self, total: int | None = None, stream: TextIO | None = None, tty: bool | None = None,
+                 log_every: float = 30.0, refresh: float = 0.25, enabled: bool = True, label: str = "embed") -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.total = total
+        self.log_every = log_every
+        self.refresh = refresh
+        self.enabled = enabled
+        self.label = label
+        self.done = 0
+        self.failed = 0
+        self.tokens = 0
+        self.audio_seconds = 0.0
+        self.video_seconds = 0.0
+        self.stage_seconds = {s: 0.0 for s in STAGES}
+        self._lock = threading.Lock()
+        self.start = time.monotonic()
+        self._last_render = self.start if not self.tty else 0.0
+        self._drawn = False
+
+    # -------------------------------------------------------------- counters
+    def add(self, done: int = 0, failed: int = 0, tokens: int = 0, audio_seconds: float = 0.0,
+            video_seconds: float = 0.0) -> None:
+        with self._lock:
+            self.done += done
+            self.failed += failed
+            self.tokens += tokens
+            self.audio_seconds += audio_seconds
+            self.video_seconds += video_seconds
+
+    def add_stage(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    # -------------------------------------------------------------- rendering
+    def line(self) -> str:
+        el = max(self.elapsed, 1e-9)
+        n = self.done + self.failed
+        rate = n / el
+        parts = []
+        if self.total:
+            parts.append(f"{n:,}/{self.total:,} ({100.0 * n / self.total:.1f}%)")
+        else:
+            parts.append(f"{n:,} items")
+        parts.append(f"{rate:,.1f} items/s")
+        parts.append(f"{self.tokens / el:,.0f} tok/s")
+        if self.audio_seconds:
+            parts.append(f"audio {self.audio_seconds / el:,.1f} s/s")
+        if self.video_seconds:
+            parts.append(f"video {self.video_seconds / el:,.1f} s/s")
+        parts.append(f"failed {self.failed:,}")
+        if self.total and rate > 0:
+            parts.append(f"ETA {_duration(max(0, self.total - n) / rate)}")
+        elif self.total:
+            parts.append("ETA ?")
+        return " | ".join(parts)
+
+    def _bar(self, text: str) -> str:
+        cols = shutil.get_terminal_size((100, 20)).columns
+        room = cols - len(text) - len(self.label) - 5
+        if self.total and room >= 10:
+            width = min(30, room)
+            filled = int(width * min(1.0, (self.done + self.failed) / self.total))
+            return f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {text}"[: cols - 1]
+        return f"{self.label} {text}"[: cols - 1]
+
+    def maybe_render(self, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        every = self.refresh if self.tty else self.log_every
+        if not force and now - self._last_render < every:
+            return
+        self._last_render = now
+        with self._lock:
+            text = self.line()
+        if self.tty:
+            self.stream.write("\r" + self._bar(text) + "\x1b[K")
+            self._drawn = True
+        else:
+            self.stream.write(f"{self.label}: {text}\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.maybe_render(force=True)
+        if self.tty and self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()

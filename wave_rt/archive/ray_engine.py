@@ -1,0 +1,271 @@
+"""`--engine ray`: the same job on Ray Data, for several GPUs or nodes.
+
+The driver streams the pending items (after the same resume filtering as the local engine) into a
+work list of small Parquet files, Ray Data reads it and maps it through a fixed pool of actors (one GPU
+each when the cluster has GPUs; each actor loads the model once, decodes with a thread pool, batches
+by token budget and embeds with the same out-of-memory splitting as the local engine), and the
+driver's ArchiveWriter commits the results. Shards, errors.jsonl, journal and resume are therefore
+exactly the local engine's: only the compute moves.
+
+Needs `pip install "ray[data]"`; connects to RAY_ADDRESS / `address=` when given, else starts a local
+Ray instance.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wave_rt.archive.journal import ErrorRecord
+from wave_rt.archive.pipeline import ModelRunner, PipelineStats, prepare_one
+from wave_rt.archive.shards import Row
+from wave_rt.archive.sources import SourceItem
+from wave_rt.archive.writer import ArchiveWriter, RowBlock
+
+log = logging.getLogger(__name__)
+
+WORKLIST_DIR = ".worklist"
+WORKLIST_ROWS = 4096
+
+
+def _ray() -> Any:
+    from wave_rt._optional import require
+
+    return require("ray", "--engine ray")
+
+
+def ensure_ray(address: str | None = None) -> Any:
+    """Connect to (or start) Ray once; an already initialized session is reused as it is."""
+    ray = _ray()
+    _require_ray_data()
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        else:
+            ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    return ray
+
+
+def _require_ray_data() -> Any:
+    from wave_rt._optional import require
+
+    return require("ray.data", "--engine ray")
+
+
+def cluster_gpus(address: str | None = None) -> int:
+    ray = ensure_ray(address)
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def worker_dtype(dtype: Any, address: str | None = None) -> Any:
+    """The dtype the actors will run in: the one asked for, else bf16 on GPU clusters and fp32 on CPU ones
+    (the driver loads the model in the same dtype, so the manifest's fingerprint is the workers')."""
+    import torch
+
+    from wave_rt.archive.job import _torch_dtype
+
+    if dtype is not None:
+        return _torch_dtype(dtype)
+    return torch.bfloat16 if cluster_gpus(address) > 0 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------- work list
+def _write_worklist(pending: Iterator[SourceItem], root: Path) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    names = ("id", "path", "text", "modality", "instruction")
+    schema = pa.schema([pa.field(n, pa.string()) for n in names])
+    total = 0
+    part = 0
+    chunk: list[SourceItem] = []
+
+    def flush() -> None:
+        nonlocal part
+        if chunk:
+            cols = {n: [getattr(s, n) for s in chunk] for n in names}
+            pq.write_table(pa.table(cols, schema=schema), root / f"work-{part:05d}.parquet")
+            part += 1
+            chunk.clear()
+
+    for item in pending:
+        chunk.append(item)
+        total += 1
+        if len(chunk) >= WORKLIST_ROWS:
+            flush()
+    flush()
+    return total
+
+
+# ---------------------------------------------------------------------------------------------- actor
+class EmbedActor:
+    """One model replica. Called by Ray Data with a pyarrow batch of work rows; returns one output row per
+    input row: the embedding (zeros on failure) plus the error columns."""
+
+    def __init__(self, model: str | None, device: str | None, dtype: str, instruction: str | None,
+                 max_batch_tokens: int | None, normalize: bool, decode_threads: int, torch_threads: int) -> None:
+        import torch
+
+        from wave_rt.embed.encoder import WaveEncoder
+
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.encoder = WaveEncoder.from_pretrained(model, device=device, dtype=dtype)
+        self.instruction = instruction
+        self.budget = int(max_batch_tokens or self.encoder.default_max_batch_tokens)
+        self.runner = ModelRunner(self.encoder, self.budget, normalize)
+        self.decode_threads = max(1, decode_threads)
+
+    def __call__(self, batch: Any) -> Any:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from wave_rt.embed.batching import plan_batches
+
+        rows = batch.to_pylist()
+        srcs = [SourceItem(id=r["id"], path=r["path"], text=r["text"], modality=r["modality"] or "auto",
+                           instruction=r["instruction"]) for r in rows]
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(self.decode_threads) as pool:
+            prepared = list(pool.map(lambda a: prepare_one(self.encoder, a[1], a[0], self.instruction),
+                                     enumerate(srcs)))
+        t_prep = time.perf_counter() - t0
+        ok_idx = [i for i, p in enumerate(prepared) if not isinstance(p, ErrorRecord)]
+        emb = np.zeros((len(rows), int(self.encoder.dim)), np.float32)
+        failures: dict[int, ErrorRecord] = {i: p for i, p in enumerate(prepared) if isinstance(p, ErrorRecord)}
+        t0 = time.perf_counter()
+        batches_before, splits_before = self.runner.batches, self.runner.oom_splits
+        lengths = [prepared[i].num_tokens for i in ok_idx]
+        for group in plan_batches(lengths, self.budget, None):
+            members = [ok_idx[g] for g in group]
+            ok, failed = self.runner.run([prepared[i].prepared for i in members])
+            for j, vec in ok.items():
+                emb[members[j]] = vec
+            for j, exc in failed.items():
+                src = srcs[members[j]]
+                failures[members[j]] = ErrorRecord(src.id, src.path, "model", type(exc).__name__,
+                                                   str(exc) or type(exc).__name__, retryable=True)
+        t_model = time.perf_counter() - t0
+        out: dict[str, list[Any]] = {k: [] for k in ("id", "path", "modality", "duration", "text", "instruction",
+                                                      "num_tokens", "error_stage", "error_type", "error_message",
+                                                      "retryable")}
+        for i, src in enumerate(srcs):
+            out["id"].append(src.id)
+            out["path"].append(src.path)
+            out["text"].append(src.text)
+            rec = failures.get(i)
+            if rec is None:
+                w = prepared[i]
+                out["modality"].append(w.modality)
+                out["duration"].append(None if w.prepared.duration is None else float(w.prepared.duration))
+                out["instruction"].append(w.instruction)
+                out["num_tokens"].append(int(w.num_tokens))
+                out["error_stage"].append(None)
+                out["error_type"].append(None)
+                out["error_message"].append(None)
+                out["retryable"].append(False)
+            else:
+                out["modality"].append(src.modality)
+                out["duration"].append(None)
+                out["instruction"].append(None)
+                out["num_tokens"].append(0)
+                out["error_stage"].append(rec.stage)
+                out["error_type"].append(rec.error)
+                out["error_message"].append(rec.message)
+                out["retryable"].append(bool(rec.retryable))
+        import pyarrow as pa
+
+        table = pa.table(out)
+        dim = emb.shape[1]
+        table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim))
+        # per-batch accounting rides on the first row (the driver sums the columns)
+        n = len(rows)
+        stats = {"prepare_s": t_prep, "model_s": t_model, "batches": self.runner.batches - batches_before,
+                 "oom_splits": self.runner.oom_splits - splits_before}
+        for name, value in stats.items():
+            col = [0.0] * n
+            if n:
+                col[0] = float(value)
+            table = table.append_column(name, pa.array(col, pa.float64()))
+        return table
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def run_ray(pending: Iterator[SourceItem], writer: ArchiveWriter, *, model: Any, device: Any, dtype: Any,
+            instruction: str | None, max_batch_tokens: int | None, workers: int | None, normalize: bool,
+            address: str | None = None, rows_per_call: int = 64) -> PipelineStats:
+    ray = ensure_ray(address)
+    rdata = _require_ray_data()
+    progress = writer.progress
+    stats = PipelineStats()
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    n_actors = int(workers or (gpus if gpus > 0 else max(1, int(cpus) // 2)))
+    if gpus > 0 and n_actors > gpus:
+        log.warning("%d Ray workers asked for but the cluster has %d GPUs: using %d", n_actors, gpus, gpus)
+        n_actors = gpus
+    root = writer.out_dir / WORKLIST_DIR
+    total = _write_worklist(pending, root)
+    if total == 0:
+        shutil.rmtree(root, ignore_errors=True)
+        return stats
+    dtype_name = str(dtype).replace("torch.", "")
+    cpus_per_actor = 1.0 if gpus > 0 else max(0.25, min(1.0, cpus / (n_actors + 1)))
+    ctor = dict(model=None if model is None else os.fspath(model), device=None if device is None else str(device),
+                dtype=dtype_name, instruction=instruction, max_batch_tokens=max_batch_tokens, normalize=normalize,
+                decode_threads=max(1, int(cpus) // max(1, n_actors)) if gpus == 0 else 4,
+                torch_threads=max(1, int(cpus) // max(1, n_actors)) if gpus == 0 else 0)
+    ds = rdata.read_parquet(str(root))
+    ds = ds.map_batches(EmbedActor, fn_constructor_kwargs=ctor, batch_size=rows_per_call, batch_format="pyarrow",
+                        compute=rdata.ActorPoolStrategy(size=n_actors), num_gpus=1 if gpus > 0 else 0,
+                        num_cpus=cpus_per_actor)
+    try:
+        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            _consume(table, writer, progress, stats)
+    except KeyboardInterrupt:
+        stats.interrupted = True
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return stats
+
+
+def _consume(table: Any, writer: ArchiveWriter, progress: Any, stats: PipelineStats) -> None:
+    cols = table.to_pydict() if table.num_columns else {}
+    n = table.num_rows
+    if not n:
+        return
+    emb = np.asarray(table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                     dtype=np.float32).reshape(n, -1)
+    progress.add_stage("prepare", float(sum(cols["prepare_s"])))
+    progress.add_stage("model", float(sum(cols["model_s"])))
+    stats.batches += int(sum(cols["batches"]))
+    stats.oom_splits += int(sum(cols["oom_splits"]))
+    good: list[int] = []
+    for i in range(n):
+        if cols["error_stage"][i] is None:
+            good.append(i)
+        else:
+            writer.put_error(ErrorRecord(cols["id"][i], cols["path"][i], cols["error_stage"][i], cols["error_type"][i],
+                                         cols["error_message"][i], bool(cols["retryable"][i])))
+    if good:
+        rows = [Row(cols["id"][i], cols["path"][i], cols["modality"][i], cols["duration"][i], cols["text"][i],
+                    cols["instruction"][i]) for i in good]
+        mods = cols["modality"]
+        dur = cols["duration"]
+        writer.put_rows(RowBlock(
+            rows, emb[good], int(sum(cols["num_tokens"][i] for i in good)),
+            float(sum(dur[i] or 0.0 for i in good if mods[i] in ("audio", "av"))),
+            float(sum(dur[i] or 0.0 for i in good if mods[i] in ("video", "av"))),
+        ))

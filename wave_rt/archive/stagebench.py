@@ -1,0 +1,222 @@
+"""`wave-rt bench-archive SOURCE`: time each stage of the archive job on a sample, so users see their
+bottleneck before launching a million-item run.
+
+Stages, each timed alone over the same first N items of SOURCE (after one untimed warm-up item):
+  decode      open + demux + decode the media (wave_rt.media loaders with the model's settings)
+  preprocess  features and tokens: encoder.prepare() minus the decode time of the same item
+  model       embed_prepared over token-budget batches (device-synchronized)
+  write       one Parquet shard of the sample's rows (temp dir, fsync, rename)
+then the whole job end to end (the local engine, stages overlapped) on the same sample. A stage's
+ceiling is items / (seconds / parallel workers); the lowest ceiling is the bottleneck.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wave_rt.archive.pipeline import resolve_modality, to_item
+from wave_rt.archive.shards import Row, write_shard
+from wave_rt.archive.sources import SourceItem, open_source
+
+
+@dataclass
+class StageTime:
+    seconds: float
+    items: int
+    parallel: int = 1
+
+    @property
+    def ceiling(self) -> float:
+        """Items per second this stage alone could sustain with its parallelism."""
+        return self.items * self.parallel / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass
+class StageReport:
+    source: str
+    model_id: str
+    device: str
+    dtype: str
+    sample: int
+    failed: int
+    tokens: list[int] = field(default_factory=list)
+    modalities: dict[str, int] = field(default_factory=dict)
+    media_seconds: float = 0.0
+    stages: dict[str, StageTime] = field(default_factory=dict)
+    pipeline_seconds: float = 0.0
+    pipeline_items: int = 0
+    max_batch_tokens: int = 0
+    workers: int = 0
+
+    @property
+    def pipeline_rate(self) -> float:
+        return self.pipeline_items / self.pipeline_seconds if self.pipeline_seconds > 0 else 0.0
+
+    @property
+    def bottleneck(self) -> str:
+        return min(self.stages, key=lambda s: self.stages[s].ceiling) if self.stages else ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stages"] = {k: {"seconds": v.seconds, "items": v.items, "parallel": v.parallel, "ceiling_items_per_s":
+                           (None if v.ceiling == float("inf") else v.ceiling)} for k, v in self.stages.items()}
+        d["pipeline_items_per_s"] = self.pipeline_rate
+        d["bottleneck"] = self.bottleneck
+        return d
+
+    def table(self) -> str:
+        lines = [f"wave-rt bench-archive: {self.sample} items of {self.source} ({self.failed} failed) "
+                 f"on {self.device}, {self.model_id} {self.dtype}",
+                 "  " + ", ".join(f"{n} {m}" for m, n in sorted(self.modalities.items()))
+                 + f"; {sum(self.tokens):,} tokens, {self.media_seconds:.1f} s of media; "
+                 f"budget {self.max_batch_tokens} tokens/batch, {self.workers} decode worker(s)",
+                 f"  {'stage':<11} {'busy s':>9} {'ms/item':>9} {'parallel':>8} {'ceiling items/s':>16}"]
+        for name, st in self.stages.items():
+            per = 1000.0 * st.seconds / st.items if st.items else 0.0
+            ceil = "inf" if st.ceiling == float("inf") else f"{st.ceiling:,.2f}"
+            mark = "  <- bottleneck" if name == self.bottleneck else ""
+            lines.append(f"  {name:<11} {st.seconds:9.3f} {per:9.2f} {st.parallel:8d} {ceil:>16}{mark}")
+        lines.append(f"  end to end (overlapped): {self.pipeline_items} items in {self.pipeline_seconds:.2f} s = "
+                     f"{self.pipeline_rate:,.2f} items/s")
+        return "\n".join(lines)
+
+
+def _sync(encoder: Any) -> None:
+    import torch
+
+    if torch.device(getattr(encoder, "device", "cpu")).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _decode_only(encoder: Any, src: SourceItem, modality: str) -> None:
+    """The media decode that prepare() does first, with the model's own settings."""
+    if modality == "text":
+        to_item(src, modality)
+        return
+    from wave_rt import media
+
+    cfg = getattr(encoder, "config", None)
+    m = getattr(cfg, "media", None)
+    backend = getattr(getattr(encoder, "processor", None), "media_backend", "auto")
+    if m is None:
+        return  # an encoder without a media config: decode is folded into preprocess
+    if modality == "audio":
+        media.load_audio(src.path, sample_rate=m.sample_rate, backend=backend)
+        return
+    kwargs = dict(fps=m.fps, max_frames=m.max_frames, max_pixels=m.max_pixels, min_pixels=m.min_pixels,
+                  backend=backend)
+    if modality == "video":
+        media.load_video(src.path, **kwargs)
+    else:
+        media.load_av(src.path, **kwargs)
+
+
+def sample_items(source: Any, n: int, modality: str = "auto") -> list[SourceItem]:
+    src = open_source(source, modality)
+    out: list[SourceItem] = []
+    for item in src:
+        if item.problem is None:
+            out.append(item)
+        if len(out) >= n:
+            break
+    return out
+
+
+def bench_archive(source: Any, model: Any = None, sample: int = 64, instruction: str | None = None,
+                  modality: str = "auto", device: Any = None, dtype: Any = None, max_batch_tokens: int | None = None,
+                  workers: int | None = None, encoder: Any = None, items: list[SourceItem] | None = None,
+                  run_pipeline: bool = True) -> StageReport:
+    """Measure the stages on the first `sample` items of `source` (or on `items`)."""
+    from wave_rt.archive.job import _load_encoder, default_workers
+    from wave_rt.embed.batching import plan_batches
+
+    if sample <= 0:
+        raise ValueError("sample must be positive")
+    chosen = items if items is not None else sample_items(source, sample, modality)
+    if not chosen:
+        raise ValueError(f"{source}: no items to benchmark")
+    enc = encoder if encoder is not None else _load_encoder(model, device, dtype, "local", None)
+    budget = int(max_batch_tokens or enc.default_max_batch_tokens)
+    n_workers = int(workers or default_workers())
+    report = StageReport(source=str(source), model_id=str(enc.model_id), device=str(enc.device),
+                         dtype=str(enc.dtype).replace("torch.", ""), sample=len(chosen), failed=0,
+                         max_batch_tokens=budget, workers=n_workers)
+
+    # warm-up (lazy imports, allocator, kernels) on the first item, untimed
+    first_mod = resolve_modality(chosen[0])
+    warm = enc.prepare(to_item(chosen[0], first_mod), None if first_mod == "text" else instruction)
+    enc.embed_prepared([warm])
+    _sync(enc)
+
+    t_decode = t_prep = 0.0
+    prepared = []
+    kept: list[tuple[SourceItem, str]] = []
+    for src in chosen:
+        try:
+            t0 = time.perf_counter()
+            mod = resolve_modality(src)
+            _decode_only(enc, src, mod)
+            t1 = time.perf_counter()
+            instr = None if mod == "text" else (src.instruction if src.instruction is not None else instruction)
+            p = enc.prepare(to_item(src, mod), instr)
+            t2 = time.perf_counter()
+        except Exception:  # noqa: BLE001 - a bad item is counted, not fatal, as in the job
+            report.failed += 1
+            continue
+        t_decode += t1 - t0
+        t_prep += max(0.0, (t2 - t1) - (t1 - t0)) if mod != "text" else (t2 - t1)
+        prepared.append(p)
+        kept.append((src, mod))
+        report.modalities[mod] = report.modalities.get(mod, 0) + 1
+        report.tokens.append(int(p.num_tokens))
+        report.media_seconds += float(p.duration or 0.0)
+    n = len(prepared)
+    if n == 0:
+        raise ValueError(f"{source}: every sampled item failed to decode")
+    report.stages["decode"] = StageTime(t_decode, n, n_workers)
+    report.stages["preprocess"] = StageTime(t_prep, n, n_workers)
+
+    _sync(enc)
+    t0 = time.perf_counter()
+    vectors = np.zeros((n, int(enc.dim)), np.float32)
+    for group in plan_batches([p.num_tokens for p in prepared], budget, None):
+        out = enc.embed_prepared([prepared[i] for i in group])
+        vectors[group] = out.detach().float().cpu().numpy()
+    _sync(enc)
+    report.stages["model"] = StageTime(time.perf_counter() - t0, n, 1)
+
+    rows = [Row(s.id, s.path, m, None if p.duration is None else float(p.duration), s.text, instruction)
+            for (s, m), p in zip(kept, prepared)]
+    with tempfile.TemporaryDirectory(prefix="wave-rt-bench-") as tmp:
+        t0 = time.perf_counter()
+        write_shard(tmp, 0, rows, vectors, int(enc.dim), "float32")
+        report.stages["write"] = StageTime(time.perf_counter() - t0, n, 1)
+
+        if run_pipeline:
+            from wave_rt.archive.job import embed_archive
+
+            manifest = Path(tmp) / "sample.jsonl"
+            with open(manifest, "w", encoding="utf-8") as f:
+                for s, m in kept:
+                    row = {"id": s.id, "modality": m}
+                    if s.path is not None:
+                        row["path"] = s.path
+                    if s.text is not None:
+                        row["text"] = s.text
+                    if s.instruction is not None:
+                        row["instruction"] = s.instruction
+                    f.write(json.dumps(row) + "\n")
+            t0 = time.perf_counter()
+            summary = embed_archive(str(manifest), os.path.join(tmp, "out"), model=enc, instruction=instruction,
+                                    max_batch_tokens=budget, workers=n_workers, progress=False)
+            report.pipeline_seconds = time.perf_counter() - t0
+            report.pipeline_items = summary.embedded
+    return report

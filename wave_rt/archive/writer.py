@@ -1,0 +1,150 @@
+"""The writer thread: the only code that touches the output directory while a job runs.
+
+It buffers embedded rows and commits them as a shard when the buffer holds `shard_rows` rows or
+`commit_seconds` have passed since the last commit (so a kill loses at most that much work), and
+appends error records as they come. Both engines (local, Ray) feed it, so they write the same format
+with the same resume semantics.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from wave_rt.archive.journal import ErrorLog, ErrorRecord, Journal
+from wave_rt.archive.progress import Progress
+from wave_rt.archive.shards import Row, RowBuffer, shard_name, write_shard
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+@dataclass
+class RowBlock:
+    rows: list[Row]
+    embeddings: np.ndarray  # float32 [len(rows), dim]
+    tokens: int
+    audio_seconds: float
+    video_seconds: float
+
+
+class WriterFailed(RuntimeError):
+    pass
+
+
+class ArchiveWriter:
+    def __init__(self, out_dir: str | Path, journal: Journal, errors: ErrorLog, dim: int, embedding_dtype: str,
+                 shard_rows: int, commit_seconds: float, progress: Progress, max_messages: int = 64) -> None:
+        if shard_rows <= 0:
+            raise ValueError("shard_rows must be positive")
+        self.out_dir = Path(out_dir)
+        self.journal = journal
+        self.errors = errors
+        self.dim = dim
+        self.embedding_dtype = embedding_dtype
+        self.shard_rows = shard_rows
+        self.commit_seconds = commit_seconds
+        self.progress = progress
+        self.buffer = RowBuffer(dim)
+        self.rows_written = 0
+        self.errors_written = 0
+        self.shards_written = 0
+        self._q: queue.Queue = queue.Queue(maxsize=max_messages)
+        self._thread = threading.Thread(target=self._loop, name="wave-rt-writer", daemon=True)
+        self._failure: BaseException | None = None
+        self._last_commit = time.monotonic()
+        self._next = journal.next_number()
+
+    # ------------------------------------------------------------------ producer side (any thread)
+    def start(self) -> ArchiveWriter:
+        self._thread.start()
+        return self
+
+    def _put(self, msg: object) -> None:
+        while True:
+            if self._failure is not None:
+                raise WriterFailed(f"the archive writer stopped: {self._failure}") from self._failure
+            try:
+                self._q.put(msg, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def put_rows(self, block: RowBlock) -> None:
+        self._put(block)
+
+    def put_error(self, rec: ErrorRecord) -> None:
+        self._put(rec)
+
+    def close(self) -> None:
+        """Commit what is buffered and stop; re-raises a failure of the writer thread."""
+        if self._thread.is_alive():
+            try:
+                self._put(_STOP)
+            except WriterFailed:
+                pass
+            self._thread.join()
+        self.journal.close()
+        self.errors.close()
+        if self._failure is not None:
+            raise WriterFailed(f"the archive writer stopped: {self._failure}") from self._failure
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self._failure
+
+    # ------------------------------------------------------------------ writer thread
+    def _loop(self) -> None:
+        try:
+            while True:
+                try:
+                    msg = self._q.get(timeout=0.2)
+                except queue.Empty:
+                    msg = None
+                if msg is _STOP:
+                    self._commit_all()
+                    return
+                if isinstance(msg, RowBlock):
+                    self.buffer.add(msg.rows, msg.embeddings)
+                    self.progress.add(done=len(msg.rows), tokens=msg.tokens, audio_seconds=msg.audio_seconds,
+                                      video_seconds=msg.video_seconds)
+                elif isinstance(msg, ErrorRecord):
+                    t0 = time.perf_counter()
+                    self.errors.append(msg)
+                    self.errors_written += 1
+                    self.progress.add(failed=1)
+                    self.progress.add_stage("write", time.perf_counter() - t0)
+                while len(self.buffer) >= self.shard_rows:
+                    self._commit(self.shard_rows)
+                if len(self.buffer) and time.monotonic() - self._last_commit >= self.commit_seconds:
+                    self._commit(len(self.buffer))
+                self.progress.maybe_render()
+        except BaseException as exc:  # noqa: BLE001 - handed to the producers, which re-raise it
+            self._failure = exc
+            log.error("archive writer failed: %s", exc)
+
+    def _commit_all(self) -> None:
+        while len(self.buffer):
+            self._commit(min(self.shard_rows, len(self.buffer)))
+        self.errors.sync()
+
+    def _commit(self, n: int) -> None:
+        t0 = time.perf_counter()
+        rows, emb = self.buffer.take(n)
+        number = self._next
+        write_shard(self.out_dir, number, rows, emb, self.dim, self.embedding_dtype)
+        # errors are fsynced with each shard so the two records advance together
+        self.errors.sync()
+        self.journal.record(shard_name(number), len(rows))
+        self._next += 1
+        self.rows_written += len(rows)
+        self.shards_written += 1
+        self._last_commit = time.monotonic()
+        self.progress.add_stage("write", time.perf_counter() - t0)

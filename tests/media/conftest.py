@@ -49,6 +49,7 @@ def media(tmp_path_factory) -> Path:
     # video: VP9 (DALI's CPU decoder handles it), H.264 + AAC, a long low-rate clip, a long-GOP clip
     src = ["-f", "lavfi", "-i", "testsrc2=size=96x64:rate=10:duration=3"]
     ffmpeg(*src, "-c:v", "libvpx-vp9", "-g", "8", str(d / "vp9.webm"))
+    ffmpeg(*src, "-vf", "hue=s=0", "-c:v", "libvpx-vp9", "-g", "8", str(d / "vp9_gray.webm"))
     ffmpeg(*src, "-f", "lavfi", "-i", "sine=frequency=440:duration=3:sample_rate=44100", "-c:v", "libx264",
            "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(d / "av.mp4"))
     ffmpeg(*src, "-c:v", "libx264", "-pix_fmt", "yuv420p", str(d / "silent.mp4"))

@@ -122,6 +122,19 @@ def test_load_video_frames_equal_sequential_decode(media, name):
     np.testing.assert_allclose(clip.timestamps.numpy(), ids / avg_fps, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["vp9.webm", "av.mp4", "long70s.mp4", "gop25.mp4"])
+def test_load_video_equals_wave_decord_pipeline(media, name):
+    """WAVE's reference loader (decord VideoReader, round(len/0.5) frames, np.linspace, len/duration fps)."""
+    decord = pytest.importorskip("decord")
+    vr = decord.VideoReader(str(media / name), num_threads=1)
+    total, length = len(vr), len(vr) / vr.get_avg_fps()
+    idx = np.linspace(0, total - 1, min(max(round(length / 0.5), 1), 128), dtype=int)
+    ref = vr.get_batch(idx).asnumpy()
+    clip = load_video(str(media / name))
+    np.testing.assert_array_equal(clip.frames.numpy(), ref)
+    assert clip.fps == pytest.approx(len(idx) / length) and clip.duration == pytest.approx(length)
+
+
 def test_long_video_is_sampled_uniformly_to_max_frames(media):
     clip = load_video(str(media / "long70s.mp4"))
     assert clip.frames.shape[0] == 128

@@ -9,7 +9,11 @@ What DALI cannot decode (H.264 without a GPU, AAC or MP3 audio, other containers
 backend with a one-time warning, so backend="dali" never fails on a file PyAV can read.
 
 Frame choice and counting come from the same PyAV demux index as the CPU backend, so both backends pick the
-same frames; DALI numbers frames in presentation order, as that index does."""
+same frames; DALI numbers frames in presentation order, as that index does. Audio samples equal PyAV's (WAV and
+FLAC bit for bit, Vorbis/Opus within 1e-7). Pixels do not quite: DALI converts YUV to RGB with bilinear chroma
+upsampling and exact BT.601 rounding, FFmpeg's swscale (PyAV, and decord, which WAVE used) repeats chroma and
+rounds through 8-bit tables, so colour edges differ and flat areas differ by up to 2 levels. The CPU backend is
+the one bit-identical to WAVE's decord pipeline."""
 
 from __future__ import annotations
 
@@ -61,10 +65,10 @@ def _pipelines() -> dict[str, Any]:
 
 def _build(kind: str) -> Any:
     """One cached pipeline per thread and kind ('audio' | 'video-cpu' | 'video-mixed')."""
+    nd = dali()  # first, so a missing DALI is reported even when pipelines were built before
     pipes = _pipelines()
     if kind in pipes:
         return pipes[kind]
-    nd = dali()
     fn, types = nd.fn, nd.types
     device_id = torch.cuda.current_device() if kind == "video-mixed" else None
 

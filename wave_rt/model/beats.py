@@ -246,9 +246,11 @@ class BEATsEncoder(nn.Module):
         """Frame mask [B, T] (True = padding) -> token mask [B, (T // p) * (mel_bins // p)]: a token is
         padding when any frame of its time patch is; frames past the last whole patch are dropped."""
         p = self.cfg.input_patch_size
-        b, t = padding_mask.shape
-        patches = t // p
-        per_patch = padding_mask[:, : patches * p].reshape(b, patches, p).any(dim=-1)
+        # A strided conv counts padded frames per patch and drops the trailing partial patch exactly as the
+        # patch embedding does, without a slice or pool whose bounds an exporter would specialize on.
+        ones = torch.ones(1, 1, p, dtype=torch.float32, device=padding_mask.device)
+        per_patch = F.conv1d(padding_mask.to(torch.float32).unsqueeze(1), ones, stride=p).squeeze(1) > 0
+        b, patches = per_patch.shape
         return per_patch.unsqueeze(-1).expand(b, patches, mel_bins // p).reshape(b, patches * (mel_bins // p))
 
     def forward(self, fbank: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:

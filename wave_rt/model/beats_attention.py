@@ -144,6 +144,35 @@ class GatedRelPosSelfAttention(nn.Module):
         a, g = torch.sigmoid(self.grep_linear(q).view(b, h, n, 2, 4).sum(-1)).chunk(2, dim=-1)
         return a * (g * self.grep_a - 1.0) + 2.0  # [B, H, N, 1]
 
+    def _attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        start: int,
+        stop: int,
+        bias_by_offset: Tensor | None,
+        gate: Tensor | None,
+        key_bias: Tensor | None,
+    ) -> Tensor:
+        """Attention output of query rows start:stop, [B, H, rows, d]."""
+        n = k.shape[2]
+        mask = None
+        if bias_by_offset is not None:
+            keys = torch.arange(n, device=q.device).view(1, n)
+            offset = keys - torch.arange(start, stop, device=q.device).view(-1, 1) + (n - 1)
+            mask = bias_by_offset[offset].permute(2, 0, 1).unsqueeze(0)  # [1, H, rows, N]
+            if gate is not None:
+                mask = gate[:, :, start:stop] * mask
+        if key_bias is not None:
+            mask = key_bias if mask is None else mask + key_bias
+        if mask is not None:
+            mask = mask.to(q.dtype)
+        rows = q if (start == 0 and stop == n) else q[:, :, start:stop]
+        return F.scaled_dot_product_attention(
+            rows, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, scale=self.head_dim**-0.5
+        )
+
     def forward(
         self,
         x: Tensor,
@@ -160,28 +189,16 @@ class GatedRelPosSelfAttention(nn.Module):
         k = self.k_proj(x).view(b, n, h, d).transpose(1, 2)
         v = self.v_proj(x).view(b, n, h, d).transpose(1, 2)
         gate = self._gate(q) if (bias_by_offset is not None and self.gru_rel_pos) else None
-        block = n if query_block is None or query_block >= n else query_block
-        dropout = self.dropout if self.training else 0.0
-        keys = torch.arange(n, device=x.device)
-        outs = []
-        for start in range(0, n, block):
-            stop = min(n, start + block)
-            mask = None
-            if bias_by_offset is not None:
-                offset = keys.view(1, n) - torch.arange(start, stop, device=x.device).view(-1, 1) + (n - 1)
-                mask = bias_by_offset[offset].permute(2, 0, 1).unsqueeze(0)  # [1, H, rows, N]
-                if gate is not None:
-                    mask = gate[:, :, start:stop] * mask
-            if key_bias is not None:
-                mask = key_bias if mask is None else mask + key_bias
-            if mask is not None:
-                mask = mask.to(q.dtype)
-            outs.append(
-                F.scaled_dot_product_attention(
-                    q[:, :, start:stop], k, v, attn_mask=mask, dropout_p=dropout, scale=d**-0.5
-                )
+        if query_block is None or query_block >= n:
+            out = self._attend(q, k, v, 0, n, bias_by_offset, gate, key_bias)
+        else:
+            out = torch.cat(
+                [
+                    self._attend(q, k, v, start, min(n, start + query_block), bias_by_offset, gate, key_bias)
+                    for start in range(0, n, query_block)
+                ],
+                dim=2,
             )
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
 
 

@@ -82,6 +82,9 @@ class BEATsConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> BEATsConfig:
+        bad_keys = [k for k in cfg if not isinstance(k, str)]
+        if bad_keys:
+            raise TypeError(f"BEATs cfg keys must be strings, found {bad_keys!r}")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         extra = dict(cfg.get("extra") or {})
         extra.update({k: v for k, v in cfg.items() if k not in known and k != "extra"})

@@ -179,7 +179,7 @@ class BEATsTransformer(nn.Module):
         )
         self.layer_norm = nn.LayerNorm(c)
         if cfg.relative_position_embedding:
-            with torch.no_grad():  # start the per-layer copies equal, as the tied reference table is
+            with torch.no_grad():  # the reference ties one table; start the per-layer copies equal
                 for layer in self.layers[1:]:
                     layer.self_attn.relative_attention_bias.weight.copy_(
                         self.layers[0].self_attn.relative_attention_bias.weight

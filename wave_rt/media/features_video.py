@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -200,7 +199,7 @@ def patchify_native(frames: torch.Tensor, height: int, width: int, out: torch.Te
     vb, vc = bicubic_coefficients(h, height)
     native.resize_normalize_patchify(
         frames.contiguous().numpy(), height, width, normalize_lut(), hb, hc, vb, vc, out.numpy(),
-        vertical_first(h, w, height, width, order), threads or os.cpu_count() or 1)
+        vertical_first(h, w, height, width, order), threads or torch.get_num_threads())
     return out
 
 

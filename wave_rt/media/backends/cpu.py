@@ -49,15 +49,40 @@ def media_error(source: Source, exc: Exception, doing: str) -> MediaError:
     return CorruptMediaError(source.label, f"{doing} failed: {type(exc).__name__}: {exc}")
 
 
-@contextlib.contextmanager
-def open_container(source: Source) -> Iterator[Any]:
+# FFmpeg's default probe reads up to 5 MB and decodes packets to fill in stream parameters: 25 ms for a WAV
+# that needs none of it. A small probe suffices for containers with headers; streams it leaves incomplete
+# (e.g. MPEG-TS) are reopened with the default probe.
+_QUICK_PROBE = {"probesize": "65536"}
+
+
+def _incomplete(container: Any) -> bool:
+    for s in container.streams:
+        ctx = s.codec_context
+        if ctx is None:
+            continue
+        if s.type == "audio" and not ctx.sample_rate:
+            return True
+        if s.type == "video" and not (ctx.width and ctx.height):
+            return True
+    return False
+
+
+def _open(source: Source, options: dict[str, str] | None) -> Any:
     av = _av()
     try:
-        container = av.open(source.open(), mode="r")
+        return av.open(source.open(), mode="r", options=options)
     except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError) as exc:
         if isinstance(exc, av.error.FFmpegError) or not isinstance(exc, OSError):
             raise CorruptMediaError(source.label, f"not a media container FFmpeg can read ({exc})") from None
         raise CorruptMediaError(source.label, f"cannot open: {exc}") from None
+
+
+@contextlib.contextmanager
+def open_container(source: Source) -> Iterator[Any]:
+    container = _open(source, _QUICK_PROBE)
+    if _incomplete(container):
+        container.close()
+        container = _open(source, None)
     try:
         yield container
     finally:

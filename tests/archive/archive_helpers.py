@@ -102,8 +102,9 @@ def write_text_manifest(path: Path, media_root: Path | None = None) -> dict[str,
         expect_good |= {"clip-video-only", "speech-steered"}
         expect_bad |= {"missing-file"}
     lines = [json.dumps(r, ensure_ascii=False) for r in rows]
-    lines.insert(3, "{not json")  # a malformed line: reported as row:3
-    expect_bad.add("row:3")
+    lines.append("{not json")  # a malformed line: reported under its row number
+    expect_bad.add(f"row:{len(rows)}")
+    lines.insert(2, "   ")  # blank lines are skipped and not numbered
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return {"good": expect_good, "bad": expect_bad, "duplicates": {"t0"}}
 

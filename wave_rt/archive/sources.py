@@ -135,7 +135,8 @@ class ManifestSource(ArchiveSource):
 
     A row with `path` is a media item (its `text`, if any, is kept as metadata) unless its modality is
     'text': then its `text` is embedded, or the file's UTF-8 content when it has no text. A row with
-    only `text` is a text item. A row's own `modality` wins over the job's --modality."""
+    only `text` is a text item. A row's own `modality` wins over the job's --modality, which applies
+    to rows with a path only."""
 
     kind = "manifest"
 
@@ -208,7 +209,8 @@ class ManifestSource(ArchiveSource):
 
     def _item(self, n: int, row: dict[str, Any]) -> SourceItem:
         raw_id, path, text = row.get("id"), row.get("path"), row.get("text")
-        modality = row.get("modality") or self.modality
+        # the job's --modality is for files; a row without a path is text unless the row itself says otherwise
+        modality = row.get("modality") or (self.modality if path is not None else "auto")
         instruction = row.get("instruction") or None
         for name, value in (("path", path), ("text", text), ("modality", modality), ("instruction", instruction)):
             if value is not None and not isinstance(value, str):

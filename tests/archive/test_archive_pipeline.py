@@ -1,0 +1,158 @@
+"""The local engine with a fake encoder: out-of-memory splitting, isolation of items that break the forward,
+retryable vs permanent failures, duplicates, shard sizes, bounded pending work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from archive_helpers import FakeEncoder, read_archive, read_error_ids
+
+from wave_rt.archive.job import embed_archive
+from wave_rt.archive.pipeline import ModelRunner
+
+
+def _manifest(path: Path, texts: list[str], ids: list[str] | None = None) -> Path:
+    rows = [{"id": ids[i] if ids else f"i{i}", "text": t} for i, t in enumerate(texts)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _texts(n: int) -> list[str]:
+    return [f"text number {i} " + "x" * (i * 7 % 90) for i in range(n)]
+
+
+def test_archive_pipeline_oom_splits_and_all_rows_land(tmp_path: Path) -> None:
+    texts = _texts(120)
+    enc = FakeEncoder(oom_above=200)
+    summary = embed_archive(_manifest(tmp_path / "m.jsonl", texts), tmp_path / "out", model=enc,
+                            max_batch_tokens=1024, workers=2, progress=False)
+    rows = read_archive(tmp_path / "out")
+    assert len(rows) == 120 and summary.failed == 0
+    assert summary.oom_splits > 0
+    ref = FakeEncoder().encode(texts)
+    got = np.stack([rows[f"i{i}"]["embedding"] for i in range(120)])
+    assert np.array_equal(got, ref)
+
+
+def test_archive_pipeline_runner_lowers_then_regrows_cap() -> None:
+    enc = FakeEncoder(oom_above=100)
+    runner = ModelRunner(enc, max_batch_tokens=1000, regrow_after=3)
+    items = [enc.prepare("y" * 40) for _ in range(20)]  # 12 tokens each
+    ok, failed = runner.run(items)
+    assert len(ok) == 20 and not failed
+    assert runner.cap < 1000 and runner.oom_splits >= 1
+    capped = runner.cap
+    enc.oom_above = None
+    for _ in range(4):
+        runner.run(items[:2])
+    assert runner.cap > capped  # grows back after clean batches
+    assert max(enc.calls[:-4]) * 12 <= 100  # every successful batch under the OOM threshold
+
+
+def test_archive_pipeline_single_item_oom_is_retryable(tmp_path: Path) -> None:
+    texts = ["short", "z" * 1200, "also short"]  # the long one is 302 tokens: over the OOM threshold alone
+    src = _manifest(tmp_path / "m.jsonl", texts)
+    out = tmp_path / "out"
+    s1 = embed_archive(src, out, model=FakeEncoder(oom_above=250), progress=False)
+    assert s1.embedded == 2 and s1.failed == 1
+    (err,) = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
+    assert err["id"] == "i1" and err["stage"] == "model" and err["retryable"] is True
+    assert err["error"] == "OutOfMemoryError"
+    s2 = embed_archive(src, out, model=FakeEncoder(), progress=False)  # more memory now: retried, succeeds
+    assert s2.embedded == 1 and s2.failed == 0
+    assert set(read_archive(out)) == {"i0", "i1", "i2"} and read_error_ids(out) == []
+
+
+def test_archive_pipeline_poisoned_item_is_isolated(tmp_path: Path) -> None:
+    texts = _texts(40)
+    texts[17] = "poison"
+    summary = embed_archive(_manifest(tmp_path / "m.jsonl", texts), tmp_path / "out",
+                            model=FakeEncoder(fail_on={"poison"}), progress=False)
+    assert summary.embedded == 39 and summary.failed == 1
+    assert read_error_ids(tmp_path / "out") == ["i17"]
+
+
+def test_archive_pipeline_broken_model_stops_the_job(tmp_path: Path) -> None:
+    texts = ["poison"] * 30
+    ids = [f"p{i}" for i in range(30)]
+    with pytest.raises(RuntimeError, match="poisoned"):
+        embed_archive(_manifest(tmp_path / "m.jsonl", texts, ids), tmp_path / "out",
+                      model=FakeEncoder(fail_on={"poison"}), progress=False)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "running"  # not marked complete
+
+
+class ExplodingEncoder(FakeEncoder):
+    def prepare(self, item, instruction=None, index=None):  # noqa: ANN001, ANN201
+        if item == "explode":
+            raise ZeroDivisionError("a bug in preprocessing")
+        return super().prepare(item, instruction, index)
+
+
+def test_archive_pipeline_unexpected_prepare_error_is_retried(tmp_path: Path) -> None:
+    src = _manifest(tmp_path / "m.jsonl", ["fine", "explode", "   ", "fine too"])
+    out = tmp_path / "out"
+    s1 = embed_archive(src, out, model=ExplodingEncoder(), progress=False)
+    assert s1.embedded == 2 and s1.failed == 2
+    errs = {json.loads(x)["id"]: json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()}
+    assert errs["i1"]["retryable"] is True and errs["i1"]["error"] == "ZeroDivisionError"
+    assert errs["i2"]["retryable"] is False and errs["i2"]["error"] == "InputError"  # empty text: permanent
+    s2 = embed_archive(src, out, model=FakeEncoder(), progress=False)  # the bug is fixed
+    assert s2.embedded == 1 and s2.failed == 0
+    assert set(read_archive(out)) == {"i0", "i1", "i3"} and read_error_ids(out) == ["i2"]
+    s3 = embed_archive(src, out, model=FakeEncoder(), progress=False, retry_errors=True)
+    assert s3.failed == 1 and read_error_ids(out) == ["i2"]  # retried on request, still bad, listed once
+
+
+def test_archive_pipeline_shard_rows_and_journal(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    embed_archive(_manifest(tmp_path / "m.jsonl", _texts(50)), out, model=FakeEncoder(), shard_rows=8,
+                  progress=False)
+    shards = sorted(out.glob("part-*.parquet"))
+    import pyarrow.parquet as pq
+
+    sizes = [pq.ParquetFile(p).metadata.num_rows for p in shards]
+    assert sum(sizes) == 50 and max(sizes) <= 8
+    assert [p.name for p in shards] == [f"part-{i:05d}.parquet" for i in range(len(shards))]
+    journal = [json.loads(x) for x in (out / "journal.jsonl").read_text().splitlines()]
+    assert [(j["shard"], j["rows"]) for j in journal] == [(p.name, n) for p, n in zip(shards, sizes)]
+
+
+def test_archive_pipeline_pending_tokens_bound(tmp_path: Path) -> None:
+    """A batcher that never fills (budget far above the items) still runs everything, and in batches whose
+    waiting tokens stay under the pending bound."""
+    from wave_rt.archive.pipeline import LocalPipeline
+
+    enc = FakeEncoder()
+    sizes: list[int] = []
+    orig = enc.embed_prepared
+
+    def spy(batch, normalize=True):  # noqa: ANN001, ANN202
+        sizes.append(sum(p.num_tokens for p in batch))
+        return orig(batch, normalize)
+
+    enc.embed_prepared = spy  # type: ignore[method-assign]
+    real_init = LocalPipeline.__init__
+
+    def small_bound(self, *a, **kw):  # noqa: ANN001, ANN202
+        kw["max_pending_tokens"] = 300
+        real_init(self, *a, **kw)
+
+    LocalPipeline.__init__ = small_bound  # type: ignore[method-assign]
+    try:
+        s = embed_archive(_manifest(tmp_path / "m.jsonl", _texts(200)), tmp_path / "out", model=enc,
+                          max_batch_tokens=100_000, progress=False)
+    finally:
+        LocalPipeline.__init__ = real_init  # type: ignore[method-assign]
+    assert s.embedded == 200
+    assert max(sizes) <= 300 + 30  # the bound plus the one item that crossed it
+
+
+def test_archive_pipeline_oom_type_matches_torch() -> None:
+    from wave_rt.archive.pipeline import OutOfMemory
+
+    assert issubclass(torch.OutOfMemoryError, OutOfMemory)

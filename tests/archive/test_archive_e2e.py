@@ -9,7 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from archive_helpers import BAD_MEDIA, GOOD_MEDIA, make_media_archive, read_archive, read_error_ids, tools_available
+from archive_helpers import (
+    BAD_MEDIA,
+    GOOD_MEDIA,
+    make_media_archive,
+    read_archive,
+    read_error_ids,
+    tools_available,
+)
 from archive_helpers import write_text_manifest as write_manifest_file
 
 import wave_rt

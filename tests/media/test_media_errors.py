@@ -141,3 +141,9 @@ def test_decoded_output_is_bounded_for_a_lying_header(media):
     src = Source(None, data, len(data))  # skips as_source's structure check on purpose
     decoded = decode_audio(src, DEFAULT_LIMITS)
     assert decoded.samples.shape == (16000,) and decoded.samples.nbytes == 64000
+
+
+def test_junk_after_a_complete_mp4_is_not_an_error(media, tmp_path):
+    path = tmp_path / "junk.mp4"
+    path.write_bytes((media / "silent.mp4").read_bytes() + b"\x00\x00\x00\x05junk-appended-by-a-camera")
+    assert load_video(str(path)).frames.shape[0] == 6

@@ -111,25 +111,30 @@ def _truncated(source: Source, what: str, end: int) -> TruncatedMediaError:
 
 
 def _check_bmff(source: Source) -> None:
-    """ISO base media (MP4/MOV/M4A): every top-level box must fit in the file."""
-    offset, boxes = 0, 0
+    """ISO base media (MP4/MOV/M4A): the top-level boxes must fit in the file. Junk after a complete movie
+    (some writers append it) is left to FFmpeg; a cut inside the movie or media data is a truncation."""
+    offset, boxes, seen_moov = 0, 0, False
     while offset + 8 <= source.size and boxes < 10_000:
         hdr = source.read_at(offset, 16)
         size, kind = struct.unpack(">I4s", hdr[:8])
+        name = kind.decode("latin-1")
         if size == 1:
             if len(hdr) < 16:
-                raise _truncated(source, f"MP4 box '{kind.decode('latin-1')}'", offset + 16)
+                raise _truncated(source, f"MP4 box '{name}'", offset + 16)
             size = struct.unpack(">Q", hdr[8:16])[0]
         elif size == 0:  # box extends to the end of the file
             return
         if size < 8:
-            raise CorruptMediaError(source.label, f"MP4 box '{kind.decode('latin-1')}' at byte {offset} has size {size}")
+            if seen_moov:
+                return
+            raise CorruptMediaError(source.label, f"MP4 box '{name}' at byte {offset} has size {size}")
         if offset + size > source.size:
-            raise _truncated(source, f"MP4 box '{kind.decode('latin-1')}'", offset + size)
+            if seen_moov and kind not in (b"mdat", b"moof", b"moov"):
+                return
+            raise _truncated(source, f"MP4 box '{name}'", offset + size)
+        seen_moov = seen_moov or kind == b"moov"
         offset += size
         boxes += 1
-    if boxes and offset < source.size and source.size - offset < 8:
-        raise _truncated(source, "MP4 box header", offset + 8)
 
 
 def _read_vint(buf: bytes, pos: int) -> tuple[int, int, bool]:

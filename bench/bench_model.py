@@ -171,6 +171,10 @@ def run_ours(encoder: WaveEncoder, items: list[PreparedItem], budget: int) -> to
     return out
 
 
+def run_ours_bs1(encoder: WaveEncoder, items: list[PreparedItem]) -> torch.Tensor:
+    return torch.cat([encoder.embed_prepared([p]) for p in items])
+
+
 def run_reference(ref: ReferencePath, items: list[PreparedItem]) -> torch.Tensor:
     return torch.cat([ref.embed(p).cpu() for p in items])
 
@@ -213,6 +217,10 @@ def main(argv: list[str] | None = None) -> None:
             run_ours(encoder, group, budget)
         with PeakMemory() as m_ref:
             run_reference(ref, group)
+        # The batched peak above trades memory for throughput; at batch size 1, like the reference, the
+        # difference is what the reference wastes (full hidden states of every layer, LM-head-ready model).
+        with PeakMemory() as m_ours_bs1:
+            run_ours_bs1(encoder, group)
         ips_ours, ips_ref = len(group) / t_ours["median"], len(group) / t_ref["median"]
         flops = llm_flops(group, cfg, n_llm)
         from harness import ceiling
@@ -223,10 +231,14 @@ def main(argv: list[str] | None = None) -> None:
                         "items/s", min_cosine_vs_reference=agree, tokens=sum(p.num_tokens for p in group),
                         llm_tflops_achieved=mfu, ceiling_tflops=peak,
                         mfu=(mfu / peak) if (mfu and peak) else None))
-        rows.append(row(f"{modality} x{len(group)} peak memory above weights", "reference bs=1 output_hidden_states",
+        rows.append(row(f"{modality} x{len(group)} peak memory above weights, ours batched under the token budget",
+                        "reference bs=1 output_hidden_states",
                         m_ref.peak_bytes / 2**20, m_ours.peak_bytes / 2**20, "MiB", higher_is_better=False))
+        rows.append(row(f"{modality} x{len(group)} peak memory above weights, ours at batch size 1",
+                        "reference bs=1 output_hidden_states",
+                        m_ref.peak_bytes / 2**20, m_ours_bs1.peak_bytes / 2**20, "MiB", higher_is_better=False))
         print(f"{modality:6s} ours {ips_ours:8.2f} it/s  ref {ips_ref:8.2f} it/s  x{ips_ours / ips_ref:5.2f}  "
-              f"mem ours {m_ours.peak_bytes / 2**20:8.1f} MiB ref {m_ref.peak_bytes / 2**20:8.1f} MiB  cos>={agree:.5f}")
+              f"mem ours {m_ours.peak_bytes / 2**20:8.1f} MiB (bs=1 {m_ours_bs1.peak_bytes / 2**20:8.1f}) ref {m_ref.peak_bytes / 2**20:8.1f} MiB  cos>={agree:.5f}")
     path = write_result("model", rows, "python bench/bench_model.py " + " ".join(argv or sys.argv[1:]),
                         suffix=f"{args.config}_{device.type}",
                         extra={"config": args.config, "dtype": str(dtype), "max_batch_tokens": budget})

@@ -44,7 +44,7 @@ class AudioVisual:
     source: Source
 
 
-Item = Union[str, Text, Audio, Video, AudioVisual]
+Item = str | Text | Audio | Video | AudioVisual
 
 MODALITY_OF: dict[type, str] = {Text: "text", str: "text", Audio: "audio", Video: "video", AudioVisual: "av"}
 

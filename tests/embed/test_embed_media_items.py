@@ -93,7 +93,6 @@ def test_video_and_av_templates_and_positions(thinker_encoder, media_dir):
     import transformers
 
     enc = thinker_encoder
-    ids = enc.processor.ids
     v = enc.prepare(wave_rt.Video(str(media_dir / "silent.webm")))
     text = decode(enc, v.inputs.input_ids)
     assert text.startswith("<|vision_bos|><|VIDEO|>") and text.endswith("<|vision_eos|>Please describe the video.<|im_end|>")

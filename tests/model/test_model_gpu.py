@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import wave_reference as ref
+from test_model_reference import build_cases, omni_model, reference_embedding
 
 from wave_rt.config import WaveConfig
 from wave_rt.model.batch import collate
 from wave_rt.model.wave_model import WaveModel
-import wave_reference as ref
-from test_model_reference import build_cases, omni_model, reference_embedding
 
 pytestmark = pytest.mark.gpu
 

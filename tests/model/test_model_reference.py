@@ -4,18 +4,17 @@ fp32 models. Also batch invariance (alone vs inside a left-padded mixed batch)."
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+import wave_reference as ref
 from conftest import noise
 
 from wave_rt.config import WaveConfig
+from wave_rt.embed.processor import whisper_tokens
 from wave_rt.model.batch import AudioSegmentInputs, ItemInputs, collate
 from wave_rt.model.positions import SequenceBuilder, VideoGrid
 from wave_rt.model.tiny import tiny_qwen2_audio_config_dict, tiny_thinker_config_dict
 from wave_rt.model.wave_model import WaveModel
-from wave_rt.embed.processor import whisper_tokens
-import wave_reference as ref
 
 TOL = 1e-5
 

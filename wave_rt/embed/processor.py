@@ -134,7 +134,7 @@ class WaveProcessor:
         options, then the QA suffix; options are scored as the letters A, B, ... encoded as text targets."""
         if options:
             letters = [chr(ord("A") + i) for i in range(len(options))]
-            listed = "\n".join(f"{l}. {o}" for l, o in zip(letters, options))
+            listed = "\n".join(f"{letter}. {o}" for letter, o in zip(letters, options))
             body = f"{question}\n{listed}"
         else:
             letters, body = [], question

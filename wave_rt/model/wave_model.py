@@ -18,7 +18,6 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from wave_rt.config import OMNI_THINKER, QWEN2_AUDIO, WaveConfig

@@ -118,16 +118,29 @@ def _jit_calls_run_interpreted() -> Iterator[None]:
     interpreter. We interpret our own kernels per call, so while one runs, JITFunction calls are routed
     through an InterpretedFunction of the same Python function (cached by identity: hashing a
     JITFunction walks its globals, which the interpreter has patched at that point)."""
+    from triton.runtime.errors import InterpreterError
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     original = JITFunction.__call__
+    # InterpretedFunction.__call__ re-patches the triton.language modules visible from the helper's globals
+    # on every call (~3 ms: it walks the modules with inspect.getmembers), which dominated the interpreted
+    # bitonic networks (hundreds of helper calls per launch). Those patches are only undone when the
+    # launch ends, so one patch per globals dict and launch suffices; later calls run the rewritten helper.
+    patched: set[int] = set()
 
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
         fn = _interpreted_helpers.get(id(self))
         if fn is None:
             fn = _interpreted_helpers[id(self)] = InterpretedFunction(self.fn)
-        return fn(*args, **kwargs)
+        scope = id(self.fn.__globals__)
+        if scope not in patched or not hasattr(fn, "rewrite"):
+            patched.add(scope)
+            return fn(*args, **kwargs)
+        try:
+            return fn.rewrite()(*args, **kwargs)
+        except Exception as e:  # the same error type the interpreter raises for a helper
+            raise InterpreterError(repr(e)) from e
 
     JITFunction.__call__ = call
     try:

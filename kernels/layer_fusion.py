@@ -414,7 +414,7 @@ def _layer_fusion_mlp(hidden: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
                       split_k: int | None = None) -> torch.Tensor:
     _check_fusion(hidden, w1, b1)
     backend = dispatch.select_backend(hidden, w1, b1)
-    if backend == "torch" or hidden.shape[0] == 0:
+    if backend == "torch" or hidden.shape[0] == 0 or w1.shape[0] == 0:  # empty grids cannot launch
         return _fusion_torch(hidden, w1, b1)
     return LayerFusionMLPFunction.apply(hidden, w1, b1, backend, split_k)
 
@@ -442,6 +442,6 @@ def scalar_mix(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     if hidden.shape[1] > 1024:
         raise KernelArgumentError(op, "hidden", f"has L = {hidden.shape[1]} layers; at most 1024 are supported")
     backend = dispatch.select_backend(hidden, weights)
-    if backend == "torch" or hidden.shape[0] == 0 or hidden.shape[2] == 0:
+    if backend == "torch" or 0 in hidden.shape:  # empty grids (or an empty softmax) cannot launch
         return _scalar_mix_torch(hidden, weights)
     return ScalarMixFunction.apply(hidden, weights, backend)

@@ -130,6 +130,9 @@ def _topk_stream_kernel(
         if NORMALIZE:  # x / max(||x||, 1e-12), as F.normalize
             acc = acc / tl.maximum(tl.sqrt(q_sq), 1e-12)[:, None] / tl.maximum(tl.sqrt(c_sq), 1e-12)[None, :]
 
+        # -0.0 and +0.0 are equal scores but have different bit patterns: map -0.0 to +0.0 so that the tie
+        # between them goes to the lower index like any other tie.
+        acc = tl.where(acc == 0.0, 0.0, acc)
         bits = acc.to(tl.int32, bitcast=True)
         ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
         index = offs_n.to(tl.int64) + index_base
@@ -194,7 +197,8 @@ def _tiles(k_pad: int, backend: dispatch.Backend) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------- key codec
 def encode_keys(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """int64 keys ordered like (score, -index): scores float32 [..., n], index int64 broadcastable."""
-    bits = scores.contiguous().view(torch.int32)
+    # + 0.0 turns -0.0 into +0.0 (equal scores must get equal high halves; ties then go to the lower index).
+    bits = (scores + 0.0).contiguous().view(torch.int32)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     return (ordered.to(torch.int64) << 32) | (_LOW_MASK - index)
 
@@ -245,24 +249,28 @@ def _topk_triton(queries: torch.Tensor, corpus: torch.Tensor, k: int, normalize:
 def _topk_torch(queries: torch.Tensor, corpus: torch.Tensor, k: int, normalize: bool,
                 chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The same streamed algorithm in torch: fp32 scores of one [query block, corpus chunk] at a time,
-    folded into a running top-k of int64 keys (exact, ties to the lower index)."""
+    folded into a running top-k of int64 keys (exact, ties to the lower index).
+
+    Normalization divides the raw dot products by both norms, in the kernel's order, rather than
+    normalizing the rows first: rows with equal dot products and equal norms then tie exactly, as they do
+    in the kernel (per-element rounding of normalized rows would break such ties at random)."""
     device = queries.device
     q = queries.float()
-    if normalize:
-        q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    q_norm = q.norm(dim=1).clamp_min(1e-12)[:, None] if normalize else None
     # Bound the score block to ~16M floats whatever the number of queries.
     q_block = max(1, min(q.shape[0], (1 << 24) // max(1, min(chunk_size, corpus.shape[0]))))
     best = torch.empty((q.shape[0], 0), dtype=torch.int64, device=device)
     for c0 in range(0, corpus.shape[0], chunk_size):
         c = corpus[c0:c0 + chunk_size].to(device=device, dtype=torch.float32)
-        if normalize:
-            c = c / c.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        c_norm = c.norm(dim=1).clamp_min(1e-12)[None, :] if normalize else None
         index = torch.arange(c0, c0 + c.shape[0], device=device)
         keep = min(k, best.shape[1] + c.shape[0])
         merged = []
         for q0 in range(0, q.shape[0], q_block):
-            keys = encode_keys(q[q0:q0 + q_block] @ c.T, index)
-            keys = torch.cat([best[q0:q0 + q_block], keys], dim=1)
+            scores = q[q0:q0 + q_block] @ c.T
+            if normalize:
+                scores = scores / q_norm[q0:q0 + q_block] / c_norm
+            keys = torch.cat([best[q0:q0 + q_block], encode_keys(scores, index)], dim=1)
             merged.append(torch.topk(keys, keep, dim=1, sorted=True).values)
         best = torch.cat(merged, dim=0) if merged else best[:, :keep]
     return decode_keys(best)

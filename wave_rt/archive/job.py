@@ -289,6 +289,7 @@ def _run_job(src: ArchiveSource, out_dir: Path, model: Any, instruction: str | N
                             normalize=normalize, address=ray_address)
             interrupted = stats.interrupted
             summary.batches, summary.oom_splits = stats.batches, stats.oom_splits
+            n_workers = stats.workers
     except KeyboardInterrupt:
         interrupted = True
     except BaseException as exc:

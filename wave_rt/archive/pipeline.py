@@ -247,6 +247,7 @@ class PipelineStats:
     batches: int = 0
     oom_splits: int = 0
     interrupted: bool = False
+    workers: int = 0  # Ray engine: distinct actors that returned results (0: not reported)
 
 
 class LocalPipeline:

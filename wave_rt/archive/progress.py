@@ -74,7 +74,7 @@ class JobSummary:
                                        f"audio {self.rate(self.audio_seconds):,.2f} s/s, "
                                        f"video {self.rate(self.video_seconds):,.2f} s/s"))
             busy = ", ".join(f"{s} {self.stage_seconds.get(s, 0.0):.2f} s" for s in STAGES)
-            rows.append(("stage busy time", f"{busy} ({self.workers} decode worker(s), {self.batches} batches"
+            rows.append(("stage busy time", f"{busy} ({self.workers} {'Ray' if self.engine == 'ray' else 'decode'} worker(s), {self.batches} batches"
                                             + (f", {self.oom_splits} OOM splits" if self.oom_splits else "") + ")"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(["wave-rt embed summary"] + [f"  {k.ljust(width)}  {v}" for k, v in rows])

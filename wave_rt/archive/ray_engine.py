@@ -14,8 +14,10 @@ Ray instance.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,10 +26,11 @@ from typing import Any
 import numpy as np
 
 from wave_rt.archive.journal import ErrorRecord
-from wave_rt.archive.pipeline import ModelRunner, PipelineStats, prepare_one
+from wave_rt.archive.pipeline import ModelRunner, PipelineStats, WorkItem, error_record, prepare_one
 from wave_rt.archive.shards import Row
 from wave_rt.archive.sources import SourceItem
 from wave_rt.archive.writer import ArchiveWriter, RowBlock
+from wave_rt.embed.batching import plan_batches
 
 log = logging.getLogger(__name__)
 
@@ -128,36 +131,64 @@ class EmbedActor:
         self.budget = int(max_batch_tokens or self.encoder.default_max_batch_tokens)
         self.runner = ModelRunner(self.encoder, self.budget, normalize)
         self.decode_threads = max(1, decode_threads)
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: Any) -> Any:
         from concurrent.futures import ThreadPoolExecutor
 
-        from wave_rt.embed.batching import plan_batches
-
         rows = batch.to_pylist()
         srcs = [SourceItem(id=r["id"], path=r["path"], text=r["text"], modality=r["modality"] or "auto",
                            instruction=r["instruction"]) for r in rows]
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(self.decode_threads) as pool:
-            prepared = list(pool.map(lambda a: prepare_one(self.encoder, a[1], a[0], self.instruction),
-                                     enumerate(srcs)))
-        t_prep = time.perf_counter() - t0
-        ok_idx = [i for i, p in enumerate(prepared) if not isinstance(p, ErrorRecord)]
         emb = np.zeros((len(rows), int(self.encoder.dim)), np.float32)
-        failures: dict[int, ErrorRecord] = {i: p for i, p in enumerate(prepared) if isinstance(p, ErrorRecord)}
-        t0 = time.perf_counter()
+        done: dict[int, WorkItem] = {}
+        failures: dict[int, ErrorRecord] = {}
         batches_before, splits_before = self.runner.batches, self.runner.oom_splits
-        lengths = [prepared[i].num_tokens for i in ok_idx]
-        for group in plan_batches(lengths, self.budget, None):
-            members = [ok_idx[g] for g in group]
-            ok, failed = self.runner.run([prepared[i].prepared for i in members])
-            for j, vec in ok.items():
-                emb[members[j]] = vec
-            for j, exc in failed.items():
-                src = srcs[members[j]]
-                failures[members[j]] = ErrorRecord(src.id, src.path, "model", type(exc).__name__,
-                                                   str(exc) or type(exc).__name__, retryable=True)
-        t_model = time.perf_counter() - t0
+        t_prep = t_model = 0.0
+        waiting: list[WorkItem] = []
+        waiting_tokens = 0
+
+        def flush() -> None:
+            # embed what is prepared, grouped by length under the token budget, then drop it: prepared
+            # media (pixel values, features) is the bulk of an actor's memory
+            nonlocal waiting, waiting_tokens, t_model
+            t0 = time.perf_counter()
+            for group in plan_batches([w.num_tokens for w in waiting], self.budget, None):
+                members = [waiting[g] for g in group]
+                ok, failed = self.runner.run([w.prepared for w in members])
+                for j, vec in ok.items():
+                    emb[members[j].key] = vec
+                    done[members[j].key] = members[j]
+                for j, exc in failed.items():
+                    failures[members[j].key] = error_record(members[j].src, "model", exc, retryable=True)
+            t_model += time.perf_counter() - t0
+            waiting, waiting_tokens = [], 0
+
+        # prepare a few items at a time and embed every ~2 budgets of tokens, so that memory is bounded by
+        # the token budget rather than by the number of rows in a call (64 long videos are gigabytes)
+        step = 2 * self.decode_threads
+        with ThreadPoolExecutor(self.decode_threads) as pool:
+            for start in range(0, len(srcs), step):
+                t0 = time.perf_counter()
+                chunk = list(range(start, min(len(srcs), start + step)))
+                prepared = list(pool.map(lambda i: prepare_one(self.encoder, srcs[i], i, self.instruction), chunk))
+                t_prep += time.perf_counter() - t0
+                for i, p in zip(chunk, prepared):
+                    if isinstance(p, ErrorRecord):
+                        failures[i] = p
+                    else:
+                        waiting.append(p)
+                        waiting_tokens += p.num_tokens
+                if waiting_tokens >= 2 * self.budget:
+                    flush()
+        flush()
+        return self._table(srcs, emb, done, failures, {
+            "prepare_s": t_prep, "model_s": t_model, "batches": self.runner.batches - batches_before,
+            "oom_splits": self.runner.oom_splits - splits_before})
+
+    def _table(self, srcs: list[SourceItem], emb: np.ndarray, done: dict[int, WorkItem],
+               failures: dict[int, ErrorRecord], stats: dict[str, float]) -> Any:
+        import pyarrow as pa
+
         out: dict[str, list[Any]] = {k: [] for k in ("id", "path", "modality", "duration", "text", "instruction",
                                                       "num_tokens", "error_stage", "error_type", "error_message",
                                                       "retryable")}
@@ -166,8 +197,11 @@ class EmbedActor:
             out["path"].append(src.path)
             out["text"].append(src.text)
             rec = failures.get(i)
+            w = done.get(i)
+            if rec is None and w is None:  # cannot happen: every row is embedded or has an error record
+                rec = ErrorRecord(src.id, src.path, "model", "RuntimeError", "no result for this item", True)
             if rec is None:
-                w = prepared[i]
+                assert w is not None
                 out["modality"].append(w.modality)
                 out["duration"].append(None if w.prepared.duration is None else float(w.prepared.duration))
                 out["instruction"].append(w.instruction)
@@ -185,15 +219,15 @@ class EmbedActor:
                 out["error_type"].append(rec.error)
                 out["error_message"].append(rec.message)
                 out["retryable"].append(bool(rec.retryable))
-        import pyarrow as pa
-
-        table = pa.table(out)
+        n = len(srcs)
+        # explicit types: a column that is all None in one call must not become a `null` column that does not
+        # concatenate with the same column of another call
+        types = {"duration": pa.float64(), "num_tokens": pa.int64(), "retryable": pa.bool_()}
+        table = pa.table({k: pa.array(v, types.get(k, pa.string())) for k, v in out.items()})
         dim = emb.shape[1]
         table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim))
-        # per-batch accounting rides on the first row (the driver sums the columns)
-        n = len(rows)
-        stats = {"prepare_s": t_prep, "model_s": t_model, "batches": self.runner.batches - batches_before,
-                 "oom_splits": self.runner.oom_splits - splits_before}
+        table = table.append_column("worker", pa.array([self.worker_id] * n, pa.string()))
+        # per-call accounting rides on the first row (the driver sums the columns)
         for name, value in stats.items():
             col = [0.0] * n
             if n:
@@ -205,7 +239,11 @@ class EmbedActor:
 # ---------------------------------------------------------------------------------------------- driver
 def run_ray(pending: Iterator[SourceItem], writer: ArchiveWriter, *, model: Any, device: Any, dtype: Any,
             instruction: str | None, max_batch_tokens: int | None, workers: int | None, normalize: bool,
-            address: str | None = None, rows_per_call: int = 64) -> PipelineStats:
+            address: str | None = None, rows_per_call: int | None = None) -> PipelineStats:
+    """Embed `pending` on a pool of Ray actors and hand the results to `writer` (which owns the directory).
+
+    rows_per_call: rows per actor call (default: up to 64, fewer for a short work list so that every
+    actor gets a share)."""
     ray = ensure_ray(address)
     rdata = _require_ray_data()
     progress = writer.progress
@@ -222,30 +260,42 @@ def run_ray(pending: Iterator[SourceItem], writer: ArchiveWriter, *, model: Any,
         shutil.rmtree(root, ignore_errors=True)
         return stats
     dtype_name = str(dtype).replace("torch.", "")
-    cpus_per_actor = 1.0 if gpus > 0 else max(0.25, min(1.0, cpus / (n_actors + 1)))
+    # Ray Data's file listing and read tasks each ask for a whole logical CPU: actors that reserve every
+    # CPU of the cluster would leave them unschedulable and the job would wait forever. Keep one free.
+    cpus_per_actor = max(0.05, min(1.0, (cpus - 1.0) / n_actors))
     ctor = dict(model=None if model is None else os.fspath(model), device=None if device is None else str(device),
                 dtype=dtype_name, instruction=instruction, max_batch_tokens=max_batch_tokens, normalize=normalize,
                 decode_threads=max(1, int(cpus) // max(1, n_actors)) if gpus == 0 else 4,
                 torch_threads=max(1, int(cpus) // max(1, n_actors)) if gpus == 0 else 0)
+    per_call = int(rows_per_call or max(1, min(64, math.ceil(total / (4 * n_actors)))))
     ds = rdata.read_parquet(str(root))
-    ds = ds.map_batches(EmbedActor, fn_constructor_kwargs=ctor, batch_size=rows_per_call, batch_format="pyarrow",
+    # A work-list file is one block, and the actor pool hands out whole blocks: without this a 4,096-row
+    # file would go to a single actor while the others idle. Streaming repartition (no shuffle).
+    try:
+        ds = ds.repartition(target_num_rows_per_block=per_call)
+    except TypeError:  # Ray < 2.44: no streaming repartition; blocks of a few files still spread
+        log.info("this Ray has no streaming repartition: work is spread over actors one work-list file at a time")
+    ds = ds.map_batches(EmbedActor, fn_constructor_kwargs=ctor, batch_size=per_call, batch_format="pyarrow",
                         compute=rdata.ActorPoolStrategy(size=n_actors), num_gpus=1 if gpus > 0 else 0,
                         num_cpus=cpus_per_actor)
+    seen_workers: set[str] = set()
     try:
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            _consume(table, writer, progress, stats)
+            _consume(table, writer, progress, stats, seen_workers)
     except KeyboardInterrupt:
         stats.interrupted = True
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    stats.workers = len(seen_workers)
     return stats
 
 
-def _consume(table: Any, writer: ArchiveWriter, progress: Any, stats: PipelineStats) -> None:
-    cols = table.to_pydict() if table.num_columns else {}
+def _consume(table: Any, writer: ArchiveWriter, progress: Any, stats: PipelineStats, workers: set[str]) -> None:
     n = table.num_rows
     if not n:
         return
+    cols = table.drop_columns(["embedding"]).to_pydict()  # vectors stay numpy, never Python floats
+    workers.update(cols["worker"])
     emb = np.asarray(table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False),
                      dtype=np.float32).reshape(n, -1)
     progress.add_stage("prepare", float(sum(cols["prepare_s"])))

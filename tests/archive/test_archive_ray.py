@@ -1,0 +1,97 @@
+"""`--engine ray` on a local 2-worker Ray cluster (CPU): the same rows, errors and resume semantics as local."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from archive_helpers import (
+    make_media_archive,
+    read_archive,
+    read_error_ids,
+    tools_available,
+    write_text_manifest,
+)
+
+pytestmark = pytest.mark.skipif(not tools_available(), reason="needs ffmpeg, sox and espeak-ng")
+ray = pytest.importorskip("ray", reason='needs ray: pip install "ray[data]"')
+
+
+@pytest.fixture(scope="module")
+def local_ray():  # noqa: ANN201
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+    except ImportError:
+        pass
+    yield ray
+    ray.shutdown()
+
+
+def _shard_ids(path: Path) -> set[str]:
+    import pyarrow.parquet as pq
+
+    return set(pq.read_table(path, columns=["id"]).column("id").to_pylist())
+
+
+def test_archive_ray_same_rows_as_local(local_ray, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
+    from wave_rt.archive.job import embed_archive
+    from wave_rt.cli import run
+
+    media = make_media_archive(tmp_path / "media")
+    manifest = tmp_path / "items.jsonl"
+    expect = write_text_manifest(manifest, media)
+    # text rows, forced modalities and a per-row instruction from the helper, plus files of each kind
+    extra = ("tones/tone.flac", "video/silent.webm", "video/clip.mp4", "bad/broken.mp4")
+    with open(manifest, "a") as f:
+        for rel in extra:
+            f.write(f'{{"id": "{rel}", "path": "{media / rel}"}}\n')
+
+    local = embed_archive(manifest, tmp_path / "local", model=None, device="cpu", workers=1, progress=False)
+    dist = embed_archive(manifest, tmp_path / "ray", model=None, engine="ray", workers=2, progress=False,
+                         shard_rows=4)
+    assert dist.complete and not dist.interrupted
+    assert dist.embedded == local.embedded and dist.failed == local.failed
+    assert dist.workers == 2  # both actors got a share of the work list
+    a, b = read_archive(tmp_path / "local"), read_archive(tmp_path / "ray")
+    assert set(a) == set(b) == expect["good"] | {"tones/tone.flac", "video/silent.webm", "video/clip.mp4"}
+    worst = max(float(np.abs(a[i]["embedding"] - b[i]["embedding"]).max()) for i in a)
+    assert worst <= 1e-5
+    for i in a:
+        assert {k: v for k, v in a[i].items() if k != "embedding"} == {k: v for k, v in b[i].items() if k != "embedding"}
+    assert sorted(read_error_ids(tmp_path / "local")) == sorted(read_error_ids(tmp_path / "ray"))
+    assert not (tmp_path / "ray" / ".worklist").exists()
+
+    # Resume. The journal's contract (journal.py): a shard it lists that is missing on disk is dropped from
+    # the journal and its items count as not done, so the next run embeds exactly those again. Through the
+    # CLI this time, with the Ray engine and 2 workers.
+    shards = sorted((tmp_path / "ray").glob("part-*.parquet"))
+    assert len(shards) >= 3
+    lost_ids = _shard_ids(shards[1])
+    shards[1].unlink()
+    errors_before = (tmp_path / "ray" / "errors.jsonl").read_text()
+    code = run(["embed", str(manifest), "--out", str(tmp_path / "ray"), "--engine", "ray", "--workers", "2",
+                "--shard-rows", "4", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert f"{len(lost_ids)} items this run" in printed and "Ray worker(s)" in printed
+    c = read_archive(tmp_path / "ray")
+    assert set(c) == set(a)
+    new_shards = set(p.name for p in (tmp_path / "ray").glob("part-*.parquet")) - {p.name for p in shards}
+    assert set().union(*(_shard_ids(tmp_path / "ray" / n) for n in new_shards)) == lost_ids
+    assert max(float(np.abs(a[i]["embedding"] - c[i]["embedding"]).max()) for i in lost_ids) <= 1e-5
+    assert (tmp_path / "ray" / "errors.jsonl").read_text() == errors_before  # failures are not retried
+    assert embed_archive(manifest, tmp_path / "ray", model=None, engine="ray", progress=False).nothing_to_do
+
+
+def test_archive_ray_refuses_an_encoder_object(local_ray, tmp_path: Path) -> None:  # noqa: ANN001
+    from archive_helpers import FakeEncoder
+
+    from wave_rt.archive.job import embed_archive
+
+    (tmp_path / "m.jsonl").write_text('{"text": "a"}\n')
+    with pytest.raises(ValueError, match="checkpoint path"):
+        embed_archive(tmp_path / "m.jsonl", tmp_path / "out", model=FakeEncoder(), engine="ray", progress=False)

@@ -22,13 +22,19 @@ class ArchiveMismatchError(WaveRTError):
     def __init__(self, out_dir: object, differences: dict[str, tuple[object, object]]) -> None:
         self.out_dir = str(out_dir)
         self.differences = differences
-        lines = [f"  {key}: the directory has {old!r}, this run would use {new!r}"
+        lines = [f"  {key}: the directory has {_show(key, old)}, this run would use {_show(key, new)}"
                  for key, (old, new) in differences.items()]
         super().__init__(
             f"{self.out_dir} already holds embeddings made with different settings:\n" + "\n".join(lines)
             + "\nEmbeddings from different settings must not be mixed: choose another --out directory, "
             "or delete this one to start over."
         )
+
+
+def _show(key: str, value: object) -> str:
+    if value is None and key == "instruction":
+        return "no instruction (the default prompts)"
+    return repr(value)
 
 
 class ArchiveFormatError(WaveRTError):

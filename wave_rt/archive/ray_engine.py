@@ -267,6 +267,9 @@ def run_ray(pending: Iterator[SourceItem], writer: ArchiveWriter, *, model: Any,
                 dtype=dtype_name, instruction=instruction, max_batch_tokens=max_batch_tokens, normalize=normalize,
                 decode_threads=max(1, int(cpus) // max(1, n_actors)) if gpus == 0 else 4,
                 torch_threads=max(1, int(cpus) // max(1, n_actors)) if gpus == 0 else 0)
+    if not progress.enabled:
+        # --no-progress: Ray Data's own progress bars / log lines too
+        rdata.DataContext.get_current().enable_progress_bars = False
     per_call = int(rows_per_call or max(1, min(64, math.ceil(total / (4 * n_actors)))))
     ds = rdata.read_parquet(str(root))
     # A work-list file is one block, and the actor pool hands out whole blocks: without this a 4,096-row

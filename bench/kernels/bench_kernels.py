@@ -53,17 +53,23 @@ location are recorded. --topk-corpus host keeps the corpus in page-locked host m
 streams it (ours: its own ~1 GiB chunks; eager: its chunk loop); then the floor is corpus bytes over the
 measured host-to-device bandwidth. `device,host` runs both.
 
-Running on the device tool (one command runs at most 10 minutes; --plan prints the rough estimate):
+Running on the device tool (one command runs at most 10 minutes; `--plan` prints a rough estimate, about
+13 minutes for everything on an H100, most of it torch.compile; --budget-s, default 420 s, stops starting new
+cases and the JSON is rewritten after every case, so a run cut short keeps what it finished):
 
     pip install --no-deps --no-build-isolation -e . && python bench/kernels/bench_kernels.py
 
-which writes bench/results/kernels_<device>.json on that machine; files come back only from $OUT, so add
-`--out $OUT/kernels_h100.json` and copy the file into bench/results/ here. If the whole run does not fit in one
-call, split it and merge (the second call reads the first call's rows, copied into bench/results/ here):
+writes bench/results/kernels_<device>.json on that machine; files come back only from $OUT, so add
+`--out $OUT/kernels_h100.json` and copy the file into bench/results/ here. Split over calls and merge (each call
+reads the previous call's rows, copied into bench/results/ here in between, and keeps the ops it does not rerun):
 
-    ... python bench/kernels/bench_kernels.py --only layer_fusion_mlp,scalar_mix --out $OUT/kernels_h100.json
-    ... python bench/kernels/bench_kernels.py --only similarity_topk,info_nce \\
+    ... python bench/kernels/bench_kernels.py --only layer_fusion_mlp --out $OUT/kernels_h100.json
+    ... python bench/kernels/bench_kernels.py --only scalar_mix,similarity_topk \
             --merge bench/results/kernels_h100.json --out $OUT/kernels_h100.json
+    ... python bench/kernels/bench_kernels.py --only info_nce \
+            --merge bench/results/kernels_h100.json --out $OUT/kernels_h100.json
+
+The device machine's copy of the repository may have no .git: pass --commit <hash> to record the commit.
 
 Smoke run (CPU, tiny shapes, every code path; results are labelled smoke and are not performance claims; nothing
 is written unless --out is given):
@@ -1009,17 +1015,19 @@ def _finite(x: Any) -> Any:
     return x
 
 
-def write_doc(path: Path, doc: dict[str, Any], merge: Path | None, ops: tuple[str, ...]) -> None:
-    if merge is not None and merge.exists():
-        old = json.loads(merge.read_text())  # its device was checked against this one before the run
-        kept = [r for r in old.get("rows", []) if r.get("op") not in ops]
-        doc["skipped"] = [x for x in old.get("skipped", []) if x.get("op") not in ops] + doc["skipped"]
+def write_doc(path: Path, doc: dict[str, Any], merged: dict[str, Any] | None, ops: tuple[str, ...]) -> None:
+    """Write `doc`; with `merged` (an earlier result of the same device, read once at start), keep its rows of
+    the ops this run did not do."""
+    if merged is not None:
+        kept = [r for r in merged.get("rows", []) if r.get("op") not in ops]
         doc["rows"] = kept + doc["rows"]
-        doc["merged_runs"] = old.get("merged_runs", [{k: old.get(k) for k in
-                                                      ("command", "commit", "date", "ceilings", "ops")}])
-        doc["merged_runs"].append({k: doc.get(k) for k in ("command", "commit", "date", "ceilings", "ops")})
+        doc["skipped"] = [x for x in merged.get("skipped", []) if x.get("op") not in ops] + doc["skipped"]
+        runs = merged.get("merged_runs") or [{k: merged.get(k) for k in ("command", "commit", "date", "ceilings", "ops")}]
+        doc["merged_runs"] = [*runs, {k: doc.get(k) for k in ("command", "commit", "date", "ceilings", "ops")}]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_finite(doc), indent=2) + "\n")
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_finite(doc), indent=2) + "\n")
+    tmp.replace(path)  # a run killed while writing leaves the previous complete file
 
 
 def print_table(ctx: Ctx) -> None:
@@ -1037,6 +1045,8 @@ def print_table(ctx: Ctx) -> None:
         speed = f"{r['speedup_vs_eager']:.2f}x" if r["speedup_vs_eager"] else "-"
         peak = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r.get("peak_mem_bytes") is not None else "-"
         chk = r["correctness"].get("passed") if isinstance(r["correctness"], dict) else None
+        if not r["variant"].startswith("wave_rt") and chk is not None:
+            chk = f"({chk})"  # a baseline's own check: information, not a failure of the run
         print(f"{r['op']:17s} {r['pass']:16s} {shape:34s} {r['variant']:22s} {r['median_ms']:10.3f} "
               f"{rate:9.1f} {unit:4s} {r['fraction_of_ceiling']:6.2f} {speed:>8s} {peak:>9s} {str(chk):>6s}")
     for s in ctx.skipped:
@@ -1044,6 +1054,52 @@ def print_table(ctx: Ctx) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def out_path(ctx: Ctx, args: argparse.Namespace) -> Path | None:
+    if args.out is not None:
+        return args.out
+    return None if ctx.smoke else harness.RESULTS / f"kernels_{device_slug()}.json"
+
+
+def save(ctx: Ctx, args: argparse.Namespace, ops: tuple[str, ...], final: bool) -> None:
+    path = out_path(ctx, args)
+    if path is None:
+        if final:
+            print("smoke run: no result file written (pass --out to write one)")
+        return
+    command = "python bench/kernels/bench_kernels.py " + " ".join(shlex.quote(a) for a in args.argv)
+    doc = {
+        "bench": "kernels_smoke" if ctx.smoke else "kernels",
+        "smoke": ctx.smoke,
+        "complete": final,
+        "note": ("SMOKE RUN: tiny shapes on the CPU to exercise every code path; the timings are not "
+                 "performance claims" if ctx.smoke else "GPU run; see the docstring of bench/kernels/bench_kernels.py"),
+        "device": harness.device_name(),
+        "device_info": device_info(ctx),
+        "versions": harness.versions(),
+        "commit": args.commit or harness.git_commit(),
+        "command": command,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "ops": list(ops),
+        "settings": {"dtype": str(ctx.dtype).replace("torch.", ""), "backend": ctx.ours_label,
+                     "compile_backend": ctx.compile_backend, "compile_mode": ctx.compile_mode or "default",
+                     "compile": not ctx.no_compile, "target_s": ctx.target_s, "min_repeats": ctx.min_repeats,
+                     "max_repeats": ctx.max_repeats, "budget_s": ctx.budget_s, "shapes": ctx.shapes.__dict__,
+                     "topk_corpus": list(ctx.topk_locations), "topk_headroom_bytes": ctx.topk_headroom,
+                     "timing": "median of CUDA-event timings per call (bench/harness.py time_it) after untimed "
+                               "warm-up calls; first_call_s = the first call (compile/autotune) by wall clock"},
+        "ceilings": {"measured": ctx.ceilings, "nominal_design_md": nominal_ceilings(),
+                     "nominal_source": "DESIGN.md section 4 (bench/harness.py CEILINGS)",
+                     "used_for_fractions": "measured"},
+        "elapsed_s": ctx.elapsed(),
+        "failures": ctx.failures,
+        "skipped": ctx.skipped,
+        "rows": ctx.rows,
+    }
+    write_doc(path, doc, args.merged, ops)
+    if final:
+        print(f"wrote {path}")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, every code path; no claims")
@@ -1063,14 +1119,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--min-repeats", type=int, default=5)
     ap.add_argument("--max-repeats", type=int, default=50)
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="stop starting new cases after this many seconds (default GPU 540, smoke none)")
+                    help="start no new case after this many seconds (default GPU 420, smoke none)")
     ap.add_argument("--topk-corpus", default=None, help="device, host or device,host (default: device; smoke: both)")
     ap.add_argument("--topk-n", type=int, default=None, help="corpus rows requested (default 10M)")
     ap.add_argument("--topk-headroom-gib", type=float, default=4.0)
     ap.add_argument("--info-nce-batches", default=None, help="comma-separated B (= M), default 16384,65536,262144")
     ap.add_argument("--commit", default=None, help="commit to record (the device machine's copy may lack .git)")
     ap.add_argument("--plan", action="store_true", help="print the rough runtime estimate and exit")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1083,13 +1141,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge is not None and not args.merge.exists():
         print(f"--merge {args.merge}: no such file", file=sys.stderr)
         return 2
+    args.merged = None
     if args.merge is not None:
-        merge_device = json.loads(args.merge.read_text()).get("device")
+        args.merged = json.loads(args.merge.read_text())
+        merge_device = args.merged.get("device")
         if merge_device != harness.device_name():
             print(f"--merge {args.merge}: its device {merge_device!r} is not this machine's", file=sys.stderr)
             return 2
     cuda = torch.cuda.is_available() and not args.smoke
-    if not cuda and not args.smoke:
+    if not cuda and not args.smoke and not args.plan:
         print("the full benchmark needs a CUDA device; use --smoke for the tiny CPU run", file=sys.stderr)
         return 2
     backend = None if args.backend == "auto" else args.backend
@@ -1110,7 +1170,7 @@ def main(argv: list[str] | None = None) -> int:
               target_s=args.target_s if args.target_s is not None else (0.05 if args.smoke else 1.0),
               min_repeats=args.min_repeats if not args.smoke else min(args.min_repeats, 3),
               max_repeats=args.max_repeats, budget_s=args.budget_s if args.budget_s is not None else
-              (None if args.smoke else 540.0), topk_locations=locations,
+              (None if args.smoke else 420.0), topk_locations=locations,
               topk_headroom=int(args.topk_headroom_gib * GIB))
 
     if ctx.smoke:
@@ -1152,43 +1212,11 @@ def main(argv: list[str] | None = None) -> int:
         cleanup(ctx)
         print(f"{op} {arg if arg is not None else ''}: {len(ctx.rows) - n_rows} rows in "
               f"{time.perf_counter() - t:.1f} s (elapsed {ctx.elapsed():.0f} s)", flush=True)
+        # After every section: a run killed at the device tool's time limit still leaves its finished rows.
+        save(ctx, args, ops, final=False)
 
     print_table(ctx)
-    command = "python bench/kernels/bench_kernels.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    doc = {
-        "bench": "kernels_smoke" if ctx.smoke else "kernels",
-        "smoke": ctx.smoke,
-        "note": ("SMOKE RUN: tiny shapes on the CPU to exercise every code path; the timings are not "
-                 "performance claims" if ctx.smoke else "GPU run; see the docstring of bench/kernels/bench_kernels.py"),
-        "device": harness.device_name(),
-        "device_info": device_info(ctx),
-        "versions": harness.versions(),
-        "commit": args.commit or harness.git_commit(),
-        "command": command,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "ops": list(ops),
-        "settings": {"dtype": dtype_name, "backend": ctx.ours_label, "compile_backend": ctx.compile_backend,
-                     "compile_mode": ctx.compile_mode or "default", "compile": not ctx.no_compile,
-                     "target_s": ctx.target_s, "min_repeats": ctx.min_repeats, "max_repeats": ctx.max_repeats,
-                     "shapes": ctx.shapes.__dict__, "topk_corpus": list(locations),
-                     "timing": "median of CUDA-event timings per call (bench/harness.py time_it) after untimed "
-                               "warm-up calls; first_call_s = the first call (compile/autotune) by wall clock"},
-        "ceilings": {"measured": ctx.ceilings, "nominal_design_md": nominal_ceilings(),
-                     "nominal_source": "DESIGN.md section 4 (bench/harness.py CEILINGS)",
-                     "used_for_fractions": "measured"},
-        "elapsed_s": ctx.elapsed(),
-        "failures": ctx.failures,
-        "skipped": ctx.skipped,
-        "rows": ctx.rows,
-    }
-    out = args.out
-    if out is None and not ctx.smoke:
-        out = harness.RESULTS / f"kernels_{device_slug()}.json"
-    if out is not None:
-        write_doc(out, doc, args.merge, ops)
-        print(f"wrote {out}")
-    else:
-        print("smoke run: no result file written (pass --out to write one)")
+    save(ctx, args, ops, final=True)
     if ctx.failures:
         print("FAILURES:\n  " + "\n  ".join(ctx.failures), file=sys.stderr)
     return 1 if ctx.failures else 0

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 WORKLIST_DIR = ".worklist"
 WORKLIST_ROWS = 4096
+ACTOR_START_TIMEOUT_S = 1800  # a 7B replica reading its weights from a network disk can take minutes
 
 
 def _ray() -> Any:
@@ -281,6 +282,12 @@ def run_ray(pending: Iterator[SourceItem], writer: ArchiveWriter, *, model: Any,
     ds = ds.map_batches(EmbedActor, fn_constructor_kwargs=ctor, batch_size=per_call, batch_format="pyarrow",
                         compute=rdata.ActorPoolStrategy(size=n_actors), num_gpus=1 if gpus > 0 else 0,
                         num_cpus=cpus_per_actor)
+    ctx = getattr(ds, "context", None)
+    if ctx is not None and getattr(ctx, "wait_for_min_actors_s", 1) <= 0:
+        # Every replica loads its model before work is handed out: otherwise the first one ready takes
+        # blocks the others would have had, and a pool the cluster cannot fit would wait forever instead
+        # of failing with Ray's "Timed out while starting actors".
+        ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     seen_workers: set[str] = set()
     try:
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):

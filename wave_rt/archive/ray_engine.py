@@ -277,7 +277,7 @@ def run_ray(pending: Iterator[SourceItem], writer: ArchiveWriter, *, model: Any,
     # file would go to a single actor while the others idle. Streaming repartition (no shuffle).
     try:
         ds = ds.repartition(target_num_rows_per_block=per_call)
-    except TypeError:  # Ray < 2.44: no streaming repartition; blocks of a few files still spread
+    except TypeError:  # an older Ray without streaming repartition: whole work-list files are the unit
         log.info("this Ray has no streaming repartition: work is spread over actors one work-list file at a time")
     ds = ds.map_batches(EmbedActor, fn_constructor_kwargs=ctor, batch_size=per_call, batch_format="pyarrow",
                         compute=rdata.ActorPoolStrategy(size=n_actors), num_gpus=1 if gpus > 0 else 0,

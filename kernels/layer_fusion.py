@@ -236,7 +236,10 @@ def _gemm_configs(block_m: bool = False) -> list:
     return out
 
 
-_FWD = Kernel(_fusion_fwd_kernel, lambda: _gemm_configs(), key=["B", "H", "L", "D"],
+# The forward is keyed on the batch bucket (BLOCK_M, SPLIT_K), not the batch size: token-budget batching
+# gives many distinct B, and each new key would benchmark every config again. The backward kernels run
+# at a training batch size that rarely changes.
+_FWD = Kernel(_fusion_fwd_kernel, lambda: _gemm_configs(), key=["BLOCK_M", "SPLIT_K", "H", "L", "D"],
               interpret_meta={"BLOCK_N": 32, "BLOCK_K": 32})
 _EPILOGUE = Kernel(_fusion_epilogue_kernel, lambda: [config(4, 1, BLOCK=1024)], key=["B", "H"],
                    interpret_meta={"BLOCK": 256})

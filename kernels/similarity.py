@@ -170,11 +170,16 @@ def _topk_merge_kernel(part_ptr, prev_ptr, out_ptr, n_q, n_splits, min_key, stri
 
 
 def _stream_configs() -> list:
+    # 8 warps only: with 4 warps the compiled kernel returned wrong top-k lists on an H100 (Triton 3.6,
+    # fp16, k=100: 64x128 tiles; hundreds of wrong indices, while every 8-warp config matched the torch
+    # path). Not root-caused yet; the GPU tests check every (dtype, k) they cover against float64.
     return [config(warps, stages, BLOCK_D=bd) for bd, warps, stages in
-            [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 2), (64, 8, 4)]]
+            [(64, 8, 3), (128, 8, 2), (64, 8, 4), (32, 8, 3)]]
 
 
-_STREAM = Kernel(_topk_stream_kernel, _stream_configs, key=["n_q", "D", "K_PAD", "BLOCK_Q", "BLOCK_N", "NORMALIZE"],
+# Not keyed on the number of queries (each search request would re-benchmark every config): the tile
+# shapes it decides are already in the key.
+_STREAM = Kernel(_topk_stream_kernel, _stream_configs, key=["D", "K_PAD", "BLOCK_Q", "BLOCK_N", "NORMALIZE"],
                  interpret_meta={"BLOCK_D": 32})
 _MERGE = Kernel(_topk_merge_kernel, lambda: [config(8, 1)], key=["K_PAD"], interpret_meta={})
 _MERGE_BLOCK_Q = 8

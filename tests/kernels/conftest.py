@@ -25,8 +25,10 @@ GPU_DTYPES = (torch.bfloat16, torch.float16)
 # Floor of the accuracy rule, in units of the dtype's epsilon times the largest reference magnitude. fp32
 # errors of two summation orders over a few thousand terms differ by several times, so a ratio of two of
 # them is noise: the fp32 floor (~4e-6 relative, far below any real defect) keeps the checks free of
-# flakiness. For fp16/bf16 it is a hundredth of an ulp: the 2x rule alone decides there.
-_FLOOR_EPS = {torch.float32: 32.0, torch.float16: 0.01, torch.bfloat16: 0.01}
+# flakiness. For fp16/bf16 it is half an ulp of the largest result, the granularity of the result itself:
+# with few, large outputs (the [L] gradient of scalar_mix) the baseline can round every one of them the
+# right way while an fp32-accurate result lands one ulp off, which alone would exceed 2x the baseline.
+_FLOOR_EPS = {torch.float32: 32.0, torch.float16: 0.5, torch.bfloat16: 0.5}
 
 
 @pytest.fixture

@@ -202,8 +202,11 @@ def test_similarity_topk_argument_errors():
 
 # --------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32), ids=str)
-@pytest.mark.parametrize("k", [1, 100, 1024])
+@pytest.mark.parametrize(("dtype", "k"), [
+    # Every (dtype, k) pair autotunes and compiles its own bitonic networks (minutes for k = 1024): a
+    # diagonal of the grid rather than all of it.
+    (torch.bfloat16, 1), (torch.float16, 100), (torch.bfloat16, 100), (torch.float32, 100), (torch.bfloat16, 1024),
+], ids=["bf16-k1", "fp16-k100", "bf16-k100", "fp32-k100", "bf16-k1024"])
 def test_similarity_topk_gpu(cuda, accuracy, dtype, k):
     queries64 = torch.randn(70, 256, dtype=torch.float64, device=cuda)
     corpus64 = torch.randn(50_003, 256, dtype=torch.float64, device=cuda)

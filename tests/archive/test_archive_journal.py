@@ -32,6 +32,14 @@ def test_archive_journal_idset_matches_a_python_set() -> None:
     for k in range(4000):
         assert (f"id-{k}" in s) == (f"id-{k}" in ref)
     assert s.nbytes < 8 * len(ref) + 64 * 100 + 1
+    # raw hashes: the extremes of uint64, repeats across merges, and the merged array stays strictly sorted
+    s, ref = IdSet(merge_every=7), set()
+    for h in [0, 2**64 - 1, 0, 5, 2**63, 2**64 - 1] + [rng.getrandbits(64) for _ in range(200)] + [5, 2**63]:
+        s.add_hash(h)
+        ref.add(h)
+    assert len(s) == len(ref) and all(s.contains_hash(h) for h in ref)
+    assert bool(np.all(s._sorted[1:] > s._sorted[:-1]))
+    assert not any(s.contains_hash(rng.getrandbits(64)) for _ in range(200))
 
 
 def test_archive_journal_shard_roundtrip(tmp_path: Path) -> None:

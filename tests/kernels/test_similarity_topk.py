@@ -91,6 +91,36 @@ def test_similarity_topk_chunk_sizes(cpu_backend, accuracy):
         check_topk(values, indices, queries64, corpus64, 24, True, torch.float32, accuracy)
 
 
+def test_similarity_topk_many_tiles_per_program(monkeypatch, accuracy):
+    """Few corpus ranges per launch (as on a GPU with a large corpus): each program folds 16 tiles into its
+    running list (16 keys: K_PAD), and later tiles mostly hold no key above the running 16th best."""
+    monkeypatch.setattr(dispatch, "num_sms", lambda device: 1)  # 4 ranges of 512 rows, 32-row tiles
+    queries64 = torch.randn(2, 20, dtype=torch.float64)
+    corpus64 = torch.randn(2048, 20, dtype=torch.float64)
+    with dispatch.force_backend("interpret"):
+        values, indices = similarity_topk(queries64.float(), corpus64.float(), 5)
+    check_topk(values, indices, queries64, corpus64, 5, True, torch.float32, accuracy)
+
+
+def test_similarity_topk_single_late_improvement(monkeypatch):
+    """Scores that fall with the index, except one planted best row late in a program's range: that tile
+    holds exactly one key above the running list, and the fold must not skip it."""
+    monkeypatch.setattr(dispatch, "num_sms", lambda device: 1)  # 4 ranges of 512 rows, 32-row tiles
+    n, dim = 2048, 8
+    corpus = torch.randn(n, dim)
+    corpus[:, 0] = -torch.arange(n, dtype=torch.float32) / n  # score of row i: -i/n (exact in fp32)
+    planted = int(torch.randint(0, 4, ()).item()) * 512 + int(torch.randint(32, 512, ()).item())
+    corpus[planted, 0] = 1.0
+    query = torch.zeros(1, dim)
+    query[0, 0] = 1.0
+    expected = torch.tensor([[planted, *[i for i in range(4) if i != planted][:3]]])
+    for backend in ("interpret", "torch"):
+        with dispatch.force_backend(backend):
+            values, indices = similarity_topk(query, corpus, 4, normalize=False)
+        assert torch.equal(indices, expected), (backend, planted, indices)
+        assert torch.equal(values, corpus[expected[0], 0][None]), backend
+
+
 def test_similarity_topk_strided_inputs(cpu_backend, accuracy):
     """queries as a transposed view, corpus rows with a non-unit element stride: read through strides."""
     dim = 45

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU work of one device-tool session, in stages that each fit one 10-minute call:
+#
+#   bash bench/gpu_session.sh model     # GPU-marked tests + bench_model --config 7b
+#   bash bench/gpu_session.sh kernels   # bench_kernels: layer_fusion_mlp, scalar_mix, similarity_topk
+#   bash bench/gpu_session.sh rest      # bench_kernels info_nce (merged) + bench_archive --model-config 7b
+#
+# Every step has its own time cap so that a slow one cannot take the rest of the call with it, and what
+# a step finished is copied to $OUT (only $OUT comes back from the device machine). Missing pure-Python
+# dependencies (PyAV, soundfile) travel as wheels in .whl/ (see /work/.library/device/README.md).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+stage=${1:?stage: model, kernels or rest}
+OUT=${OUT:-bench/results/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+commit=${WAVE_RT_COMMIT:-unknown}
+start=$(date +%s)
+left() { echo $(( ${CALL_S:-570} - ($(date +%s) - start) )); }
+
+if [ -d .whl ] && ! python3 -c "import av, soundfile" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+python3 -c "import wave_rt" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/nvidia_smi.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+
+case "$stage" in
+  model)
+    timeout 330 python3 bench/bench_model.py --config 7b 2>&1 | tee "$OUT/bench_model_7b.log"
+    cp bench/results/model_7b_cuda.json "$OUT/" 2>/dev/null
+    t=$(( $(left) - 10 ))
+    [ "$t" -gt 30 ] && timeout "$t" python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 240 \
+      --continue-on-collection-errors --junitxml="$OUT/gpu_tests.xml" \
+      tests/kernels tests/model tests/media 2>&1 | tee "$OUT/gpu_tests.log"
+    ;;
+  kernels)
+    timeout $(( $(left) - 10 )) python3 bench/kernels/bench_kernels.py --only layer_fusion_mlp,scalar_mix,similarity_topk \
+      --budget-s $(( $(left) - 90 )) --commit "$commit" --out "$OUT/kernels_h100.json" 2>&1 | tee "$OUT/bench_kernels_1.log"
+    ;;
+  rest)
+    merge=()
+    [ -f bench/results/kernels_h100.json ] && merge=(--merge bench/results/kernels_h100.json)
+    timeout 260 python3 bench/kernels/bench_kernels.py --only info_nce "${merge[@]}" --budget-s 200 \
+      --commit "$commit" --out "$OUT/kernels_h100.json" 2>&1 | tee "$OUT/bench_kernels_2.log"
+    timeout $(( $(left) - 10 )) python3 bench/bench_archive.py --model-config 7b --repeats 2 2>&1 \
+      | tee "$OUT/bench_archive_7b.log"
+    cp bench/results/archive_7b_gpu_cuda.json "$OUT/" 2>/dev/null
+    ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
+echo "stage $stage done in $(( $(date +%s) - start )) s"

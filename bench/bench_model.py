@@ -116,17 +116,24 @@ class ReferencePath:
         cfg = model.config
         with torch.device("meta"):
             hf = transformers.Qwen2_5OmniThinkerForConditionalGeneration(cfg.hf_config)
+        # transformers moved the thinker's submodules between releases (4.x/5.1x: audio_tower, visual and the
+        # decoder at the top / under .model; newer: all under .model with .model.language_model): map our keys
+        # onto whichever layout this installed version has.
+        targets = set(hf.state_dict().keys())
         sd = {}
         for k, v in model.state_dict().items():
-            if k.startswith("model."):
-                sd["model.language_model." + k[6:]] = v
-            elif k.startswith(("audio_tower.", "visual.")):
-                sd["model." + k] = v
+            for cand in (("model.language_model." + k[6:]) if k.startswith("model.") else None, "model." + k, k):
+                if cand in targets:
+                    sd[cand] = v
+                    break
         sd["lm_head.weight"] = torch.empty(hf.lm_head.weight.shape, dtype=model.dtype, device=model.device)
         hf.load_state_dict(sd, strict=True, assign=True)  # shares our tensors: no second copy of the weights
-        hf.model.language_model.rotary_emb = model.model.rotary_emb
-        hf.model.audio_tower.positional_embedding = model.audio_tower.positional_embedding
-        hf.model.visual.rotary_pos_emb = model.visual.rotary_pos_emb
+        inner = hf.model if hasattr(hf.model, "language_model") else hf
+        self.towers = inner  # owns get_audio_features / get_video_features / audio_tower / visual
+        self.lm = inner.language_model if inner is hf.model else hf.model
+        self.lm.rotary_emb = model.model.rotary_emb
+        inner.audio_tower.positional_embedding = model.audio_tower.positional_embedding
+        inner.visual.rotary_pos_emb = model.visual.rotary_pos_emb
         self.hf = hf.eval()
 
     @torch.inference_mode()
@@ -135,11 +142,12 @@ class ReferencePath:
         dev, dt = m.device, m.dtype
         x = item.inputs
         ids = x.input_ids[None].to(dev)
-        embeds = hf.model.get_input_embeddings()(ids)
+        embeds = self.lm.get_input_embeddings()(ids)
         if x.audio:
             mel = torch.cat([s.mel for s in x.audio], dim=1)
             fmask = torch.ones(1, mel.shape[1], dtype=torch.long, device=dev)
-            whisper = hf.model.get_audio_features(mel[None].to(dev, dt), fmask).last_hidden_state
+            whisper = self.towers.get_audio_features(mel[None].to(dev, dt), fmask)
+            whisper = getattr(whisper, "last_hidden_state", whisper)
             if cfg.use_beats:
                 pooled = []
                 for s in x.audio:
@@ -154,9 +162,11 @@ class ReferencePath:
             embeds = embeds.masked_scatter((ids == cfg.token_id("audio")).unsqueeze(-1), audio.to(embeds.dtype))
         if x.pixel_values is not None:
             grid = torch.tensor([x.grid_thw], device=dev)
-            video = torch.cat(hf.model.get_video_features(x.pixel_values.to(dev, dt), grid).pooler_output)
+            video = self.towers.get_video_features(x.pixel_values.to(dev, dt), grid)
+            video = getattr(video, "pooler_output", video)
+            video = torch.cat(list(video)) if isinstance(video, (list, tuple)) else video
             embeds = embeds.masked_scatter((ids == cfg.token_id("video")).unsqueeze(-1), video.to(embeds.dtype))
-        out = hf.model.language_model(inputs_embeds=embeds, attention_mask=torch.ones_like(ids),
+        out = self.lm(inputs_embeds=embeds, attention_mask=torch.ones_like(ids),
                                       position_ids=x.position_ids[:, None].to(dev), output_hidden_states=True)
         rows = torch.stack([h[:, -1] for h in out.hidden_states[1:]], dim=1)
         if x.use_head:
@@ -239,9 +249,9 @@ def main(argv: list[str] | None = None) -> None:
                         m_ref.peak_bytes / 2**20, m_ours_bs1.peak_bytes / 2**20, "MiB", higher_is_better=False))
         print(f"{modality:6s} ours {ips_ours:8.2f} it/s  ref {ips_ref:8.2f} it/s  x{ips_ours / ips_ref:5.2f}  "
               f"mem ours {m_ours.peak_bytes / 2**20:8.1f} MiB (bs=1 {m_ours_bs1.peak_bytes / 2**20:8.1f}) ref {m_ref.peak_bytes / 2**20:8.1f} MiB  cos>={agree:.5f}")
-    path = write_result("model", rows, "python bench/bench_model.py " + " ".join(argv or sys.argv[1:]),
-                        suffix=f"{args.config}_{device.type}",
-                        extra={"config": args.config, "dtype": str(dtype), "max_batch_tokens": budget})
+        path = write_result("model", rows, "python bench/bench_model.py " + " ".join(argv or sys.argv[1:]),
+                            suffix=f"{args.config}_{device.type}",
+                            extra={"config": args.config, "dtype": str(dtype), "max_batch_tokens": budget})
     print(f"wrote {path}")
 
 

@@ -138,7 +138,7 @@ class ReferencePath:
 
     @torch.inference_mode()
     def embed(self, item: PreparedItem) -> torch.Tensor:
-        m, hf, cfg = self.model, self.hf, self.model.config
+        m, cfg = self.model, self.model.config
         dev, dt = m.device, m.dtype
         x = item.inputs
         ids = x.input_ids[None].to(dev)

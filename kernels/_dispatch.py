@@ -66,6 +66,11 @@ def force_backend(backend: Backend | None) -> Iterator[None]:
         _forced.reset(token)
 
 
+def forced_backend() -> Backend | None:
+    """The backend `force_backend` set for the current block, or None under the automatic choice."""
+    return _forced.get()
+
+
 def select_backend(*tensors: torch.Tensor) -> Backend:
     on_cuda = any(t.is_cuda for t in tensors)
     forced = _forced.get()

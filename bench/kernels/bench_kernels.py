@@ -1114,7 +1114,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--merge", type=Path, default=None,
                     help="earlier result JSON of the same device: its rows of ops not run now are kept")
     ap.add_argument("--backend", choices=["auto", *kdispatch.BACKENDS], default="auto",
-                    help="backend of our kernels (auto: triton on CUDA; on CPU interpret with TRITON_INTERPRET=1)")
+                    help="backend of our kernels (auto: triton on CUDA; on CPU interpret with TRITON_INTERPRET=1, else torch)")
     ap.add_argument("--dtype", choices=list(DTYPES), default=None,
                     help="default bf16; fp32 for --backend interpret (the interpreter's bf16 is wrong)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
@@ -1157,7 +1157,9 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda and not args.smoke and not args.plan:
         print("the full benchmark needs a CUDA device; use --smoke for the tiny CPU run", file=sys.stderr)
         return 2
-    backend = None if args.backend == "auto" else args.backend
+    # "auto" times the Triton kernels on CUDA: layer_fusion_mlp's automatic choice for contiguous hidden is the
+    # cuBLAS view GEMM, which the wave_rt_torch_fallback rows already time.
+    backend = ("triton" if cuda else None) if args.backend == "auto" else args.backend
     dtype_name = args.dtype or ("fp32" if backend == "interpret" or (backend is None and not cuda and
                                                                       kdispatch.interpret_requested()) else "bf16")
     shapes = SMOKE if args.smoke else FULL

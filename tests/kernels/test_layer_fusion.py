@@ -224,8 +224,36 @@ def test_layer_fusion_gpu(cuda, accuracy, dtype, shape):
     """Compiled Triton (autotuned; split-K for the small batches) against the float64 reference on the GPU."""
     inputs64 = fusion_inputs(*shape, device=cuda)
     assert dispatch.select_backend(inputs64[0]) == "triton"
-    check_against_reference(accuracy, layer_fusion_mlp, layer_fusion_mlp_reference, inputs64, dtype,
+    with dispatch.force_backend("triton"):  # contiguous hidden would otherwise take the cuBLAS view path
+        check_against_reference(accuracy, layer_fusion_mlp, layer_fusion_mlp_reference, inputs64, dtype,
+                                ("hidden", "w1", "b1"))
+
+
+@pytest.mark.gpu
+def test_layer_fusion_gpu_automatic_choice(cuda, accuracy):
+    """The automatic CUDA choice (cuBLAS view GEMM for contiguous hidden) is as accurate as PyTorch's path."""
+    inputs64 = fusion_inputs(37, 5, 123, 200, device=cuda)
+    check_against_reference(accuracy, layer_fusion_mlp, layer_fusion_mlp_reference, inputs64, torch.bfloat16,
                             ("hidden", "w1", "b1"))
+
+
+def test_layer_fusion_automatic_choice_on_cuda(monkeypatch):
+    """Where select_backend says triton (CUDA), a hidden that is a free [B, L*D] view goes to the single GEMM
+    (measured faster on an H100) and a strided one to the split-K kernel; a forced backend is obeyed."""
+    from wave_rt.kernels import layer_fusion as lf
+
+    launched = []
+    monkeypatch.setattr(dispatch, "select_backend", lambda *t: dispatch.forced_backend() or "triton")
+    monkeypatch.setattr(lf.LayerFusionMLPFunction, "apply", staticmethod(lambda *a: launched.append(a[3]) or "kernel"))
+    h, w1, b1 = (x.float() for x in fusion_inputs(4, 3, 8, 5))
+    out = layer_fusion_mlp(h, w1, b1)
+    assert launched == []
+    torch.testing.assert_close(out, layer_fusion_mlp_reference(h, w1, b1), rtol=1e-5, atol=1e-5)
+    assert layer_fusion_mlp(h.transpose(0, 1).contiguous().transpose(0, 1), w1, b1) == "kernel"
+    assert layer_fusion_mlp(h[:, :, :6], w1[:, :18], b1) == "kernel"
+    with dispatch.force_backend("triton"):
+        assert layer_fusion_mlp(h, w1, b1) == "kernel"
+    assert launched == ["triton"] * 3
 
 
 @pytest.mark.gpu

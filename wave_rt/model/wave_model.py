@@ -284,8 +284,9 @@ def _check_count(mask: torch.Tensor, feats: torch.Tensor, what: str) -> None:
 
 
 def _fused_first_layer(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor | None:
-    """GELU(concat(rows) @ W1.T + b1) with the fused split-K Triton kernel on CUDA; None elsewhere
-    (on the CPU, rows.reshape(B, L*D) is already a free view and one GEMM is the fastest path)."""
+    """GELU(concat(rows) @ W1.T + b1) through wave_rt.kernels.layer_fusion_mlp on CUDA (which picks, per
+    layout, the cuBLAS GEMM on the free [B, L*D] view or the split-K Triton kernel); None elsewhere (on the
+    CPU, rows.reshape(B, L*D) is already a free view and one GEMM is the fastest path)."""
     if not rows.is_cuda:
         return None
     try:

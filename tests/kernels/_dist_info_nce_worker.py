@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
     dispatch.poison_outputs = True
     results = []
     try:
-        for case in torch.load(cases_path):
+        for case in torch.load(cases_path, weights_only=True):
             b, e = case["b"], case["e"]
             q_all, d_all = case["q"], case["d"]
             q = q_all[rank * b:(rank + 1) * b].clone().requires_grad_()

@@ -335,7 +335,7 @@ def distributed_results(tmp_path_factory) -> list[dict]:
                 p.kill()
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log
-    ranks = [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     return [{"case": case, "ranks": [ranks[r][i] for r in range(WORLD)]} for i, case in enumerate(cases)]
 
 

@@ -265,4 +265,5 @@ def test_exports_with_a_dynamic_number_of_time_patches():
             want, want_mask = model(fbank, padding)
         got, got_mask = exported(fbank, padding)
         assert torch.equal(got_mask, want_mask)
-        assert (got - want).abs().max().item() <= 1e-6
+        # same math, possibly different fp32 kernels and summation order: a few ulps of the output's scale
+        assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()

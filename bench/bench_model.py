@@ -201,7 +201,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-batch-tokens", type=int, default=None)
+    ap.add_argument("--modalities", default="text,audio,video",
+                    help="comma-separated subset of text,audio,video (a subset writes model_<config>_<device>_<subset>.json)")
     args = ap.parse_args(argv)
+    wanted = [m.strip() for m in args.modalities.split(",") if m.strip()]
+    if not wanted or set(wanted) - {"text", "audio", "video"}:
+        ap.error(f"--modalities must name some of text, audio, video; got {args.modalities!r}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = small_config() if args.config == "small" else WaveConfig.from_dict(omni_7b_config_dict())
@@ -216,7 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     by_mod: dict[str, list[PreparedItem]] = {}
     for p in items:
-        by_mod.setdefault(p.modality, []).append(p)
+        if p.modality in wanted:
+            by_mod.setdefault(p.modality, []).append(p)
+    subset = "" if set(wanted) == {"text", "audio", "video"} else "_" + "_".join(wanted)
     for modality, group in by_mod.items():
         ours = run_ours(encoder, group, budget)
         theirs = run_reference(ref, group)
@@ -250,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{modality:6s} ours {ips_ours:8.2f} it/s  ref {ips_ref:8.2f} it/s  x{ips_ours / ips_ref:5.2f}  "
               f"mem ours {m_ours.peak_bytes / 2**20:8.1f} MiB (bs=1 {m_ours_bs1.peak_bytes / 2**20:8.1f}) ref {m_ref.peak_bytes / 2**20:8.1f} MiB  cos>={agree:.5f}")
         path = write_result("model", rows, "python bench/bench_model.py " + " ".join(argv or sys.argv[1:]),
-                            suffix=f"{args.config}_{device.type}",
+                            suffix=f"{args.config}_{device.type}{subset}",
                             extra={"config": args.config, "dtype": str(dtype), "max_batch_tokens": budget})
     print(f"wrote {path}")
 

@@ -4,13 +4,15 @@
 #   bash bench/gpu_session.sh model     # GPU-marked tests + bench_model --config 7b
 #   bash bench/gpu_session.sh kernels   # bench_kernels: layer_fusion_mlp, scalar_mix, similarity_topk
 #   bash bench/gpu_session.sh rest      # bench_kernels info_nce (merged) + bench_archive --model-config 7b
+#   bash bench/gpu_session.sh finish    # what the first H100 session (2026-11-22) did not reach: 7B video rows of
+#                                       # bench_model and bench_archive, info_nce at B=16k (then 64k, 256k)
 #
 # Every step has its own time cap so that a slow one cannot take the rest of the call with it, and what
 # a step finished is copied to $OUT (only $OUT comes back from the device machine). Missing pure-Python
 # dependencies (PyAV, soundfile) travel as wheels in .whl/ (see /work/.library/device/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?stage: model, kernels or rest}
+stage=${1:?stage: model, kernels, rest or finish}
 OUT=${OUT:-bench/results/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -47,6 +49,16 @@ case "$stage" in
     timeout $(( $(left) - 10 )) python3 bench/bench_archive.py --model-config 7b --repeats 2 2>&1 \
       | tee "$OUT/bench_archive_7b.log"
     cp bench/results/archive_7b_gpu_cuda.json "$OUT/" 2>/dev/null
+    ;;
+  finish)
+    timeout 200 python3 bench/bench_model.py --config 7b --repeats 1 --modalities video 2>&1 | tee "$OUT/bench_model_7b_video.log"
+    cp bench/results/model_7b_cuda_video.json "$OUT/" 2>/dev/null
+    # the first session's info_nce case at B=16k printed nothing for 257 s: compile-only first, logged
+    timeout 150 python3 bench/kernels/bench_kernels.py --only info_nce --info-nce-batches 16384 --no-compile --budget-s 100 \
+      --commit "$commit" --out "$OUT/kernels_h100_info_nce.json" 2>&1 | tee "$OUT/bench_kernels_nce.log"
+    timeout $(( $(left) - 10 )) python3 bench/bench_archive.py --model-config 7b --repeats 1 --kinds video,av 2>&1 \
+      | tee "$OUT/bench_archive_7b_video.log"
+    cp bench/results/archive_7b_gpu_cuda.json "$OUT/archive_7b_gpu_cuda_video_av.json" 2>/dev/null
     ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

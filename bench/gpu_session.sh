@@ -53,7 +53,7 @@ case "$stage" in
   finish)
     timeout 200 python3 bench/bench_model.py --config 7b --repeats 1 --modalities video 2>&1 | tee "$OUT/bench_model_7b_video.log"
     cp bench/results/model_7b_cuda_video.json "$OUT/" 2>/dev/null
-    # the first session's info_nce case at B=16k printed nothing for 257 s: compile-only first, logged
+    # the first session's info_nce case at B=16k printed nothing for 257 s: first without the torch.compile baseline, to see which variant takes the time
     timeout 150 python3 bench/kernels/bench_kernels.py --only info_nce --info-nce-batches 16384 --no-compile --budget-s 100 \
       --commit "$commit" --out "$OUT/kernels_h100_info_nce.json" 2>&1 | tee "$OUT/bench_kernels_nce.log"
     timeout $(( $(left) - 10 )) python3 bench/bench_archive.py --model-config 7b --repeats 1 --kinds video,av 2>&1 \

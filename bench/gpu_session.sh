@@ -13,7 +13,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:?stage: model, kernels, rest or finish}
-OUT=${OUT:-bench/results/gpu_out}
+OUT=${OUT:-$(mktemp -d)}  # the device tool sets OUT; elsewhere a scratch folder
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 commit=${WAVE_RT_COMMIT:-unknown}

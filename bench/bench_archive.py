@@ -28,6 +28,7 @@ renumbered): text token counts are byte counts, about 4x what Qwen's BPE gives f
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import shutil
@@ -145,11 +146,10 @@ def generate(root: Path, w: Workload) -> dict[str, Path]:
     def replicate(kind: str, ext: str, count: int, make: Any) -> None:
         d = root / kind
         d.mkdir(exist_ok=True)
-        originals = []
-        for k in range(min(w.distinct, count)):
-            p = d / f"{kind}{k:03d}{ext}"
-            make(p, k)
-            originals.append(p)
+        originals = [d / f"{kind}{k:03d}{ext}" for k in range(min(w.distinct, count))]
+        # the distinct clips in parallel: a 30 s 854x480 H.264 clip takes ~15 s to make, time a lent GPU waits
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(len(originals), os.cpu_count() or 1))) as pool:
+            list(pool.map(make, originals, range(len(originals))))
         rows = []
         for i in range(count):
             p = d / f"{kind}{i:03d}{ext}"
@@ -425,6 +425,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-batch-tokens", type=int, default=None)
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: H100/H200 table)")
     ap.add_argument("--media-dir", default=None, help="generate (or reuse) the clips here instead of a temp dir")
+    ap.add_argument("--generate-only", action="store_true",
+                    help="make the clips in --media-dir and stop (a GPU session makes them while the GPU works)")
     ap.add_argument("--json", action="store_true", help="write bench/results/archive_<suffix>.json "
                                                         "(default: yes, except with --quick)")
     args = ap.parse_args(argv)
@@ -457,6 +459,8 @@ def main(argv: list[str] | None = None) -> None:
             manifests = generate(media_root, w)
             stamp.write_text(json.dumps({k: str(v) for k, v in manifests.items()}))
         print(f"clips: {workload_name} workload in {media_root} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        if args.generate_only:
+            return
 
         t0 = time.perf_counter()
         encoder = load_encoder(args, device, dtype)
@@ -465,21 +469,22 @@ def main(argv: list[str] | None = None) -> None:
         facts = llm_facts(encoder)
         peak = args.peak_tflops or (ceiling("bf16_TFLOPs") if cuda else None)
         rows: list[dict[str, Any]] = []
-        for kind in kinds:
-            if kind in manifests:
-                rows += measure(kind, manifests[kind], encoder, args, tmp, facts, peak)
+        todo = [k for k in kinds if k in manifests]
+        for i, kind in enumerate(todo):
+            rows += measure(kind, manifests[kind], encoder, args, tmp, facts, peak)
+            if args.json or not args.quick:
+                # after every kind: a run cut off by its time cap keeps the kinds it finished, marked partial
+                cmd = "python bench/bench_archive.py " + " ".join(argv if argv is not None else sys.argv[1:])
+                suffix = f"{args.model_config if args.model is None else 'checkpoint'}_{workload_name}_{device.type}"
+                path = write_result("archive", rows, cmd, suffix=suffix,
+                                    extra={"model": encoder.model_id, "model_config": args.model_config,
+                                           "dtype": str(dtype).replace("torch.", ""), "workload": w.__dict__,
+                                           "repeats": args.repeats, "llm_params_no_embedding": facts[0],
+                                           "peak_bf16_tflops": peak, "partial": i + 1 < len(todo),
+                                           "kinds_done": todo[:i + 1]})
+                print(f"wrote {path}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-    if args.json or not args.quick:
-        cmd = "python bench/bench_archive.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        suffix = f"{args.model_config if args.model is None else 'checkpoint'}_{workload_name}_{device.type}"
-        path = write_result("archive", rows, cmd, suffix=suffix,
-                            extra={"model": encoder.model_id, "model_config": args.model_config,
-                                   "dtype": str(dtype).replace("torch.", ""), "workload": w.__dict__,
-                                   "repeats": args.repeats, "llm_params_no_embedding": facts[0],
-                                   "peak_bf16_tflops": peak})
-        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -6,13 +6,14 @@
 #   bash bench/gpu_session.sh rest      # bench_kernels info_nce (merged) + bench_archive --model-config 7b
 #   bash bench/gpu_session.sh finish    # what the first H100 session (2026-11-22) did not reach: 7B video rows of
 #                                       # bench_model and bench_archive, info_nce at B=16k (then 64k, 256k)
+#   bash bench/gpu_session.sh tests     # pytest -m gpu alone (per-test cap, every outcome listed)
 #
 # Every step has its own time cap so that a slow one cannot take the rest of the call with it, and what
 # a step finished is copied to $OUT (only $OUT comes back from the device machine). Missing pure-Python
 # dependencies (PyAV, soundfile) travel as wheels in .whl/ (see /work/.library/device/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?stage: model, kernels, rest or finish}
+stage=${1:?stage: model, kernels, rest, finish or tests}
 OUT=${OUT:-$(mktemp -d)}  # the device tool sets OUT; elsewhere a scratch folder
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -51,14 +52,26 @@ case "$stage" in
     cp bench/results/archive_7b_gpu_cuda.json "$OUT/" 2>/dev/null
     ;;
   finish)
-    timeout 200 python3 bench/bench_model.py --config 7b --repeats 1 --modalities video 2>&1 | tee "$OUT/bench_model_7b_video.log"
+    # the clips for the archive rows are made on the CPU cores while the GPU runs the two steps before it
+    python3 bench/bench_archive.py --workload gpu --kinds video,av --media-dir /tmp/wave_rt_media --generate-only \
+      >"$OUT/media_gen.log" 2>&1 &
+    gen=$!
+    timeout 170 python3 bench/bench_model.py --config 7b --repeats 1 --modalities video 2>&1 | tee "$OUT/bench_model_7b_video.log"
     cp bench/results/model_7b_cuda_video.json "$OUT/" 2>/dev/null
-    # the first session's info_nce case at B=16k printed nothing for 257 s: first without the torch.compile baseline, to see which variant takes the time
-    timeout 150 python3 bench/kernels/bench_kernels.py --only info_nce --info-nce-batches 16384 --no-compile --budget-s 100 \
+    # the first session's info_nce case at B=16k printed nothing for 257 s: now every variant prints a line as
+    # it ends and Triton prints its autotuning, so a cut-off run still says where the time went
+    TRITON_PRINT_AUTOTUNING=1 timeout 160 python3 bench/kernels/bench_kernels.py --only info_nce \
+      --info-nce-batches 16384,65536,262144 --no-compile --budget-s 90 \
       --commit "$commit" --out "$OUT/kernels_h100_info_nce.json" 2>&1 | tee "$OUT/bench_kernels_nce.log"
-    timeout $(( $(left) - 10 )) python3 bench/bench_archive.py --model-config 7b --repeats 1 --kinds video,av 2>&1 \
-      | tee "$OUT/bench_archive_7b_video.log"
+    wait "$gen"
+    timeout $(( $(left) - 10 )) python3 bench/bench_archive.py --model-config 7b --repeats 1 --kinds video,av \
+      --media-dir /tmp/wave_rt_media 2>&1 | tee "$OUT/bench_archive_7b_video.log"
     cp bench/results/archive_7b_gpu_cuda.json "$OUT/archive_7b_gpu_cuda_video_av.json" 2>/dev/null
+    ;;
+  tests)
+    timeout $(( $(left) - 10 )) python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 120 -rA \
+      --continue-on-collection-errors --junitxml="$OUT/gpu_tests.xml" \
+      tests/kernels tests/model tests/media 2>&1 | tee "$OUT/gpu_tests.log"
     ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

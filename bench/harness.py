@@ -54,6 +54,8 @@ def versions() -> dict[str, str]:
 
 
 def git_commit() -> str:
+    if os.environ.get("WAVE_RT_COMMIT"):  # the device machine gets a copy of the tree without .git
+        return os.environ["WAVE_RT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, check=True).stdout.strip()

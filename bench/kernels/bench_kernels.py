@@ -787,7 +787,9 @@ def bench_info_nce(ctx: Ctx) -> None:
         ctx.skipped.append({"op": "info_nce", "reason": f"wave_rt.kernels.contrastive not importable: {exc}"})
         print(f"info_nce: skipped ({exc})", flush=True)
         return
+    t0 = time.perf_counter()
     correctness_small = info_nce_small_check(ctx, info_nce)
+    print(f"info_nce small float64 check: {time.perf_counter() - t0:.1f} s", flush=True)
     for b in ctx.shapes.nce_batches:
         if ctx.over_budget():
             ctx.skipped.append({"op": "info_nce", "B": b, "reason": "time budget spent"})
@@ -820,8 +822,13 @@ def bench_info_nce_case(ctx: Ctx, info_nce: Callable, b: int, correctness_small:
         return loss.detach(), q.grad, d.grad
 
     results: dict[str, dict[str, Any]] = {}
+    # one line per variant as it ends: a run cut off by its cap still tells which variant took the time
+    t0 = time.perf_counter()
     results["wave_rt"] = measure(ctx, lambda: step(info_nce, lambda: ours(ctx)))
+    _say_variant("info_nce", b, "wave_rt", results["wave_rt"], t0)
+    t0 = time.perf_counter()
     results["eager"] = measure(ctx, lambda: step(info_nce_reference, contextlib.nullcontext))
+    _say_variant("info_nce", b, "eager", results["eager"], t0)
     if not ctx.no_compile:
         logits_bytes = 2.0 * b * m * ctx.elt
         free = torch.cuda.mem_get_info(ctx.device)[0] if ctx.cuda else float("inf")
@@ -832,12 +839,16 @@ def bench_info_nce_case(ctx: Ctx, info_nce: Callable, b: int, correctness_small:
                                            f"{free / GIB:.0f} GiB"}
         else:
             ref_compiled = compiled(ctx, info_nce_reference)
+            t0 = time.perf_counter()
             results["compile"] = measure(ctx, lambda: step(ref_compiled, contextlib.nullcontext))
+            _say_variant("info_nce", b, "compile", results["compile"], t0)
     q.grad = None
     d.grad = None
     outputs = {v: r.pop("output") for v, r in results.items() if r.get("status") == "ok"}
+    t0 = time.perf_counter()
     try:
         exact = nce_loss_exact(ctx, q.detach(), d.detach(), temp)
+        print(f"info_nce B={b} exact loss: {time.perf_counter() - t0:.1f} s", flush=True)
     except torch.OutOfMemoryError as exc:
         exact = None
         ctx.skipped.append({"op": "info_nce", "B": b, "reason": f"exact loss check ran out of memory: {exc}"})
@@ -873,6 +884,12 @@ def bench_info_nce_case(ctx: Ctx, info_nce: Callable, b: int, correctness_small:
               2.0 * (b + m) * dim * ctx.elt, correctness,
               extra={"symmetric": True, "temperature": temp, "false_negative_margin": None},
               per_variant=per_variant)
+
+
+def _say_variant(op: str, b: int, variant: str, res: dict[str, Any], t0: float) -> None:
+    print(f"{op} B={b} {variant}: {res.get('status')} in {time.perf_counter() - t0:.1f} s "
+          f"(first call {res.get('first_call_s', float('nan')):.1f} s, median {res.get('median_ms', float('nan')):.2f} ms, "
+          f"peak {res.get('peak_mem_bytes', 0) / GIB:.2f} GiB) {res.get('error', '')}", flush=True)
 
 
 def nce_loss_exact(ctx: Ctx, q: torch.Tensor, d: torch.Tensor, temperature: float) -> float:

@@ -69,7 +69,9 @@ case "$stage" in
     cp bench/results/archive_7b_gpu_cuda.json "$OUT/archive_7b_gpu_cuda_video_av.json" 2>/dev/null
     ;;
   tests)
-    timeout $(( $(left) - 10 )) python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 120 -rA \
+    # SIGINT, not SIGTERM: pytest then stops like on ^C, prints its summary and writes the JUnit XML
+    # (the 2026-11-27 run was killed by SIGTERM after 15 passes and left neither)
+    timeout -s INT -k 20 $(( $(left) - 30 )) python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 120 -rA \
       --continue-on-collection-errors --junitxml="$OUT/gpu_tests.xml" \
       tests/kernels tests/model tests/media 2>&1 | tee "$OUT/gpu_tests.log"
     ;;

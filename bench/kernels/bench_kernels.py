@@ -780,23 +780,25 @@ def nce_inputs(ctx: Ctx, b: int, m: int, dim: int, seed: int) -> tuple[torch.Ten
     return qf.to(ctx.dtype), torch.cat([pos, extra]).to(ctx.dtype)
 
 
-def bench_info_nce(ctx: Ctx) -> None:
-    try:
-        from wave_rt.kernels.contrastive import info_nce
-    except ImportError as exc:
-        ctx.skipped.append({"op": "info_nce", "reason": f"wave_rt.kernels.contrastive not importable: {exc}"})
-        print(f"info_nce: skipped ({exc})", flush=True)
+def bench_info_nce(ctx: Ctx, state: dict[str, Any], b: int | None) -> None:
+    """b=None: import the kernel and run the small float64 check (kept in `state`); else the case B = M = b.
+    One section per B, so that the JSON is rewritten after every case."""
+    if b is None:
+        try:
+            from wave_rt.kernels.contrastive import info_nce
+        except ImportError as exc:
+            ctx.skipped.append({"op": "info_nce", "reason": f"wave_rt.kernels.contrastive not importable: {exc}"})
+            print(f"info_nce: skipped ({exc})", flush=True)
+            return
+        t0 = time.perf_counter()
+        state["info_nce"], state["small"] = info_nce, info_nce_small_check(ctx, info_nce)
+        print(f"info_nce small float64 check: {time.perf_counter() - t0:.1f} s", flush=True)
         return
-    t0 = time.perf_counter()
-    correctness_small = info_nce_small_check(ctx, info_nce)
-    print(f"info_nce small float64 check: {time.perf_counter() - t0:.1f} s", flush=True)
-    for b in ctx.shapes.nce_batches:
-        if ctx.over_budget():
-            ctx.skipped.append({"op": "info_nce", "B": b, "reason": "time budget spent"})
-            continue
-        cleanup(ctx)
-        bench_info_nce_case(ctx, info_nce, b, correctness_small)
-        cleanup(ctx)
+    if "info_nce" not in state:
+        return
+    cleanup(ctx)
+    bench_info_nce_case(ctx, state["info_nce"], b, state["small"])
+    cleanup(ctx)
 
 
 def bench_info_nce_case(ctx: Ctx, info_nce: Callable, b: int, correctness_small: dict[str, Any]) -> None:
@@ -1218,7 +1220,9 @@ def main(argv: list[str] | None = None) -> int:
     if "similarity_topk" in ops:
         sections += [("similarity_topk", loc, lambda loc: bench_similarity(ctx, loc)) for loc in locations]
     if "info_nce" in ops:
-        sections.append(("info_nce", None, lambda _: bench_info_nce(ctx)))
+        nce_state: dict[str, Any] = {}
+        sections += [("info_nce", b, lambda b: bench_info_nce(ctx, nce_state, b))
+                     for b in (None, *shapes.nce_batches)]
     for op, arg, run in sections:
         if ctx.over_budget():
             ctx.skipped.append({"op": op, "case": arg, "reason": f"time budget of {ctx.budget_s:.0f} s spent"})

@@ -429,6 +429,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="make the clips in --media-dir and stop (a GPU session makes them while the GPU works)")
     ap.add_argument("--json", action="store_true", help="write bench/results/archive_<suffix>.json "
                                                         "(default: yes, except with --quick)")
+    ap.add_argument("--dry-run", action="store_true", help="check the arguments and output paths, run nothing")
     args = ap.parse_args(argv)
     if args.repeats <= 0:
         ap.error("--repeats must be positive")
@@ -444,6 +445,12 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(kinds) - {"text", "audio", "video", "av"}
     if unknown:
         ap.error(f"unknown kinds: {sorted(unknown)}")
+    if args.dry_run:
+        from harness import RESULTS, dry_run_report
+
+        media = [Path(args.media_dir) / "probe"] if args.media_dir else []
+        raise SystemExit(dry_run_report("bench_archive.py", [RESULTS / "archive.json", *media],
+                                        [Path(args.model)] if args.model else []))
     w = WORKLOADS[workload_name]
     w = Workload(**{**w.__dict__, **{f: 0 for k, f in (("text", "texts"), ("audio", "audios"), ("video", "videos"),
                                                         ("av", "avs")) if k not in kinds}})

@@ -203,10 +203,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-batch-tokens", type=int, default=None)
     ap.add_argument("--modalities", default="text,audio,video",
                     help="comma-separated subset of text,audio,video (a subset writes model_<config>_<device>_<subset>.json)")
+    ap.add_argument("--dry-run", action="store_true", help="check the arguments and output path, run nothing")
     args = ap.parse_args(argv)
     wanted = [m.strip() for m in args.modalities.split(",") if m.strip()]
     if not wanted or set(wanted) - {"text", "audio", "video"}:
         ap.error(f"--modalities must name some of text, audio, video; got {args.modalities!r}")
+    if args.dry_run:
+        from harness import RESULTS, dry_run_report
+
+        subset = "" if set(wanted) == {"text", "audio", "video"} else "_" + "_".join(wanted)
+        raise SystemExit(dry_run_report("bench_model.py", [RESULTS / f"model_{args.config}_cuda{subset}.json"]))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = small_config() if args.config == "small" else WaveConfig.from_dict(omni_7b_config_dict())

@@ -174,3 +174,20 @@ def write_result(bench: str, rows: list[dict[str, Any]], command: str, suffix: s
         doc.update(extra)
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
+
+
+def dry_run_report(script: str, outputs: list[Path], inputs: list[Path] = ()) -> int:
+    """What `--dry-run` of a GPU benchmark checks without a GPU: its inputs exist and its output folders are
+    writable. Prints one line per check; returns the exit status (0 = the real run can start)."""
+    bad = 0
+    for p in inputs:
+        ok = Path(p).exists()
+        bad += not ok
+        print(f"dry-run {script}: input {p}: {'ok' if ok else 'MISSING'}")
+    for p in outputs:
+        d = Path(p).parent
+        d.mkdir(parents=True, exist_ok=True)
+        ok = os.access(d, os.W_OK)
+        bad += not ok
+        print(f"dry-run {script}: output {p}: {'writable' if ok else 'NOT WRITABLE'}")
+    return 1 if bad else 0

@@ -1078,6 +1078,10 @@ def print_table(ctx: Ctx) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def out_path_for_dry_run(args: argparse.Namespace) -> Path:
+    return args.out if args.out is not None else harness.RESULTS / "kernels.json"
+
+
 def out_path(ctx: Ctx, args: argparse.Namespace) -> Path | None:
     if args.out is not None:
         return args.out
@@ -1150,6 +1154,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--info-nce-batches", default=None, help="comma-separated B (= M), default 16384,65536,262144")
     ap.add_argument("--commit", default=None, help="commit to record (the device machine's copy may lack .git)")
     ap.add_argument("--plan", action="store_true", help="print the rough runtime estimate and exit")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="--plan, and check that the --out / --merge paths are usable (no GPU needed)")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
@@ -1172,6 +1178,11 @@ def main(argv: list[str] | None = None) -> int:
         if merge_device != harness.device_name():
             print(f"--merge {args.merge}: its device {merge_device!r} is not this machine's", file=sys.stderr)
             return 2
+    if args.dry_run:
+        args.plan = True
+        out = out_path_for_dry_run(args)
+        if harness.dry_run_report("bench_kernels.py", [out]) != 0:
+            return 1
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke and not args.plan:
         print("the full benchmark needs a CUDA device; use --smoke for the tiny CPU run", file=sys.stderr)

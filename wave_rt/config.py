@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from wave_rt.errors import CheckpointError
+from wave_rt.model.midashenglm import MIDASHENGLM
 from wave_rt.model.recipes import PromptConfig, Recipe, get_recipe
 
 OMNI_THINKER = "qwen2_5_omni_thinker"
 OMNI_FULL = "qwen2_5_omni"
 QWEN2_AUDIO = "qwen2_audio"
-SUPPORTED_MODEL_TYPES = (OMNI_THINKER, OMNI_FULL, QWEN2_AUDIO)
+SUPPORTED_MODEL_TYPES = (OMNI_THINKER, OMNI_FULL, QWEN2_AUDIO, MIDASHENGLM)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class WaveConfig:
     sim_temperature: float | None = None
     projection_dim: int | None = None  # eos_projection output width
     media: MediaConfig = field(default_factory=MediaConfig)
+    projector_bias: bool = True  # MiDashengLM audio projector (see wave_rt.model.midashenglm)
+    preset: str | None = None  # the embedder preset this config was built for (wave_rt.model.embedder_presets)
 
     # ---- derived facts the model and processor need -------------------------------------------
     @property
@@ -140,6 +143,13 @@ class WaveConfig:
             from wave_rt.model.recipes import VELA_PROMPTS
 
             rec = rec.with_prompts(VELA_PROMPTS)
+        elif model_type == MIDASHENGLM and rec.name == "last_token":
+            # A plain MiDashengLM: ALM2Vec's input (EOS appended, state at EOS) without its trained projection.
+            from wave_rt.model.recipes import ALM2VEC_PROMPTS
+
+            rec = rec.with_prompts(ALM2VEC_PROMPTS)
+        if rec.pooling == "mean" and "fusion_all" in (rec.head, rec.text_target_head):
+            raise CheckpointError(source, f"recipe {rec.name!r}: mean pooling has no per-layer rows for fusion_all")
         if use_beats and model_type != OMNI_THINKER:
             raise CheckpointError(source, "BEATs dual-audio is only defined for the Qwen2.5-Omni thinker backbone")
         return cls(
@@ -152,6 +162,8 @@ class WaveConfig:
             sim_temperature=data.get("sim_temperature", ours.get("sim_temperature")),
             projection_dim=ours.get("projection_dim"),
             media=MediaConfig(**ours["media"]) if "media" in ours else MediaConfig(),
+            projector_bias=bool(ours.get("projector_bias", True)),
+            preset=ours.get("preset"),
         )
 
     @classmethod
@@ -196,6 +208,10 @@ class WaveConfig:
             "projection_dim": self.projection_dim,
             "media": asdict(self.media),
         }
+        if self.backbone == MIDASHENGLM:
+            data["wave_rt"]["projector_bias"] = self.projector_bias
+        if self.preset is not None:
+            data["wave_rt"]["preset"] = self.preset
         return data
 
     def fingerprint(self) -> str:
@@ -206,6 +222,17 @@ class WaveConfig:
 
 def _build_hf_config(model_type: str, data: dict[str, Any], source: object) -> Any:
     import transformers
+
+    if model_type == MIDASHENGLM:
+        from wave_rt.model.midashenglm import midashenglm_hf_config
+
+        try:
+            config = midashenglm_hf_config(data)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise CheckpointError(source, f"config.json does not describe a valid MiDashengLM: {exc}") from None
+        config._attn_implementation = "sdpa"
+        config.text_config._attn_implementation = "sdpa"
+        return config
 
     cls_name = {
         OMNI_THINKER: "Qwen2_5OmniThinkerConfig",

@@ -121,9 +121,12 @@ class WaveEncoder:
         beats_path: str | os.PathLike[str] | None = None,
         media_backend: str = "auto",
         num_workers: int | None = None,
+        preset: str | None = None,
     ) -> WaveEncoder:
-        """Load a checkpoint directory (WAVE layout, a plain Qwen2.5-Omni thinker, or Qwen2-Audio).
-        path=None or "demo" loads the bundled demo model: tiny, deterministic, UNTRAINED."""
+        """Load a checkpoint directory (WAVE layout, a plain Qwen2.5-Omni thinker, Qwen2-Audio, or MiDashengLM).
+        path=None or "demo" loads the bundled demo model: tiny, deterministic, UNTRAINED. `preset` names the
+        embedder the weights belong to (wave, vela, alm2vec, lco-omni, e5-omni, omni-embed-nemotron; see
+        wave_rt.model.embedder_presets); without it the checkpoint's layout decides where it can."""
         from wave_rt.model.loading import load_wave_model
 
         demo = path is None or str(path) == DEMO_MODEL
@@ -133,7 +136,7 @@ class WaveEncoder:
             path = demo_checkpoint()
         dev = torch.device(device) if device is not None else _default_device()
         dt = _resolve_dtype(dtype, dev)
-        model, config = load_wave_model(path, device=dev, dtype=dt, recipe=recipe, beats_path=beats_path)
+        model, config = load_wave_model(path, device=dev, dtype=dt, recipe=recipe, beats_path=beats_path, preset=preset)
         processor = WaveProcessor(config, load_tokenizer(path), media_backend=media_backend)
         model_id = DEMO_MODEL_ID if demo else Path(path).resolve().name
         return cls(model, processor, model_id=model_id, weights_id=weights_fingerprint(path), num_workers=num_workers)

@@ -26,6 +26,7 @@ from wave_rt.embed.prepared import PreparedItem
 from wave_rt.errors import CheckpointError, InputError, MediaError, UnsupportedItemError
 from wave_rt.items import Audio, AudioVisual, Text, Video
 from wave_rt.model.batch import AudioSegmentInputs, ItemInputs
+from wave_rt.model.midashenglm import MIDASHENGLM
 from wave_rt.model.positions import SequenceBuilder, VideoGrid
 
 QWEN2_AUDIO_SECONDS = 30.0  # Qwen2-Audio's Whisper window: longer audio is truncated, as its processor does
@@ -103,6 +104,7 @@ class WaveProcessor:
     # ------------------------------------------------------------------ public
     def prepare(self, item: Any, instruction: str | None = None, index: int | None = None) -> PreparedItem:
         """One item -> PreparedItem. Raises InputError/UnsupportedItemError/MediaError naming the item."""
+        self._check_preset_modality(item, index)
         try:
             if isinstance(item, str):
                 return self._text(Text(item), instruction)
@@ -128,6 +130,19 @@ class WaveProcessor:
             "wave_rt.Video or wave_rt.AudioVisual",
             index,
         )
+
+    def _check_preset_modality(self, item: Any, index: int | None) -> None:
+        """A preset lists the modalities its published model embeds; others are refused rather than guessed."""
+        if self.config.preset is None:
+            return
+        from wave_rt.items import modality_of
+        from wave_rt.model.embedder_presets import PRESETS
+
+        preset = PRESETS.get(self.config.preset)
+        kind = "text" if isinstance(item, str) else modality_of(item)
+        if preset is not None and kind is not None and kind not in preset.modalities:
+            raise UnsupportedItemError(
+                item, f"preset {preset.name!r} embeds {', '.join(preset.modalities)}, not {kind}", index)
 
     def qa_instruction(self, question: str, options: list[str] | None = None) -> tuple[str, list[str]]:
         """(instruction, option texts) for a multiple-choice question, WAVE style: the question with lettered
@@ -201,6 +216,13 @@ class WaveProcessor:
 
         cfg = self.config
         sr = cfg.media.sample_rate
+        if cfg.backbone == MIDASHENGLM:
+            from wave_rt.media.features_dasheng import dasheng_log_mel, dasheng_tokens
+
+            # One clip: Dasheng chunks long inputs itself (10.08 s windows), so no 300 s segmenting is needed.
+            mel = dasheng_log_mel(wav)
+            tokens = dasheng_tokens(wav.numel(), int(cfg.hf_config.subsample_factor))
+            return [AudioSegmentInputs(mel, mel.shape[-1], tokens)]
         if cfg.backbone == QWEN2_AUDIO:
             n = min(wav.numel(), int(QWEN2_AUDIO_SECONDS * sr))
             padded = torch.nn.functional.pad(wav[:n], (0, int(QWEN2_AUDIO_SECONDS * sr) - n))
@@ -266,7 +288,7 @@ class WaveProcessor:
         return PreparedItem("audio", inputs.num_tokens, duration, inputs)
 
     def _require_vision(self, item: object) -> None:
-        if self.config.backbone == QWEN2_AUDIO or "video" not in self.ids:
+        if self.config.backbone in (QWEN2_AUDIO, MIDASHENGLM) or "video" not in self.ids:
             raise UnsupportedItemError(item, f"the {self.config.backbone} backbone has no vision encoder")
 
     def _video(self, item: Video, instruction: str | None) -> PreparedItem:

@@ -27,6 +27,7 @@ import torch
 
 from wave_rt.config import OMNI_THINKER, QWEN2_AUDIO, WaveConfig
 from wave_rt.errors import CheckpointError
+from wave_rt.model.midashenglm import MIDASHENGLM
 
 BEATS_FILENAMES = ("BEATs_iter3_plus_AS2M.pt", "beats.safetensors")
 TOKENIZER_FILES = (
@@ -58,12 +59,24 @@ _RENAMES: dict[str, list[tuple[str, str | None]]] = {
         (r"^model\.audio_tower\.", "audio_tower."),
         (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
     ],
+    MIDASHENGLM: [
+        (r"^decoder\.lm_head\..*", None),
+        (r"^decoder\.model\.", "model."),
+    ],
+}
+
+# Tensors a checkpoint may leave out (the model keeps its own values): MiDashengLM's front-end buffers are
+# unused by our forward (features come from wave_rt.media.features_dasheng), BatchNorm's step counter is unused
+# in eval mode.
+_OPTIONAL: dict[str, tuple[str, ...]] = {
+    MIDASHENGLM: (r"^audio_encoder\.front_end\.", r"\.num_batches_tracked$"),
 }
 
 # Our canonical names -> the names written to disk (the released 4.x layouts, loadable by the reference code).
 _SAVE_RENAMES: dict[str, list[tuple[str, str]]] = {
     OMNI_THINKER: [],
     QWEN2_AUDIO: [(r"^model\.", "language_model.model.")],
+    MIDASHENGLM: [(r"^model\.", "decoder.model.")],
 }
 
 
@@ -180,8 +193,12 @@ def load_wave_model(
     dtype: torch.dtype = torch.float32,
     recipe: str | None = None,
     beats_path: str | os.PathLike[str] | None = None,
+    preset: str | None = None,
 ) -> tuple:
-    """Load a checkpoint directory into a WaveModel on `device` in `dtype`. Returns (model, config)."""
+    """Load a checkpoint directory into a WaveModel on `device` in `dtype`. Returns (model, config).
+
+    `preset` (wave_rt.model.embedder_presets) picks the recipe; without it the preset is detected from the
+    checkpoint's layout where it says one (an explicit `recipe` still wins over the preset's)."""
     from wave_rt.model.wave_model import WaveModel
 
     root = Path(path)
@@ -189,6 +206,7 @@ def load_wave_model(
         raise CheckpointError(root, "not a directory")
     config = WaveConfig.from_pretrained(root, recipe=recipe)
     source = _TensorSource(root)
+    config = _apply_preset(root, config, source, preset, recipe)
 
     provided: dict[str, str] = {}  # canonical -> on-disk name
     for name in source.index:
@@ -211,10 +229,14 @@ def load_wave_model(
         config.beats = beats_cfg.to_dict()
         beats_tensors = {f"beats.{k}": v for k, v in beats_sd.items()}
 
+    if config.backbone == MIDASHENGLM and "projector_bias" not in _wave_rt_section(root):
+        config.projector_bias = "audio_projector.net.0.bias" in provided
     model = WaveModel.build(config, device=device, dtype=dtype, init="empty")
     expected = model.state_dict()
     problems: list[str] = []
-    missing = [k for k in expected if k not in provided and k not in beats_tensors]
+    optional = _OPTIONAL.get(config.backbone, ())
+    missing = [k for k in expected if k not in provided and k not in beats_tensors
+               and not any(re.search(p, k) for p in optional)]
     unexpected = [provided[k] for k in provided if k not in expected]
     if missing:
         problems.append(f"missing tensors ({len(missing)}): {_listing(missing)}")
@@ -236,9 +258,46 @@ def load_wave_model(
 
     with torch.no_grad():
         for canon, target in expected.items():
+            if canon not in provided and canon not in beats_tensors:
+                continue  # an optional tensor the checkpoint leaves out
             tensor = beats_tensors[canon] if canon in beats_tensors else source.get(provided[canon])
             target.copy_(tensor.to(target.dtype) if target.is_floating_point() else tensor)
     return model, config
+
+
+def _apply_preset(root: Path, config: WaveConfig, source: _TensorSource, preset: str | None,
+                  recipe: str | None) -> WaveConfig:
+    from wave_rt.model.embedder_presets import detect_preset, get_preset
+
+    raw = json.loads((root / "config.json").read_text())
+    explicit = preset is not None
+    if preset is None:
+        preset = detect_preset(raw, source.index)
+    if preset is None:
+        return config
+    try:
+        chosen = get_preset(preset)
+    except ValueError as exc:
+        raise CheckpointError(root, str(exc)) from None
+    if chosen.backbone != config.backbone:
+        raise CheckpointError(root, f"preset {preset!r} runs on {chosen.backbone} but config.json is {config.backbone}")
+    # A detected preset only renames what the config already says, except ALM2Vec, whose projection is known
+    # from the tensors alone; an explicit preset sets the recipe (unless the caller also gave one).
+    if recipe is None and (explicit or (preset == "alm2vec" and config.recipe.name != "eos_projection")):
+        config = WaveConfig.from_dict(raw, recipe=chosen.recipe_name, source=root)
+    if config.recipe.head == "eos_projection" and "eos_proj.weight" in source.index and "projection_dim" not in _wave_rt_section(root):
+        config.projection_dim = int(source.shape("eos_proj.weight")[0])
+    config.preset = preset
+    return config
+
+
+def _wave_rt_section(root: Path) -> dict:
+    try:
+        data = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    section = data.get("wave_rt") if isinstance(data, dict) else None
+    return section if isinstance(section, dict) else {}
 
 
 def _listing(names: Iterable[str], limit: int = 12) -> str:

@@ -11,6 +11,11 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 Head = Literal["fusion_all", "fusion_last", "none", "eos_projection"]
+# How token states become one vector before the head: the final-norm state of the last token, or the mean of
+# the final-norm states over the item's real tokens (padding excluded).
+Pooling = Literal["last", "mean"]
+# Decoder attention: causal (the LLM as trained) or bidirectional (encoder-style embedders).
+Attention = Literal["causal", "bidirectional"]
 
 WAVE_QA_SUFFIX = "Please respond with only the letter of the correct answer."
 
@@ -53,6 +58,8 @@ class Recipe:
     text_target_head: Head
     prompts: PromptConfig
     description: str = ""
+    pooling: Pooling = "last"
+    attention: Attention = "causal"
 
     def with_prompts(self, prompts: PromptConfig) -> Recipe:
         return replace(self, prompts=prompts)
@@ -79,6 +86,42 @@ ALM2VEC_PROMPTS = PromptConfig(
     default_instructions={"audio": "", "video": "", "av": "", "text": ""},
 )
 
+# LCO-Embedding-Omni (github.com/LCO-Embedding/LCO-Embedding README): the Qwen2.5-Omni chat template with the
+# generation prompt, "{text}\nSummarize the above text in one word:" / "<image>\nSummarize the above image in one
+# word:", final-layer last token. The audio/video wording is ours by analogy (the README shows text and image only);
+# the system line is the Qwen2.5 template default, not confirmed against LCO's own chat_template.
+_CHAT_OPEN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+_CHAT_CLOSE = "<|im_end|>\n<|im_start|>assistant\n"
+LCO_OMNI_PROMPTS = PromptConfig(
+    media_template=_CHAT_OPEN + "{media}{instruction}" + _CHAT_CLOSE,
+    text_target_template=_CHAT_OPEN + "{text}\nSummarize the above text in one word:" + _CHAT_CLOSE,
+    text_query_template=_CHAT_OPEN + "{instruction}{text}\nSummarize the above text in one word:" + _CHAT_CLOSE,
+    default_instructions={
+        "audio": "\nSummarize the above audio in one word:",
+        "video": "\nSummarize the above video in one word:",
+        "av": "\nSummarize the above video in one word:",
+        "text": "",
+    },
+)
+
+# e5-omni (arXiv 2601.03666, Haon-Chen/e5-omni-7B): an appended <|endoftext|>, last token. Its instruction
+# wording was not found in what we could read: no default instruction, the caller's instruction is used as is.
+E5_OMNI_PROMPTS = PromptConfig(
+    media_template="{media}{instruction}<|endoftext|>",
+    text_target_template="{text}<|endoftext|>",
+    text_query_template="{instruction}{text}<|endoftext|>",
+    default_instructions={"audio": "", "video": "", "av": "", "text": ""},
+)
+
+# Omni-Embed-Nemotron (arXiv 2510.03458, nvidia/omni-embed-nemotron-3b): bidirectional attention, mean pooling.
+# Its query/passage prefixes were not found in what we could read: none by default.
+NEMOTRON_PROMPTS = PromptConfig(
+    media_template="{media}{instruction}",
+    text_target_template="{text}",
+    text_query_template="{instruction}{text}",
+    default_instructions={"audio": "", "video": "", "av": "", "text": ""},
+)
+
 RECIPES: dict[str, Recipe] = {
     "all_layer": Recipe(
         "all_layer", "fusion_all", "none", WAVE_PROMPTS,
@@ -95,6 +138,19 @@ RECIPES: dict[str, Recipe] = {
     "eos_projection": Recipe(
         "eos_projection", "eos_projection", "eos_projection", ALM2VEC_PROMPTS,
         "ALM2Vec: appended EOS token, hidden state at EOS -> Linear projection",
+    ),
+    "lco_omni": Recipe(
+        "lco_omni", "none", "none", LCO_OMNI_PROMPTS,
+        "LCO-Embedding-Omni: chat template + 'in one word' prompt, final-layer last token",
+    ),
+    "e5_omni": Recipe(
+        "e5_omni", "none", "none", E5_OMNI_PROMPTS,
+        "e5-omni: appended <|endoftext|>, final-layer last token",
+    ),
+    "mean_bidirectional": Recipe(
+        "mean_bidirectional", "none", "none", NEMOTRON_PROMPTS,
+        "Omni-Embed-Nemotron: bidirectional attention, mean of the final-norm states over the item's tokens",
+        pooling="mean", attention="bidirectional",
     ),
 }
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from wave_rt.config import OMNI_THINKER, QWEN2_AUDIO, WaveConfig
 from wave_rt.model.batch import ModelBatch
+from wave_rt.model.midashenglm import MIDASHENGLM
 
 BEATS_WIDTH = 768
 
@@ -67,6 +68,10 @@ class WaveModel(nn.Module):
             self.model = AutoModel.from_config(hf.text_config)
             self.audio_tower = AutoModel.from_config(hf.audio_config)
             self.multi_modal_projector = Qwen2AudioMultiModalProjector(hf)
+        elif config.backbone == MIDASHENGLM:
+            from wave_rt.model.midashenglm import build_midashenglm
+
+            build_midashenglm(self, hf, projector_bias=config.projector_bias)
         else:  # pragma: no cover - WaveConfig validates model types
             raise ValueError(config.backbone)
 
@@ -167,6 +172,10 @@ class WaveModel(nn.Module):
         return self.beats_proj(self.beats_ln(pooled))
 
     def encode_audio(self, batch: ModelBatch) -> torch.Tensor:
+        if self.config.backbone == MIDASHENGLM:
+            from wave_rt.model.midashenglm import encode_dasheng_audio
+
+            return encode_dasheng_audio(self, batch.mel, batch.mel_lens, batch.audio_tokens)
         if self.config.backbone == QWEN2_AUDIO:
             return self.encode_qwen2_audio(batch.mel, batch.mel_lens, batch.audio_tokens)
         cfg = self.config
@@ -271,6 +280,15 @@ class WaveModel(nn.Module):
     def forward(self, batch: ModelBatch) -> torch.Tensor:
         """Unnormalised embeddings [B, embedding_dim] for a collated batch already on this model's device."""
         embeds = self.embed_inputs(batch)
+        recipe = self.config.recipe
+        if recipe.pooling != "last" or recipe.attention != "causal":
+            from wave_rt.model.pooling import pooled_decoder_states
+
+            pooled = pooled_decoder_states(self.model, embeds, batch.attention_mask, batch.position_ids,
+                                           pooling=recipe.pooling, attention=recipe.attention,
+                                           mrope=self.config.uses_mrope)
+            uses = batch.use_head
+            return self.pool(pooled.unsqueeze(1), uses, all_same=bool(uses.all()) or not bool(uses.any()))
         rows = self.last_token_states(embeds, batch.attention_mask if batch.padded else None, batch.position_ids)
         uses = batch.use_head
         all_same = bool(uses.all()) or not bool(uses.any())

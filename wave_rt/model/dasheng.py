@@ -80,15 +80,12 @@ class _Buffers(nn.Module):
             self.register_buffer(name, torch.zeros(shape))
 
 
-class _FrontEndLayout(nn.Module):
+def _front_end_layout(cfg: DashengConfig) -> nn.Sequential:
     """Holds `0.spectrogram.window` and `0.mel_scale.fb` so the released key names load and save unchanged."""
-
-    def __init__(self, cfg: DashengConfig) -> None:
-        super().__init__()
-        mel = nn.Module()
-        mel.spectrogram = _Buffers(window=(cfg.win_length,))
-        mel.mel_scale = _Buffers(fb=(cfg.n_fft // 2 + 1, cfg.n_mels))
-        self.add_module("0", mel)
+    mel = nn.Module()
+    mel.spectrogram = _Buffers(window=(cfg.win_length,))
+    mel.mel_scale = _Buffers(fb=(cfg.n_fft // 2 + 1, cfg.n_mels))
+    return nn.Sequential(mel)
 
 
 class _LayerScale(nn.Module):
@@ -149,7 +146,7 @@ class DashengEncoder(nn.Module):
             raise ValueError("only full-height, non-overlapping patches (Dasheng's 64 x 4) are supported, "
                              f"got patch_size={cfg.patch_size} patch_stride={cfg.patch_stride} n_mels={cfg.n_mels}")
         dim = cfg.embed_dim
-        self.front_end = _FrontEndLayout(cfg)
+        self.front_end = _front_end_layout(cfg)
         self.init_bn = nn.BatchNorm2d(cfg.n_mels, momentum=0.01)
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(cfg.input_channels, dim, kernel_size=tuple(cfg.patch_size),

@@ -155,6 +155,33 @@ def tiny_qwen2_audio_config_dict(token_ids: dict[str, int], *, vocab_size: int =
     }
 
 
+def tiny_midashenglm_config_dict(token_ids: dict[str, int], *, vocab_size: int = 320, hidden: int = 64,
+                                 layers: int = 4) -> dict[str, Any]:
+    """A MiDashengLM config dict (ALM2Vec's backbone) as its config.json spells it, with tiny widths and a
+    Dasheng encoder whose chunks are 40 frames long (so a few seconds of audio spans several chunks)."""
+    from wave_rt.model.dasheng import DashengConfig
+
+    return {
+        "model_type": "midashenglm",
+        "audio_token_id": token_ids["<|AUDIO|>"],
+        "subsample_factor": 5,
+        "audio_encoder_config": DashengConfig.tiny().to_dict(),
+        "text_config": {
+            "model_type": "qwen2",
+            "vocab_size": vocab_size,
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 2,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+            "rope_theta": 1000000.0,
+            "pad_token_id": token_ids["<|endoftext|>"],
+            "use_cache": False,
+        },
+    }
+
+
 def make_tiny_checkpoint(
     out_dir: str | os.PathLike[str],
     *,
@@ -179,6 +206,8 @@ def make_tiny_checkpoint(
     ids = build_tiny_tokenizer(out)
     if backbone == "qwen2_audio":
         data = tiny_qwen2_audio_config_dict(ids, **sizes)
+    elif backbone == "midashenglm":
+        data = tiny_midashenglm_config_dict(ids, **sizes)
     else:
         data = tiny_thinker_config_dict(ids, **sizes)
     ours: dict[str, Any] = {"recipe": recipe}

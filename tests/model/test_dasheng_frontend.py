@@ -1,0 +1,82 @@
+"""Dasheng's log-mel front end (ours, float32 torch) == a float64 numpy/scipy implementation of the same
+definition (torchaudio MelSpectrogram(sr 16000, n_fft 512, win 512, hop 160, f 0..8000, 64 HTK mels, no norm,
+power 2, center reflect) + AmplitudeToDB(power, top_db 120)), written independently here from that definition."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.signal
+import torch
+
+from wave_rt.media.features_dasheng import dasheng_frames, dasheng_log_mel, dasheng_tokens
+
+
+def _htk_filters_f64(n_mels=64, n_fft=512, sr=16000, fmin=0.0, fmax=8000.0) -> np.ndarray:
+    mel = lambda f: 2595.0 * np.log10(1.0 + f / 700.0)  # noqa: E731
+    hz = lambda m: 700.0 * (10.0 ** (m / 2595.0) - 1.0)  # noqa: E731
+    centers = hz(np.linspace(mel(fmin), mel(fmax), n_mels + 2))
+    bins = np.linspace(0, sr / 2, n_fft // 2 + 1)
+    fb = np.zeros((n_fft // 2 + 1, n_mels))
+    for m in range(n_mels):
+        lo, c, hi = centers[m], centers[m + 1], centers[m + 2]
+        fb[:, m] = np.clip(np.minimum((bins - lo) / (c - lo), (hi - bins) / (hi - c)), 0.0, None)
+    return fb
+
+
+def reference_log_mel(wav: np.ndarray, bf16_buffers: bool) -> np.ndarray:
+    x = np.pad(wav.astype(np.float64), 256, mode="reflect")
+    window = scipy.signal.get_window("hann", 512, fftbins=True)
+    fb = _htk_filters_f64()
+    if bf16_buffers:  # the released checkpoint's buffers are bfloat16
+        window = torch.from_numpy(window).to(torch.bfloat16).double().numpy()
+        fb = torch.from_numpy(fb).to(torch.bfloat16).double().numpy()
+    n_frames = 1 + (x.size - 512) // 160
+    frames = np.stack([x[i * 160: i * 160 + 512] * window for i in range(n_frames)])
+    power = np.abs(np.fft.rfft(frames, axis=-1)) ** 2  # [frames, 257]
+    db = 10.0 * np.log10(np.maximum(power @ fb, 1e-10)).T  # [64, frames]
+    return np.maximum(db, db.max() - 120.0)
+
+
+def _signal(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / 16000
+    return (0.4 * np.sin(2 * np.pi * 440 * t) + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+
+@pytest.mark.parametrize("bf16_buffers", [False, True])
+@pytest.mark.parametrize("n", [16000, 23457, 3200])
+def test_log_mel_equals_float64_reference(n, bf16_buffers):
+    wav = _signal(n, seed=n)
+    ours = dasheng_log_mel(torch.from_numpy(wav), bf16_buffers=bf16_buffers).double().numpy()
+    ref = reference_log_mel(wav, bf16_buffers)
+    assert ours.shape == ref.shape == (64, dasheng_frames(n))
+    # float32 rounding of the power is ~1e-6 relative, i.e. ~3e-5 dB seen; the bf16-vs-float64 buffer choice
+    # alone moves values by ~0.16 dB, so 1e-4 dB separates a right definition from a near miss.
+    assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_top_db_floor_and_silence():
+    wav = np.zeros(8000, dtype=np.float32)
+    wav[4000:4100] = 1.0  # a click in silence: most bins sit on the 120 dB floor
+    ours = dasheng_log_mel(torch.from_numpy(wav)).numpy()
+    assert ours.min() >= ours.max() - 120.0 - 1e-4
+    assert np.isclose(ours.min(), ours.max() - 120.0, atol=1e-3)
+
+
+def test_bf16_buffers_change_the_numbers():
+    wav = torch.from_numpy(_signal(16000, 1))
+    assert not torch.equal(dasheng_log_mel(wav, bf16_buffers=True), dasheng_log_mel(wav, bf16_buffers=False))
+
+
+def test_token_count_is_midashenglm_processor_rule():
+    # vLLM/SGLang calculate_mel_frames_dasheng: int(1 + (n + 512 - 512) / 160) // 4 // 5, and at least 1
+    for n in (3200, 16000, 16159, 160000, 480001):
+        assert dasheng_tokens(n) == max(1, int(1 + n / 160) // 4 // 5)
+
+
+def test_bad_waveforms_raise():
+    with pytest.raises(ValueError):
+        dasheng_log_mel(torch.zeros(2, 100))
+    with pytest.raises(ValueError):
+        dasheng_log_mel(torch.zeros(100))

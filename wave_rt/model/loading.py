@@ -285,6 +285,8 @@ def _apply_preset(root: Path, config: WaveConfig, source: _TensorSource, preset:
     # from the tensors alone; an explicit preset sets the recipe (unless the caller also gave one).
     if recipe is None and (explicit or (preset == "alm2vec" and config.recipe.name != "eos_projection")):
         config = WaveConfig.from_dict(raw, recipe=chosen.recipe_name, source=root)
+        if explicit:
+            config.recipe = chosen.recipe  # the preset's prompts, not ones saved with another recipe
     if config.recipe.head == "eos_projection" and "eos_proj.weight" in source.index and "projection_dim" not in _wave_rt_section(root):
         config.projection_dim = int(source.shape("eos_proj.weight")[0])
     config.preset = preset

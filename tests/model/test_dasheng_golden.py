@@ -1,0 +1,58 @@
+"""Our whole Dasheng path (front end + encoder) == golden outputs of the real dasheng package with its torchaudio
+front end, made on the GPU image by bench/make_dasheng_fixtures.py (stage `fixtures`). Skips until those files are
+committed under tests/model/fixtures/ (WAVE_RT_DASHENG_FIXTURES overrides the folder)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from wave_rt.media.features_dasheng import dasheng_log_mel
+from wave_rt.model.dasheng import DashengConfig, DashengEncoder
+
+FIXTURES = Path(os.environ.get("WAVE_RT_DASHENG_FIXTURES", Path(__file__).parent / "fixtures"))
+TOL = 1e-5
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def golden():
+    manifest = FIXTURES / "dasheng_golden.json"
+    if not manifest.exists():
+        pytest.skip(f"no golden Dasheng fixtures in {FIXTURES}: run `bash bench/gpu_session.sh fixtures` on the GPU image")
+    meta = json.loads(manifest.read_text())
+    assert not meta["partial"], "fixtures are partial: the generating run did not finish"
+    from safetensors.torch import load_file
+
+    return meta, load_file(str(FIXTURES / meta["file"]))
+
+
+def test_front_end_equals_torchaudio(golden):
+    meta, t = golden
+    for i, _ in enumerate(meta["lengths"]):
+        assert (dasheng_log_mel(t[f"wav.{i}"], bf16_buffers=False) - t[f"mel.{i}"]).abs().max() < 1e-3
+        assert (dasheng_log_mel(t[f"wav.{i}"], bf16_buffers=True) - t[f"mel_bf16.{i}"]).abs().max() < 1e-3
+
+
+def test_encoder_equals_dasheng_from_waveform(golden):
+    meta, t = golden
+    c = meta["config"]
+    cfg = DashengConfig(embed_dim=c["embed_dim"], depth=c["depth"], num_heads=c["num_heads"], mlp_ratio=c["mlp_ratio"],
+                        qkv_bias=c["qkv_bias"], init_values=c["init_values"], patch_size=list(c["patch_size"]),
+                        patch_stride=list(c["patch_stride"]), target_length=c["target_length"])
+    ours = DashengEncoder(cfg).eval()
+    sd = {k[len("weights."):].replace("init_bn.1.", "init_bn."): v for k, v in t.items() if k.startswith("weights.")}
+    ours.load_state_dict(sd, strict=True)
+    for i, _ in enumerate(meta["lengths"]):
+        mel = dasheng_log_mel(t[f"wav.{i}"], bf16_buffers=False)
+        with torch.no_grad():
+            got = ours(mel[None], DashengEncoder.valid_patches(torch.tensor([mel.shape[-1]])))[0]
+        assert got.shape == t[f"tokens.{i}"].shape
+        assert rel(got, t[f"tokens.{i}"]) <= TOL, (i, rel(got, t[f"tokens.{i}"]))

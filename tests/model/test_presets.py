@@ -181,3 +181,61 @@ def test_every_preset_documents_its_source():
     for p in PRESETS.values():
         assert p.source and "\n" not in p.source
         assert p.recipe.name == p.recipe_name
+
+
+def test_wave_preset_equals_reference_path(tmp_path, items):
+    """WAVE through WaveEncoder (detected preset): text target and BEATs dual audio against the reference path of
+    test_model_reference (thinker hidden states + WAVE's merge + the fusion head); prompt ids written out here."""
+    import test_model_reference as tmr
+
+    wave_dir = make_tiny_checkpoint(tmp_path / "wave", recipe="all_layer", use_beats=True, seed=2)
+    enc = WaveEncoder.from_pretrained(wave_dir, device="cpu", dtype="fp32")
+    assert enc.config.preset == "wave"
+    hf = ref.hf_thinker(enc.model)
+    tok = enc.processor.tokenizer
+    text = items["text"]
+    t_item = enc.prepare(text).inputs
+    assert t_item.input_ids.tolist() == tok.encode(text + "<|im_end|>", add_special_tokens=False).ids
+    a_item = enc.prepare(items["audio"]).inputs
+    seg = a_item.audio[0]
+    block = "<|audio_bos|>" + "<|AUDIO|>" * (2 * seg.tokens) + "<|audio_eos|>"  # Whisper/BEATs interleaved: doubled
+    assert a_item.input_ids.tolist() == tok.encode(block + "Please describe the audio.<|im_end|>",
+                                                   add_special_tokens=False).ids
+    cases = [
+        tmr.Case("text", t_item, {}),
+        tmr.Case("audio", a_item, dict(input_features=seg.mel[None],
+                                       feature_attention_mask=torch.ones(1, seg.mel_len, dtype=torch.long)),
+                 fbanks=[seg.fbank], n_segments=[seg.tokens]),
+    ]
+    got = enc.encode([text, items["audio"]], normalize=False, convert_to="torch")
+    for k, case in enumerate(cases):
+        expected = tmr.reference_embedding(enc.model, hf, case)[0]
+        assert rel(got[k], expected) <= TOL, (case.name, rel(got[k], expected))
+
+
+def test_vela_preset_equals_qwen2_audio_reference(tmp_path, items):
+    vela_dir = make_tiny_checkpoint(tmp_path / "vela", recipe="last_token", use_beats=False, backbone="qwen2_audio")
+    enc = WaveEncoder.from_pretrained(vela_dir, device="cpu", dtype="fp32", preset="vela")
+    hf = ref.hf_qwen2_audio(enc.model)
+    tok = enc.processor.tokenizer
+    text = items["text"]
+    a_item = enc.prepare(items["audio"]).inputs
+    seg = a_item.audio[0]
+    block = "<|audio_bos|>" + "<|AUDIO|>" * seg.tokens + "<|audio_eos|>"
+    # Vela's prompts (DESIGN.md section 1): "{text}\nSummarize the above sentence in one word:" and
+    # "<audio>Summarize the caption of the audio in one word:"
+    refs = [
+        (text, tok.encode(text + "\nSummarize the above sentence in one word:", add_special_tokens=False).ids, {}),
+        (items["audio"], tok.encode(block + "Summarize the caption of the audio in one word:",
+                                    add_special_tokens=False).ids,
+         dict(input_features=seg.mel[None],
+              feature_attention_mask=(torch.arange(seg.mel.shape[-1]) < seg.mel_len).long()[None])),
+    ]
+    got = enc.encode([r[0] for r in refs], normalize=False, convert_to="torch")
+    for k, (item, ids, kw) in enumerate(refs):
+        assert enc.prepare(item).inputs.input_ids.tolist() == ids
+        with torch.no_grad():
+            out = hf(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                     output_hidden_states=True, **kw)
+        expected = out.hidden_states[-1][0, -1]
+        assert rel(got[k], expected) <= TOL, (k, rel(got[k], expected))

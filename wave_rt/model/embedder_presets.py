@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wave_rt.model.midashenglm import MIDASHENGLM
-from wave_rt.model.recipes import Recipe, get_recipe
+from wave_rt.model.recipes import VELA_PROMPTS, PromptConfig, Recipe, get_recipe
 
 OMNI_THINKER = "qwen2_5_omni_thinker"  # = wave_rt.config.OMNI_THINKER (config imports us indirectly)
 QWEN2_AUDIO = "qwen2_audio"
@@ -31,10 +31,12 @@ class Preset:
     normalize: bool  # scores are cosines of L2-normalised embeddings
     modalities: tuple[str, ...]  # item kinds the published model embeds: text, audio, video, av
     source: str
+    prompts: PromptConfig | None = None  # when the backbone's recipe is shared but the prompts are the model's own
 
     @property
     def recipe(self) -> Recipe:
-        return get_recipe(self.recipe_name)
+        recipe = get_recipe(self.recipe_name)
+        return recipe.with_prompts(self.prompts) if self.prompts is not None else recipe
 
 
 PRESETS: dict[str, Preset] = {
@@ -43,7 +45,7 @@ PRESETS: dict[str, Preset] = {
         Preset("wave", OMNI_THINKER, "all_layer", 3584, True, ("text", "audio", "video", "av"),
                "WAVE (TCL606/WAVE, tsinghua-ee/WAVE-7B): all-layer last-token fusion MLP, BEATs + Whisper audio"),
         Preset("vela", QWEN2_AUDIO, "last_token", 4096, True, ("text", "audio"),
-               "Vela (Qwen2-Audio-7B-Instruct): 'in one word' prompts, final-layer last token"),
+               "Vela (Qwen2-Audio-7B-Instruct): 'in one word' prompts, final-layer last token", VELA_PROMPTS),
         Preset("alm2vec", MIDASHENGLM, "eos_projection", None, True, ("text", "audio"),
                "ALM2Vec on MiDashengLM (vLLM/SGLang midashenglm.py for the layout): appended EOS -> projection"),
         Preset("lco-omni", OMNI_THINKER, "lco_omni", 3584, True, ("text", "audio", "video"),

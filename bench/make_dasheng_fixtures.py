@@ -62,12 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         print("cannot make the fixtures here; " + "; ".join(missing), file=sys.stderr)
         return 2
 
+    import dasheng
     import torch
+    import torchaudio
     from dasheng.pretrained.pretrained import Dasheng
     from safetensors.torch import save_file
-
-    import dasheng
-    import torchaudio
 
     manifest = {"partial": True, "plan": plan, "file": FILE, "lengths": list(LENGTHS), "config": TINY,
                 "versions": {"torch": torch.__version__, "torchaudio": torchaudio.__version__,

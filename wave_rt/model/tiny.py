@@ -140,18 +140,23 @@ def tiny_qwen2_audio_config_dict(token_ids: dict[str, int], *, vocab_size: int =
             "d_model": 32,
             "max_source_positions": 1500,
         },
-        "text_config": {
-            "model_type": "qwen2",
-            "vocab_size": vocab_size,
-            "hidden_size": hidden,
-            "intermediate_size": hidden * 2,
-            "num_hidden_layers": layers,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
-            "pad_token_id": token_ids["<|endoftext|>"],
-            "use_cache": False,
-        },
+        "text_config": _tiny_qwen2_text_config(token_ids, vocab_size, hidden, layers),
+    }
+
+
+def _tiny_qwen2_text_config(token_ids: dict[str, int], vocab_size: int, hidden: int, layers: int) -> dict[str, Any]:
+    """The tiny Qwen2 decoder shared by the Qwen2-Audio and MiDashengLM configs."""
+    return {
+        "model_type": "qwen2",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 2,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "pad_token_id": token_ids["<|endoftext|>"],
+        "use_cache": False,
     }
 
 
@@ -166,19 +171,7 @@ def tiny_midashenglm_config_dict(token_ids: dict[str, int], *, vocab_size: int =
         "audio_token_id": token_ids["<|AUDIO|>"],
         "subsample_factor": 5,
         "audio_encoder_config": DashengConfig.tiny().to_dict(),
-        "text_config": {
-            "model_type": "qwen2",
-            "vocab_size": vocab_size,
-            "hidden_size": hidden,
-            "intermediate_size": hidden * 2,
-            "num_hidden_layers": layers,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
-            "rope_theta": 1000000.0,
-            "pad_token_id": token_ids["<|endoftext|>"],
-            "use_cache": False,
-        },
+        "text_config": {**_tiny_qwen2_text_config(token_ids, vocab_size, hidden, layers), "rope_theta": 1000000.0},
     }
 
 

@@ -269,8 +269,12 @@ class WaveModel(nn.Module):
         use_head: torch.Tensor,
     ) -> torch.Tensor:
         """The export-ready part: embeddings in, unnormalised embeddings out, no Python decisions on data."""
-        rows = self.last_token_states(inputs_embeds, attention_mask, position_ids)
         recipe = self.config.recipe
+        if recipe.pooling != "last" or recipe.attention != "causal":
+            # Refuse rather than export a last-token causal graph for a mean/bidirectional recipe.
+            raise NotImplementedError(f"recipe {recipe.name!r} (pooling={recipe.pooling}, attention={recipe.attention}) "
+                                      "has no export graph yet; use forward()")
+        rows = self.last_token_states(inputs_embeds, attention_mask, position_ids)
         if recipe.head == recipe.text_target_head:
             return self.apply_head(recipe.head, rows)
         a = self.apply_head(recipe.head, rows)

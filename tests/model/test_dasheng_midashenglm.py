@@ -176,3 +176,14 @@ def test_midashenglm_refuses_video(tmp_path):
     with pytest.raises(UnsupportedItemError):
         enc.encode([Video(np.zeros((4, 28, 28, 3), dtype=np.uint8), fps=2.0)])
     _ = Text  # Text(side="query") goes through the same template; covered by the processor tests
+
+
+def test_short_clip_padded_as_midashenglm_does(tmp_path):
+    """A 0.1 s clip is zero-padded to 3200 samples (MiDashengLM's processor), not to WAVE's 1 s."""
+    ids, _ = _released_checkpoint(tmp_path, eos_proj=True, seed=4)
+    enc = WaveEncoder.from_pretrained(tmp_path, device="cpu", dtype="fp32")
+    wav = (0.3 * np.random.default_rng(2).standard_normal(1600)).astype(np.float32)
+    seg = enc.prepare(Audio(wav, sample_rate=16000)).inputs.audio[0]
+    padded = np.pad(wav, (0, 3200 - 1600))
+    assert seg.mel_len == 1 + 3200 // 160 and seg.tokens == 1
+    assert torch.allclose(seg.mel, dasheng_log_mel(torch.from_numpy(padded)))

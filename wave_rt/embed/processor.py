@@ -31,6 +31,7 @@ from wave_rt.model.positions import SequenceBuilder, VideoGrid
 
 QWEN2_AUDIO_SECONDS = 30.0  # Qwen2-Audio's Whisper window: longer audio is truncated, as its processor does
 WHISPER_HOP = 160
+MIDASHENGLM_MIN_SAMPLES = 3200  # vLLM/SGLang midashenglm.py: shorter clips are zero-padded to this
 
 
 def whisper_tokens(mel_frames: int) -> int:
@@ -206,7 +207,9 @@ class WaveProcessor:
                 raise InputError(item, "waveform contains NaN or infinite samples")
             if item.sample_rate != sr:
                 wav = media.resample(wav, item.sample_rate, sr)
-            min_len = sr
+            # WAVE pads to 1 s; MiDashengLM's processor pads only to 3200 samples (0.2 s). Files still go through
+            # media.load_audio's 1 s rule, so a file shorter than 1 s differs from MiDashengLM's own processing.
+            min_len = MIDASHENGLM_MIN_SAMPLES if self.config.backbone == MIDASHENGLM else sr
             return torch.nn.functional.pad(wav, (0, max(0, min_len - wav.numel())))
         source = _as_source(item, src)
         return media.load_audio(source, sample_rate=sr, backend=self.media_backend)

@@ -1,0 +1,5 @@
+# The omni embedder presets (issue 17): lco-omni, e5-omni, omni-embed-nemotron (7B-wide Qwen2.5-Omni thinker) and
+# alm2vec (MiDashengLM-7B widths), bf16 random weights: encode vs each model's published bs1 path.
+stage_presets() {
+  step 300 -- $PY bench/bench_presets.py --config 7b --repeats 1
+}

@@ -187,3 +187,17 @@ def test_short_clip_padded_as_midashenglm_does(tmp_path):
     padded = np.pad(wav, (0, 3200 - 1600))
     assert seg.mel_len == 1 + 3200 // 160 and seg.tokens == 1
     assert torch.allclose(seg.mel, dasheng_log_mel(torch.from_numpy(padded)))
+
+
+def test_alm2vec_save_pretrained_round_trips(tmp_path):
+    (tmp_path / "src").mkdir()
+    _released_checkpoint(tmp_path / "src", eos_proj=True, seed=5)
+    enc = WaveEncoder.from_pretrained(tmp_path / "src", device="cpu", dtype="fp32")
+    out = enc.save_pretrained(tmp_path / "saved")
+    names = load_file(str(out / "model.safetensors")).keys()
+    assert any(k.startswith("decoder.model.") for k in names) and not any(k.startswith("model.") for k in names)
+    again = WaveEncoder.from_pretrained(out, device="cpu", dtype="fp32")
+    assert again.config.preset == "alm2vec" and again.dim == enc.dim
+    wav = (0.3 * np.random.default_rng(3).standard_normal(20000)).astype(np.float32)
+    items = [Audio(wav, sample_rate=16000), "a bell rings"]
+    assert torch.equal(enc.encode(items, convert_to="torch"), again.encode(items, convert_to="torch"))

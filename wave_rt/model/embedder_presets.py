@@ -52,12 +52,12 @@ PRESETS: dict[str, Preset] = {
                "LCO-Embedding-Omni (github.com/LCO-Embedding/LCO-Embedding README): chat template, "
                "'Summarize the above ... in one word:', hidden_states[-1][:, -1]"),
         Preset("e5-omni", OMNI_THINKER, "e5_omni", 3584, True, ("text", "audio", "video"),
-               "e5-omni (arXiv 2601.03666, Haon-Chen/e5-omni-7B): appended <|endoftext|>, last token; "
-               "instruction wording not found"),
+               "e5-omni (arXiv 2601.03666, Haon-Chen/e5-omni-7B): appended <|endoftext|>, last token (as issue 17 "
+               "states; not confirmed in the card/paper text we could read); instruction wording not found"),
         Preset("omni-embed-nemotron", OMNI_THINKER, "mean_bidirectional", 2048, True, ("text", "audio", "video"),
                "Omni-Embed-Nemotron-3B (arXiv 2510.03458, nvidia/omni-embed-nemotron-3b): bidirectional attention, "
-               "mean pooling; audio and video kept as separate streams (joint AV layout not reproduced here); "
-               "query/passage prefixes not found"),
+               "mean pooling (as issue 17 states; not confirmed in the card text we could read); audio and video "
+               "kept as separate streams (joint AV layout not reproduced here); query/passage prefixes not found"),
     )
 }
 

@@ -37,7 +37,7 @@ from wave_rt.model.tiny import build_tiny_tokenizer, tiny_midashenglm_config_dic
 from wave_rt.model.wave_model import WaveModel  # noqa: E402
 
 PRESETS = ("lco-omni", "e5-omni", "omni-embed-nemotron", "alm2vec")
-WORKLOADS = {"small": dict(texts=48, audios=6, seconds=8.0), "7b": dict(texts=512, audios=64, seconds=10.0)}
+WORKLOADS = {"small": dict(texts=16, audios=3, seconds=4.0), "7b": dict(texts=512, audios=64, seconds=10.0)}
 
 
 def _config(preset: str, size: str, ids: dict[str, int]) -> WaveConfig:

@@ -168,13 +168,13 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 budget = encoder.default_max_batch_tokens
 
-                def ours(prepared=prepared, budget=budget):
+                def ours(prepared=prepared, budget=budget, encoder=encoder):
                     out = torch.empty(len(prepared), encoder.dim)
                     for group in plan_batches([p.num_tokens for p in prepared], budget, None):
                         out[group] = encoder.embed_prepared([prepared[i] for i in group])
                     return out
 
-                def reference(prepared=prepared):
+                def reference(prepared=prepared, ref=ref):
                     return torch.cat([ref.embed(p).cpu() for p in prepared])
 
                 a, b = ours(), reference()

@@ -5,7 +5,7 @@ constructor; torchaudio has no build for the CPU torch we pin. When torchaudio i
 installed under that module name for the duration of the import: its MelSpectrogram/AmplitudeToDB are empty
 modules whose forward raises, so any attempt to actually use torchaudio fails loudly. The reference is then fed
 log-mel features directly (`init_bn` + `forward_spectrogram`, bypassing `front_end`); the front end itself is
-tested against a float64 numpy/scipy implementation (test_dasheng_frontend.py), and golden outputs with the real
+tested against a float64 numpy implementation (test_dasheng_frontend.py), and golden outputs with the real
 torchaudio front end come from bench/make_dasheng_fixtures.py on the GPU image.
 
 Install for these tests: pip install --no-deps dasheng==0.0.9 einops

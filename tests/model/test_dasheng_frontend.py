@@ -1,4 +1,4 @@
-"""Dasheng's log-mel front end (ours, float32 torch) == a float64 numpy/scipy implementation of the same
+"""Dasheng's log-mel front end (ours, float32 torch) == a float64 numpy implementation of the same
 definition (torchaudio MelSpectrogram(sr 16000, n_fft 512, win 512, hop 160, f 0..8000, 64 HTK mels, no norm,
 power 2, center reflect) + AmplitudeToDB(power, top_db 120)), written independently here from that definition."""
 
@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.signal
 import torch
 
 from wave_rt.media.features_dasheng import dasheng_frames, dasheng_log_mel, dasheng_tokens
@@ -26,7 +25,7 @@ def _htk_filters_f64(n_mels=64, n_fft=512, sr=16000, fmin=0.0, fmax=8000.0) -> n
 
 def reference_log_mel(wav: np.ndarray, bf16_buffers: bool) -> np.ndarray:
     x = np.pad(wav.astype(np.float64), 256, mode="reflect")
-    window = scipy.signal.get_window("hann", 512, fftbins=True)
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(512) / 512)  # periodic Hann (torch.hann_window's default)
     fb = _htk_filters_f64()
     if bf16_buffers:  # the released checkpoint's buffers are bfloat16
         window = torch.from_numpy(window).to(torch.bfloat16).double().numpy()

@@ -143,6 +143,56 @@ def test_similarity_topk_k1024(cpu_backend, accuracy):
     check_topk(values, indices, queries64, corpus64, 1024, True, torch.float32, accuracy)
 
 
+# ------------------------------------------------------------------------------------- both regimes
+REGIMES = {
+    # name: (queries, corpus rows, D, k, normalize, chunk_size). q <= 16 takes the one-pass streaming tile
+    # with in-loop corpus norms; more queries take the multi-tile path with precomputed norms.
+    "q1-k1024": (1, 1031, 19, 1024, True, None),
+    "q1-k3-chunked": (1, 517, 37, 3, False, 200),
+    "q7-k100": (7, 389, 45, 100, True, None),
+    "q7-k1024-chunked": (7, 1100, 13, 1024, False, 600),
+    "q300-k33": (300, 211, 29, 33, True, None),
+    "q300-k130-chunked": (300, 263, 17, 130, False, 100),
+}
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(REGIMES))
+def test_similarity_topk_regimes_match_float64(accuracy, dtype, case):
+    """The Triton kernel in the interpreter (the torch path is covered by the other tests) on both regimes."""
+    n_q, n, dim, k, normalize, chunk_size = REGIMES[case]
+    queries64 = torch.randn(n_q, dim, dtype=torch.float64)
+    corpus64 = torch.randn(n, dim, dtype=torch.float64)
+    with dispatch.force_backend("interpret"):
+        values, indices = similarity_topk(queries64.to(dtype), corpus64.to(dtype), k, normalize=normalize,
+                                          chunk_size=chunk_size)
+    check_topk(values, indices, queries64, corpus64, k, normalize, dtype, accuracy)
+
+
+@pytest.mark.parametrize("n_q", [1, 7, 300])
+def test_similarity_topk_late_improvements_every_row(monkeypatch, n_q):
+    """Scores that rise with the index, so every tile beats the running threshold of every row and the
+    candidate buffers fill and fold over and over; plus, per query, one planted best row at a random late
+    position. Exact data (powers of two): the expected order is known exactly."""
+    monkeypatch.setattr(dispatch, "num_sms", lambda device: 1)  # few ranges per launch: long scans
+    n, dim, k = 700, 4, 40
+    corpus = torch.zeros(n, dim)
+    corpus[:, 0] = torch.arange(n, dtype=torch.float32) / 1024  # score of row i for query e0: i / 1024
+    corpus[:, 1] = 1.0
+    queries = torch.zeros(n_q, dim)
+    queries[:, 0] = 1.0
+    planted = torch.randint(n // 2, n, (1,)).item()
+    corpus[planted, 0] = 0.0
+    corpus[planted, 2] = 4.0  # only queries with a 1 in column 2 see it as their best
+    queries[::2, 2] = 1.0
+    scores = queries.double() @ corpus.double().T
+    expected = torch.sort(-scores, dim=1, stable=True).indices[:, :k]
+    with dispatch.force_backend("interpret"):
+        values, indices = similarity_topk(queries, corpus, k, normalize=False, chunk_size=512)
+    assert torch.equal(indices, expected)
+    assert torch.equal(values.double(), scores.gather(1, expected))
+
+
 # --------------------------------------------------------------------------------------------- ties
 def tied_corpus(n: int, dim: int, distinct: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Small-integer rows that are signed permutations of one vector: every dot product is an exact integer
@@ -174,6 +224,17 @@ def test_similarity_topk_ties_go_to_lower_index(cpu_backend, dtype, normalize):
         results.append(values)
     # Exact data: the values themselves do not depend on how the corpus was chunked.
     assert all(torch.equal(r, results[0]) for r in results[1:])
+
+
+@pytest.mark.parametrize("n_q", [1, 300])
+def test_similarity_topk_ties_both_regimes(n_q):
+    """Planted ties on the one-query streaming tile and the many-query tiles (interpreter, fp16)."""
+    _, corpus64 = tied_corpus(150, 16, distinct=4)
+    queries64 = torch.randint(-3, 4, (n_q, 16)).double()
+    expected = torch.sort(-(queries64 @ corpus64.T).long(), dim=1, stable=True).indices[:, :70]
+    with dispatch.force_backend("interpret"):
+        _, indices = similarity_topk(queries64.half(), corpus64.half(), 70, chunk_size=100)
+    assert torch.equal(indices, expected)
 
 
 def test_similarity_topk_signed_zero_scores_tie(cpu_backend):
@@ -245,6 +306,17 @@ def test_similarity_topk_gpu(cuda, accuracy, dtype, k):
         values, indices = similarity_topk(queries64.to(dtype), corpus64.to(dtype), k, normalize=normalize,
                                           chunk_size=chunk_size)
         check_topk(values, indices, queries64, corpus64, k, normalize, dtype, accuracy)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_q", [1, 16, 300])
+def test_similarity_topk_gpu_regimes(cuda, accuracy, n_q):
+    """The one-tile streaming pass (q <= 16) and the 128-row tensor-core tiles (q = 300), fp16, k = 100."""
+    queries64 = torch.randn(n_q, 200, dtype=torch.float64, device=cuda)
+    corpus64 = torch.randn(30_011, 200, dtype=torch.float64, device=cuda)
+    for normalize in (True, False):
+        values, indices = similarity_topk(queries64.half(), corpus64.half(), 100, normalize=normalize)
+        check_topk(values, indices, queries64, corpus64, 100, normalize, torch.float16, accuracy)
 
 
 @pytest.mark.gpu

@@ -1,9 +1,10 @@
-"""Kernel benchmark (issue 3): wave_rt.kernels against PyTorch eager and torch.compile of the references.
+"""Kernel benchmark (issues 3, 14): wave_rt.kernels against PyTorch eager and torch.compile of the references.
 
 Ops and shapes (GPU run, bf16):
   layer_fusion_mlp  B in {1, 64, 512}, L=28, D=3584, H=3584; forward and forward+backward (dW1, db1, dH)
   scalar_mix        the same B, L, D; forward and forward+backward (d hidden, d weights)
-  similarity_topk   q=1024, N=10M (fewer if the corpus does not fit, see below), D=3584, k=100, normalize=True
+  similarity_topk   q=1024, N=10M (fewer if the corpus does not fit, see below), D=3584, k=100, normalize=True;
+                    plus bandwidth rows at q=16 and q=1 on the same corpus (--topk-q)
   info_nce          B = M in {16k, 64k, 256k}, D=3584, symmetric, temperature 0.05; forward+backward
 
 Variants per case: `wave_rt` (our kernels, backend --backend), `eager` (the reference in kernels/reference.py
@@ -117,7 +118,7 @@ from common import (  # noqa: E402  (bench/kernels/common.py: the shared harness
 from op_info_nce import bench_info_nce  # noqa: E402
 from op_layer_fusion import bench_layer_fusion  # noqa: E402
 from op_scalar_mix import bench_scalar_mix  # noqa: E402
-from op_similarity_topk import bench_similarity  # noqa: E402
+from op_similarity_topk import CorpusHolder, bench_similarity  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import harness  # noqa: E402
@@ -157,7 +158,8 @@ def estimate(ctx: Ctx, ops: tuple[str, ...]) -> dict[str, float]:
     est["scalar_mix"] = t
     n = s.topk_n
     per = variant_s(2.0 * s.topk_q * n * s.dim, n * s.dim * e)
-    est["similarity_topk"] = len(ctx.topk_locations) * (3 * per * 1.5 + compile_s + tune_s + 10.0)
+    few = 2 * variant_s(0.0, n * s.dim * e) + tune_s  # each bandwidth row: ours + eager chunked
+    est["similarity_topk"] = len(ctx.topk_locations) * (3 * per * 1.5 + compile_s + tune_s + 10.0 + 2 * few)
     t = 0.0
     for b in s.nce_batches:
         per = variant_s(8.0 * b * b * s.dim, 4 * b * s.dim * e)  # ours recomputes the scores in its backward
@@ -239,6 +241,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="start no new case after this many seconds (default GPU 420, smoke none)")
     ap.add_argument("--topk-corpus", default=None, help="device, host or device,host (default: device; smoke: both)")
     ap.add_argument("--topk-n", type=int, default=None, help="corpus rows requested (default 10M)")
+    ap.add_argument("--topk-q", default=None,
+                    help="comma-separated numbers of queries; the first is the compute-bound case with every "
+                         "baseline, the others bandwidth rows (default 1024,16,1; smoke 7,16,1)")
     ap.add_argument("--topk-headroom-gib", type=float, default=4.0)
     ap.add_argument("--info-nce-batches", default=None, help="comma-separated B (= M), default 16384,65536,262144")
     ap.add_argument("--commit", default=None, help="commit to record (the device machine's copy may lack .git)")
@@ -286,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         shapes = Shapes(**{**shapes.__dict__, "topk_n": args.topk_n})
     if args.info_nce_batches:
         shapes = Shapes(**{**shapes.__dict__, "nce_batches": tuple(int(x) for x in args.info_nce_batches.split(","))})
+    topk_qs = tuple(int(x) for x in args.topk_q.split(",")) if args.topk_q else (shapes.topk_q, 16, 1)
+    if topk_qs[0] != shapes.topk_q:
+        shapes = Shapes(**{**shapes.__dict__, "topk_q": topk_qs[0]})
     locations = tuple((args.topk_corpus or ("device,host" if args.smoke else "device")).split(","))
     if any(loc not in ("device", "host") for loc in locations):
         print(f"--topk-corpus: {locations}; expected device and/or host", file=sys.stderr)
@@ -318,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     if "scalar_mix" in ops:
         sections += [("scalar_mix", b, lambda b: bench_scalar_mix(ctx, b)) for b in shapes.fusion_batches]
     if "similarity_topk" in ops:
-        sections += [("similarity_topk", loc, lambda loc: bench_similarity(ctx, loc)) for loc in locations]
+        holder = CorpusHolder()
+        sections += [("similarity_topk", (loc, q), lambda case: bench_similarity(ctx, holder, *case))
+                     for loc in locations for q in topk_qs]
+        sections.append(("similarity_topk", "release corpus", lambda _: holder.release()))
     if "info_nce" in ops:
         nce_state: dict[str, Any] = {}
         sections += [("info_nce", b, lambda b: bench_info_nce(ctx, nce_state, b))

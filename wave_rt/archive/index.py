@@ -109,11 +109,13 @@ class FlatTorchIndex:
         """True when the rows sit in the memory of the device that searches them."""
         return self.vectors.device.type == self.device.type
 
-    def add(self, x: np.ndarray) -> None:
+    def add(self, x: Any) -> None:
+        """Append normalized rows (numpy, or a torch tensor on any device)."""
         import torch
 
-        n = x.shape[0]
-        self.vectors[self.ntotal:self.ntotal + n] = torch.from_numpy(np.ascontiguousarray(x)).to(self.dtype)
+        rows = torch.as_tensor(x)
+        n = rows.shape[0]
+        self.vectors[self.ntotal:self.ntotal + n] = rows.to(device=self.vectors.device, dtype=self.dtype)
         self.ntotal += n
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

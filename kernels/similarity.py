@@ -307,13 +307,33 @@ class _Plan:
         return _Plan(block_q, block_n, k_pad, buf, merge_q, c_norm_in_loop=n_q <= FEW_QUERIES)
 
 
-def _row_norms(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """max(||row||, 1e-12) in fp32, a slab of rows at a time (no fp32 copy of a large corpus)."""
-    out = torch.empty(x.shape[0], dtype=torch.float32, device=device)
-    step = max(1, (64 << 20) // max(1, 4 * x.shape[1]))
-    for r0 in range(0, x.shape[0], step):
-        out[r0:r0 + step] = x[r0:r0 + step].to(device=device, dtype=torch.float32).norm(dim=1)
-    return out.clamp_min_(1e-12)
+@triton.jit
+def _row_norm_kernel(x_ptr, out_ptr, n, D, stride_n, stride_d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[r] = max(||x[r]||, 1e-12), squares summed in fp32: one read of x, no fp32 copy of it."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = rows < n
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    base = x_ptr + rows[:, None].to(tl.int64) * stride_n
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        v = tl.load(base + dd[None, :] * stride_d, mask=live[:, None] & (dd < D)[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(v * v, axis=1)
+    tl.store(out_ptr + rows, tl.maximum(tl.sqrt(acc), 1e-12), mask=live)
+
+
+_NORM = Kernel(_row_norm_kernel, lambda: [config(4, 2, BLOCK_R=16, BLOCK_D=256)], key=["D"],
+               interpret_meta={"BLOCK_R": 16, "BLOCK_D": 32})
+
+
+def _row_norms(x: torch.Tensor, device: torch.device, backend: dispatch.Backend) -> torch.Tensor:
+    """max(||row||, 1e-12) in fp32 for every row of x (on `device`), computed once per call: the many-query
+    tiles would otherwise recompute the corpus norms in every query block."""
+    out = dispatch.empty((x.shape[0],), torch.float32, device)
+    if x.shape[0]:
+        _NORM.launch(backend, lambda meta: (triton.cdiv(x.shape[0], meta["BLOCK_R"]),),
+                     x, out, x.shape[0], x.shape[1], x.stride(0), x.stride(1))
+    return out
 
 
 # ----------------------------------------------------------------------------------------- key codec
@@ -340,21 +360,23 @@ def _topk_triton(queries: torch.Tensor, corpus: torch.Tensor, k: int, normalize:
     plan = _Plan.choose(n_q, k, backend)
     q_blocks = triton.cdiv(n_q, plan.block_q)
     precision = dispatch.dot_precision(queries.dtype)
-    # Enough corpus ranges per launch that (query blocks x ranges) covers the GPU about twice, within the
-    # workspace budget (memory stays O(q * k) whatever N is).
+    # Enough corpus ranges per launch that (query blocks x ranges) covers the GPU about twice (four times for
+    # the bandwidth-bound streaming tile: more loads in flight), within the workspace budget (memory stays
+    # O(q * k) whatever N is).
+    waves = 4 if plan.c_norm_in_loop else 2
     range_bytes = n_q * (plan.k_pad * 8 + plan.buf * 8)
-    max_splits = max(1, min(triton.cdiv(2 * dispatch.num_sms(device), q_blocks), _WORKSPACE_BYTES // range_bytes))
+    max_splits = max(1, min(triton.cdiv(waves * dispatch.num_sms(device), q_blocks), _WORKSPACE_BYTES // range_bytes))
     chunk_splits = min(max_splits, triton.cdiv(min(chunk_size, n_total), plan.block_n))
     part = dispatch.empty((n_q, chunk_splits, plan.k_pad), torch.int64, device)
     buf_s = dispatch.empty((n_q, chunk_splits, plan.buf), torch.float32, device)
     buf_i = dispatch.empty((n_q, chunk_splits, plan.buf), torch.int32, device)
     cnt = dispatch.empty((chunk_splits, n_q), torch.int32, device)
     thr = dispatch.empty((chunk_splits, n_q), torch.float32, device)
-    q_norm = _row_norms(queries, device) if normalize else queries  # (any tensor: unused without NORMALIZE)
+    q_norm = _row_norms(queries, device, backend) if normalize else queries  # (any tensor: unused without NORMALIZE)
     running = [dispatch.empty((n_q, plan.k_pad), torch.int64, device) for _ in range(2)]
     for i, c0 in enumerate(range(0, n_total, chunk_size)):
         chunk = corpus[c0:c0 + chunk_size].to(device, non_blocking=True)
-        c_norm = _row_norms(chunk, device) if normalize and not plan.c_norm_in_loop else queries
+        c_norm = _row_norms(chunk, device, backend) if normalize and not plan.c_norm_in_loop else queries
         splits = min(chunk_splits, triton.cdiv(chunk.shape[0], plan.block_n))
         _FILTER.launch(
             backend, lambda meta, s=splits: (q_blocks, s),

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--kind", default="auto", choices=["auto", "flat", "flat-gpu", "ivf", "hnsw"],
                    help="auto: exact search, flat-gpu (similarity_topk) on CUDA, else FAISS flat")
     i.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(N))")
-    i.add_argument("--cpu", action="store_true", help="never use GPU FAISS")
+    i.add_argument("--cpu", action="store_true", help="CPU only: FAISS flat for --kind auto, never GPU FAISS")
 
     s = sub.add_parser("search", help="search an archive with a text, audio or video query")
     s.add_argument("dir", metavar="DIR")

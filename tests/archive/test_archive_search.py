@@ -161,6 +161,32 @@ def test_archive_search_flat_gpu_equals_faiss_flat(synthetic: Path, tied: Path, 
             assert [h.position for h in hits] == np.argsort(-exact[:, j], kind="stable")[:9].tolist()
 
 
+@pytest.mark.gpu
+def test_archive_search_flat_gpu_on_cuda(synthetic: Path, tied: Path) -> None:
+    """On CUDA: fp16 vectors in GPU memory, the compiled kernel. Self-retrieval and FAISS's top-k on random
+    rows (scores to fp16 rounding), and exact tie order on the exactly representable tied archive."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    ours = Index.build(synthetic, kind="flat-gpu", save=False)
+    assert ours.index.device.type == "cuda" and ours.index.resident and ours.index.dtype == torch.float16
+    vectors = ours.embeddings()
+    queries = vectors[::31]
+    got = ours.search(queries, k=9)
+    want = Index.build(synthetic, kind="flat", save=False, use_gpu=False).search(queries, k=9)
+    assert [h[0].position for h in got] == list(range(0, len(vectors), 31))
+    recall = np.mean([len({x.position for x in g} & {x.position for x in w}) / 9 for g, w in zip(got, want)])
+    assert recall >= 0.97, recall
+    np.testing.assert_allclose([[h.score for h in g] for g in got], [[h.score for h in w] for w in want],
+                               rtol=0, atol=3e-3)
+    tied_index = Index.build(tied, kind="flat-gpu", save=False)
+    tv = tied_index.embeddings()
+    exact = tv.astype(np.float64) @ tv[::7].astype(np.float64).T
+    for j, hits in enumerate(tied_index.search(tv[::7], k=12)):
+        assert [h.position for h in hits] == np.argsort(-exact[:, j], kind="stable")[:12].tolist()
+
+
 def test_archive_search_flat_gpu_cli(tied: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """`wave-rt index` picks flat-gpu where exact_kind() says CUDA (patched here); it saves only index.json,
@@ -201,9 +227,13 @@ def _cli_json(args: list[str], capsys: pytest.CaptureFixture) -> list[dict]:
 
 
 def test_archive_search_demo_cli(demo_archive: Path, capsys: pytest.CaptureFixture) -> None:
+    from wave_rt.archive.index import exact_kind
+
     assert run(["index", str(demo_archive)]) == 0
     assert "indexed 12 rows" in capsys.readouterr().out
-    assert (demo_archive / "index-flat.faiss").exists()
+    kind = json.loads((demo_archive / "index.json").read_text())["kind"]
+    assert kind == exact_kind()  # flat-gpu on a CUDA machine, FAISS flat elsewhere
+    assert kind == "flat-gpu" or (demo_archive / "index-flat.faiss").exists()
 
     caption = CAPTIONS["text/beeps"]
     hits = _cli_json(["search", str(demo_archive), "--text", caption, "-k", "3", "--json"], capsys)

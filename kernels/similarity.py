@@ -125,13 +125,14 @@ def _fold_candidates(best_ptr, buf_s_ptr, buf_i_ptr, cnt_ptr, thr_ptr, row0, n_q
     """Fold each row's candidate buffer (cnt[row] entries) into its running list best[row] (K_PAD keys,
     descending) and write the row's new threshold (the k-th best score; -inf while fewer than k are known).
 
-    Rows go MERGE_Q at a time so that the bitonic networks stay within the register file for any k. The
-    per-row counts and thresholds travel through global scratch because a register tensor cannot be sliced
-    by row group; the barriers order those writes against the reads of the other threads of the program."""
+    Rows go MERGE_Q at a time so that the bitonic networks stay within the register file for any k; a
+    runtime loop, so that the networks are compiled once, not once per row group. The per-row counts and
+    thresholds travel through global scratch because a register tensor cannot be sliced by row group; the
+    barriers order those writes against the reads of the other threads of the program."""
     tl.debug_barrier()
     offs_k = tl.arange(0, K_PAD)
     offs_b = tl.arange(0, BUF)
-    for g in tl.static_range(0, BLOCK_Q, MERGE_Q):
+    for g in range(0, BLOCK_Q, MERGE_Q):
         rows = row0 + g + tl.arange(0, MERGE_Q)
         live = rows < n_q
         r64 = rows.to(tl.int64)
@@ -180,7 +181,7 @@ def _topk_filter_kernel(
     cnt_ws = cnt_ptr + pid_s * n_q
     thr_ws = thr_ptr + pid_s * n_q
     offs_k = tl.arange(0, K_PAD)
-    for g in tl.static_range(0, BLOCK_Q, MERGE_Q):
+    for g in range(0, BLOCK_Q, MERGE_Q):
         rows = row0 + g + tl.arange(0, MERGE_Q)
         tl.store(best_ptr + rows[:, None].to(tl.int64) * stride_pm + offs_k[None, :],
                  tl.full((MERGE_Q, K_PAD), min_key, tl.int64), mask=(rows < n_q)[:, None])
@@ -191,13 +192,17 @@ def _topk_filter_kernel(
         q_norm = tl.load(q_norm_ptr + offs_q, mask=mask_q, other=1.0)
     q_rows = q_ptr + offs_q[:, None].to(tl.int64) * stride_qm
     buf_rows = offs_q[:, None].to(tl.int64) * stride_bm
-    for n0 in range(n_start, n_end, BLOCK_N):
+    # One step past the range (no tile: D loop and masks empty) folds what the buffers still hold: a single
+    # call site of the fold keeps the bitonic networks compiled once.
+    for n0 in range(n_start, n_end + BLOCK_N, BLOCK_N):
+        past_end = n0 >= n_end
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_end
         c_cols = c_ptr + offs_n[None, :].to(tl.int64) * stride_cn
         acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
         c_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
+        d_end = tl.where(past_end, 0, D)
+        for d0 in range(0, d_end, BLOCK_D):
             dd = d0 + offs_d
             mask_d = dd < D
             qt = tl.load(q_rows + dd[None, :] * stride_qd, mask=mask_q[:, None] & mask_d[None, :], other=0.0)
@@ -218,7 +223,7 @@ def _topk_filter_kernel(
         # a higher index than the k-th best it ties with and loses the tie.
         hit = (acc > thr[:, None]) & valid
         n_new = tl.sum(hit.to(tl.int32), axis=1)
-        if tl.max(cnt + n_new, axis=0) > BUF:
+        if past_end | (tl.max(cnt + n_new, axis=0) > BUF):
             tl.store(cnt_ws + offs_q, cnt, mask=mask_q)
             _fold_candidates(best_ptr, buf_s, buf_i, cnt_ws, thr_ws, row0, n_q, k, index_base, min_key,
                              stride_pm, stride_bm, BLOCK_Q, MERGE_Q, K_PAD, BUF, LOG_MQ, LOG_BUF, LOG_K)
@@ -231,10 +236,6 @@ def _topk_filter_kernel(
             tl.store(buf_s + slot, acc, mask=hit)
             tl.store(buf_i + slot, tl.broadcast_to(offs_n[None, :], (BLOCK_Q, BLOCK_N)), mask=hit)
             cnt += n_new
-
-    tl.store(cnt_ws + offs_q, cnt, mask=mask_q)
-    _fold_candidates(best_ptr, buf_s, buf_i, cnt_ws, thr_ws, row0, n_q, k, index_base, min_key,
-                     stride_pm, stride_bm, BLOCK_Q, MERGE_Q, K_PAD, BUF, LOG_MQ, LOG_BUF, LOG_K)
 
 
 @triton.jit

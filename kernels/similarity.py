@@ -159,7 +159,8 @@ def _topk_filter_kernel(
     stride_qm, stride_qd, stride_cn, stride_cd, stride_pm, stride_ps, stride_bm, stride_bs,
     NORMALIZE: tl.constexpr, C_NORM_IN_LOOP: tl.constexpr, K_PAD: tl.constexpr, BUF: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_Q: tl.constexpr,
-    PRECISION: tl.constexpr, LOG_MQ: tl.constexpr, LOG_BUF: tl.constexpr, LOG_K: tl.constexpr,
+    EVEN_D: tl.constexpr, PRECISION: tl.constexpr, LOG_MQ: tl.constexpr, LOG_BUF: tl.constexpr,
+    LOG_K: tl.constexpr,
 ):
     """Top-K_PAD keys of each query row over one contiguous range of corpus rows (one per pid_s), written
     to part[:, pid_s]. Scores that beat the row's threshold are appended to a candidate buffer; a fold
@@ -190,7 +191,9 @@ def _topk_filter_kernel(
     cnt = tl.zeros((BLOCK_Q,), dtype=tl.int32)
     if NORMALIZE:
         q_norm = tl.load(q_norm_ptr + offs_q, mask=mask_q, other=1.0)
-    q_rows = q_ptr + offs_q[:, None].to(tl.int64) * stride_qm
+    # Loads read clamped rows instead of masked ones (rows past the end repeat the last row; `valid` drops
+    # their scores): with D a multiple of BLOCK_D the hot loop has no masks, which keeps it out of spills.
+    q_rows = q_ptr + tl.minimum(offs_q, n_q - 1)[:, None].to(tl.int64) * stride_qm
     buf_rows = offs_q[:, None].to(tl.int64) * stride_bm
     # One step past the range (no tile: D loop and masks empty) folds what the buffers still hold: a single
     # call site of the fold keeps the bitonic networks compiled once.
@@ -198,15 +201,18 @@ def _topk_filter_kernel(
         past_end = n0 >= n_end
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_end
-        c_cols = c_ptr + offs_n[None, :].to(tl.int64) * stride_cn
+        c_cols = c_ptr + tl.minimum(offs_n, n_c - 1)[None, :].to(tl.int64) * stride_cn
         acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
         c_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
         d_end = tl.where(past_end, 0, D)
         for d0 in range(0, d_end, BLOCK_D):
             dd = d0 + offs_d
-            mask_d = dd < D
-            qt = tl.load(q_rows + dd[None, :] * stride_qd, mask=mask_q[:, None] & mask_d[None, :], other=0.0)
-            ct = tl.load(c_cols + dd[:, None] * stride_cd, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+            if EVEN_D:
+                qt = tl.load(q_rows + dd[None, :] * stride_qd)
+                ct = tl.load(c_cols + dd[:, None] * stride_cd)
+            else:
+                qt = tl.load(q_rows + dd[None, :] * stride_qd, mask=(dd < D)[None, :], other=0.0)
+                ct = tl.load(c_cols + dd[:, None] * stride_cd, mask=(dd < D)[:, None], other=0.0)
             acc = tl.dot(qt, ct, acc, input_precision=PRECISION)
             if NORMALIZE and C_NORM_IN_LOOP:  # few queries: free, the pass is bound by reading the corpus
                 cf = ct.to(tl.float32)
@@ -261,20 +267,20 @@ def _topk_merge_kernel(part_ptr, prev_ptr, out_ptr, n_q, n_splits, min_key, stri
 def _filter_configs() -> list:
     # 8 warps only: with 4 warps the previous (bitonic-per-tile) kernel returned wrong top-k lists on an H100
     # (Triton 3.6, fp16, k=100), never root-caused; the fold below uses the same bitonic networks.
-    # Two configs: each compiles the fold's bitonic networks (tens of seconds per config for large K_PAD).
-    return [config(8, stages, BLOCK_D=bd) for bd, stages in [(64, 3), (128, 2)]]
+    # Two configs: each compiles the fold's bitonic networks. BLOCK_D comes from the plan (EVEN_D needs it).
+    return [config(8, stages) for stages in (3, 4)]
 
 
 # Not keyed on the number of queries (each search request would re-benchmark every config): the tile
 # shapes it decides (BLOCK_Q, C_NORM_IN_LOOP) are already in the key.
 _FILTER = Kernel(_topk_filter_kernel, _filter_configs,
                  key=["D", "K_PAD", "BUF", "BLOCK_Q", "BLOCK_N", "NORMALIZE", "C_NORM_IN_LOOP"],
-                 interpret_meta={"BLOCK_D": 32})
+                 interpret_meta={})
 _MERGE = Kernel(_topk_merge_kernel, lambda: [config(8, 1)], key=["K_PAD"], interpret_meta={})
 _MERGE_BLOCK_Q = 8
 FEW_QUERIES = 16  # up to this many queries one tile row holds them all: one bandwidth-bound pass
 _WORKSPACE_BYTES = 32 << 20  # candidate buffers + per-range lists of one launch (sets the number of ranges)
-_FOLD_KEYS = 4096  # keys one fold step sorts at a time (MERGE_Q x BUF): bounds its registers for any k
+_FOLD_KEYS = 1024  # keys one fold step sorts at a time (MERGE_Q x BUF): bounds its registers for any k
 
 
 def _log2(n: int) -> int:
@@ -289,6 +295,7 @@ class _Plan:
 
     block_q: int
     block_n: int
+    block_d: int
     k_pad: int
     buf: int
     merge_q: int
@@ -298,14 +305,15 @@ class _Plan:
     def choose(n_q: int, k: int, backend: dispatch.Backend) -> _Plan:
         k_pad = max(16, triton.next_power_of_2(k))
         if backend == "interpret":  # small tiles keep the interpreted bitonic networks fast
-            block_q, block_n = (16 if n_q <= FEW_QUERIES else 32), 32
+            block_q, block_n, block_d = (16 if n_q <= FEW_QUERIES else 32), 32, 32
         else:
             block_q = 16 if n_q <= FEW_QUERIES else 64 if n_q <= 64 else 128
             block_n = 128
+            block_d = 128 if n_q <= FEW_QUERIES else 64  # the streaming tile: longer loads in flight
         # The buffer takes one whole tile after a fold, and is at least K_PAD wide for the bitonic top-k.
         buf = max(block_n, k_pad)
         merge_q = min(block_q, max(2, _FOLD_KEYS // buf))
-        return _Plan(block_q, block_n, k_pad, buf, merge_q, c_norm_in_loop=n_q <= FEW_QUERIES)
+        return _Plan(block_q, block_n, block_d, k_pad, buf, merge_q, c_norm_in_loop=n_q <= FEW_QUERIES)
 
 
 @triton.jit
@@ -386,7 +394,8 @@ def _topk_triton(queries: torch.Tensor, corpus: torch.Tensor, k: int, normalize:
             queries.stride(0), queries.stride(1), chunk.stride(0), chunk.stride(1), part.stride(0), part.stride(1),
             buf_s.stride(0), buf_s.stride(1),
             NORMALIZE=normalize, C_NORM_IN_LOOP=plan.c_norm_in_loop, K_PAD=plan.k_pad, BUF=plan.buf,
-            BLOCK_Q=plan.block_q, BLOCK_N=plan.block_n, MERGE_Q=plan.merge_q, PRECISION=precision,
+            BLOCK_Q=plan.block_q, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, MERGE_Q=plan.merge_q,
+            EVEN_D=dim % plan.block_d == 0, PRECISION=precision,
             LOG_MQ=_log2(plan.merge_q), LOG_BUF=_log2(plan.buf), LOG_K=_log2(plan.k_pad),
         )
         # Ping-pong between two running lists: merging in place would merge a list with itself if the

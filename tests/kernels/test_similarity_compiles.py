@@ -42,3 +42,18 @@ def test_filter_kernel_compiles_for_sm90(dtype, n_q, k, normalize):
     assert kernel.metadata.shared <= 227 * 1024, kernel.metadata.shared  # an H100's shared memory per block
     ptx = kernel.asm["ptx"]
     assert "wgmma" in ptx or "mma.sync" in ptx  # scores on tensor cores
+
+
+def test_row_norm_kernel_compiles_for_sm90():
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from wave_rt.kernels import similarity as sim
+
+    fn = sim._row_norm_kernel
+    consts = {"BLOCK_R": 16, "BLOCK_D": 256, "stride_d": 1}
+    types = {"x_ptr": "*bf16", "out_ptr": "*fp32"}
+    signature = {name: "constexpr" if name in consts else types.get(name, "i32") for name in fn.arg_names}
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+    assert "sqrt" in kernel.asm["ptx"]

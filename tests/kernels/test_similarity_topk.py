@@ -59,12 +59,18 @@ def check_topk(values: torch.Tensor, indices: torch.Tensor, queries64: torch.Ten
 
 # --------------------------------------------------------------------------------------- random data
 CASES = {
-    # name: (queries, corpus rows, D, k, normalize, chunk_size)
+    # name: (queries, corpus rows, D, k, normalize, chunk_size). q <= 16 takes the one-pass streaming tile
+    # with in-loop corpus norms; more queries take the multi-tile path with precomputed norms.
     "k40": (7, 300, 123, 40, True, None),
     "k100-raw": (5, 150, 123, 100, False, None),
     "k1-chunked": (9, 257, 64, 1, True, 100),
     "k=N": (3, 37, 123, 37, True, None),
     "2qblocks-chunked": (17, 200, 33, 20, False, 64),
+    "q1-k1024": (1, 1031, 19, 1024, True, None),
+    "q1-k3-chunked": (1, 517, 37, 3, False, 200),
+    "q7-k1024-chunked": (7, 1100, 13, 1024, False, 600),
+    "q300-k33": (300, 211, 29, 33, True, None),
+    "q300-k130-chunked": (300, 263, 17, 130, False, 100),
 }
 
 
@@ -144,31 +150,6 @@ def test_similarity_topk_k1024(cpu_backend, accuracy):
 
 
 # ------------------------------------------------------------------------------------- both regimes
-REGIMES = {
-    # name: (queries, corpus rows, D, k, normalize, chunk_size). q <= 16 takes the one-pass streaming tile
-    # with in-loop corpus norms; more queries take the multi-tile path with precomputed norms.
-    "q1-k1024": (1, 1031, 19, 1024, True, None),
-    "q1-k3-chunked": (1, 517, 37, 3, False, 200),
-    "q7-k100": (7, 389, 45, 100, True, None),
-    "q7-k1024-chunked": (7, 1100, 13, 1024, False, 600),
-    "q300-k33": (300, 211, 29, 33, True, None),
-    "q300-k130-chunked": (300, 263, 17, 130, False, 100),
-}
-
-
-@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
-@pytest.mark.parametrize("case", list(REGIMES))
-def test_similarity_topk_regimes_match_float64(accuracy, dtype, case):
-    """The Triton kernel in the interpreter (the torch path is covered by the other tests) on both regimes."""
-    n_q, n, dim, k, normalize, chunk_size = REGIMES[case]
-    queries64 = torch.randn(n_q, dim, dtype=torch.float64)
-    corpus64 = torch.randn(n, dim, dtype=torch.float64)
-    with dispatch.force_backend("interpret"):
-        values, indices = similarity_topk(queries64.to(dtype), corpus64.to(dtype), k, normalize=normalize,
-                                          chunk_size=chunk_size)
-    check_topk(values, indices, queries64, corpus64, k, normalize, dtype, accuracy)
-
-
 @pytest.mark.parametrize("n_q", [1, 7, 300])
 def test_similarity_topk_late_improvements_every_row(monkeypatch, n_q):
     """Scores that rise with the index, so every tile beats the running threshold of every row and the

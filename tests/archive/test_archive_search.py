@@ -206,6 +206,10 @@ def test_archive_search_flat_gpu_cli(tied: Path, tmp_path: Path, capsys: pytest.
     assert loaded.kind == "flat-gpu" and len(loaded) == 600
     row = read_archive(out)["row0123"]["embedding"]
     assert loaded.search(row, k=1)[0][0].score == pytest.approx(1.0, abs=1e-5)
+    assert Index.load(out, kind="flat-gpu").kind == "flat-gpu"
+    monkeypatch.setattr(index_mod, "exact_kind", lambda: "flat")  # the same archive on a machine without CUDA
+    assert Index.load(out).kind == "flat"
+    monkeypatch.setattr(index_mod, "exact_kind", lambda: "flat-gpu")
     assert run(["index", str(out), "--cpu"]) == 0
     assert (out / "index-flat.faiss").exists()
     assert Index.load(out).kind == "flat-gpu"  # a saved exact FAISS index is searched on the GPU kind

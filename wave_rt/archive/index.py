@@ -209,8 +209,9 @@ class Index:
     @classmethod
     def load(cls, out_dir: str | os.PathLike[str], kind: str | None = None) -> Index:
         """The saved index when it covers exactly the archive's current shards; otherwise an exact index
-        (`exact_kind()`) built in memory (nothing written). A saved FAISS `flat` index is searched as
-        `flat-gpu` on a CUDA machine (the same exact results, from the shards' vectors)."""
+        (`exact_kind()`) built in memory (nothing written). A saved exact index (`flat` or `flat-gpu`) is
+        searched with this machine's exact kind unless `kind` asks for one: `flat-gpu` on a CUDA machine,
+        FAISS `flat` elsewhere (the same results)."""
         root = Path(out_dir)
         manifest = _manifest(root)
         shards = _shards(root)
@@ -219,7 +220,9 @@ class Index:
             info = json.loads(meta_path.read_text(encoding="utf-8"))
             wanted = kind or info.get("kind")
             current = [list(s) for s in shards] == info.get("shards") and info.get("config_hash") == manifest.config_hash
-            if current and (wanted == "flat-gpu" or (kind is None and wanted == "flat" and exact_kind() == "flat-gpu")):
+            if current and kind is None and wanted in ("flat", "flat-gpu") and "flat-gpu" in (wanted, exact_kind()):
+                return cls.build(root, exact_kind(), save=False)  # exact either way: the machine's exact kind
+            if current and wanted == "flat-gpu":
                 return cls.build(root, "flat-gpu", save=False)
             file = root / f"index-{wanted}.faiss"
             if current and wanted == info.get("kind") and file.exists():

@@ -327,7 +327,11 @@ def test_similarity_topk_gpu_ties(cuda, normalize):
 
 @pytest.mark.gpu
 def test_similarity_topk_gpu_memory_is_not_q_by_n(cuda):
-    """The [q, N] score matrix is never built: peak extra memory stays a small fraction of it."""
+    """The [q, N] score matrix is never built: peak extra memory stays within the documented bound, one
+    launch's workspace (_WORKSPACE_BYTES) + the corpus norms (4 bytes a row) + O(q * k) lists, a few
+    percent of the scores."""
+    from wave_rt.kernels.similarity import _WORKSPACE_BYTES
+
     n_q, n = 256, 2_000_000
     queries = torch.randn(n_q, 64, device=cuda, dtype=torch.float16)
     corpus = torch.randn(n, 64, device=cuda, dtype=torch.float16)
@@ -338,4 +342,5 @@ def test_similarity_topk_gpu_memory_is_not_q_by_n(cuda):
     similarity_topk(queries, corpus, 16)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
-    assert extra < 0.02 * n_q * n * 4, f"{extra / 2**20:.1f} MiB extra for a {n_q}x{n} problem"
+    assert extra <= _WORKSPACE_BYTES + 4 * n + (1 << 20), f"{extra / 2**20:.1f} MiB extra for a {n_q}x{n} problem"
+    assert extra < 0.05 * n_q * n * 4

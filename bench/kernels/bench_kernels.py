@@ -1,5 +1,8 @@
 """Kernel benchmark (issues 3, 14): wave_rt.kernels against PyTorch eager and torch.compile of the references.
 
+This file is the CLI; each op lives in bench/kernels/op_<op>.py on the shared harness bench/kernels/common.py
+(itself on bench/harness.py). The search step of `wave-rt search` is benchmarked by bench/bench_search.py.
+
 Ops and shapes (GPU run, bf16):
   layer_fusion_mlp  B in {1, 64, 512}, L=28, D=3584, H=3584; forward and forward+backward (dW1, db1, dH)
   scalar_mix        the same B, L, D; forward and forward+backward (d hidden, d weights)

@@ -1,23 +1,34 @@
 """Pooled similarity top-k (DESIGN.md section 4.2): scores = queries @ corpus.T, top-k per query, streamed.
 
-The q x N score matrix never exists. Each program of the streaming kernel owns a block of queries and a
-contiguous range of corpus rows; it computes one [queries, corpus-tile] score tile at a time (tl.dot over
-D, with the L2 norms of both sides accumulated in the same pass when normalize=True) and folds the tile
-into a running top-K kept in registers. A second kernel merges the per-range lists of all programs (and the
-result of previous corpus chunks), so a corpus of any length goes through several launches.
+The q x N score matrix never exists. Each program of the filter kernel owns a block of queries and a
+contiguous range of corpus rows and computes one [queries, corpus-tile] score tile at a time (tl.dot over
+D, fp32 accumulation). Two regimes pick the tile shapes: few queries (q <= 16: one 16-row query tile, a
+bandwidth-bound pass that reads the corpus once and computes its norms from the tiles it loads anyway)
+and many queries (64/128-row tensor-core tiles; the norms of both sides computed once beforehand).
 
-Scores and indices travel as one int64 key per candidate: the high 32 bits are the fp32 score mapped to a
-signed integer with the same order, the low 32 bits are (2^32 - 1 - index). Keys are unique, larger key
-means larger score and, for equal scores, lower index, so the bitonic sorts and merges below are exact and
-ties go to the lower index by construction.
+Selection, FAISS block-select style: each row keeps an fp32 threshold (the k-th best score its program has
+folded so far, -inf at first). Scores above it are appended (fp32 score, int32 row) to a small per-row
+candidate buffer; only when a buffer would overflow (and once at the end) are the candidates folded into
+the row's running top-K_PAD list with bitonic networks, which also raises the threshold. After the first
+few tiles almost no score beats the threshold, so almost every tile costs its GEMM and one comparison.
+A second kernel merges the per-range lists of all programs (and the result of previous corpus chunks),
+so a corpus of any length goes through several launches. Memory beyond the inputs: O(q * k) (the lists
+and buffers of one launch, bounded by _WORKSPACE_BYTES).
 
-Folding a tile into the running list: take the tile's own top-K (tl.topk, a bitonic top-k), reverse it and
-take the elementwise max with the running list (sorted descending): the result holds exactly the top-K of
-the union as a bitonic sequence, which one bitonic merge sorts. Tiles with no key above the running K-th
-best of any of their rows skip the fold.
+In the folds scores and indices travel as one int64 key per candidate: the high 32 bits are the fp32 score
+mapped to a signed integer with the same order, the low 32 bits are (2^32 - 1 - index). Keys are unique,
+larger key means larger score and, for equal scores, lower index, so the bitonic sorts and merges below are
+exact and ties go to the lower index by construction. The threshold test is strict: a program scans its
+range in index order, so a later score equal to the k-th best loses that tie anyway.
+
+Folding: take the buffer's own top-K (a bitonic top-k), reverse it and take the elementwise max with the
+running list (sorted descending): the result holds exactly the top-K of the union as a bitonic sequence,
+which one bitonic merge sorts.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -89,64 +100,148 @@ def _merge_descending(best, cand_ascending, LOG_ROWS: tl.constexpr, LOG_K: tl.co
 
 # ----------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _topk_stream_kernel(
-    q_ptr, c_ptr, part_ptr,
-    n_q, n_c, D, index_base, min_key, n_splits,
-    stride_qm, stride_qd, stride_cn, stride_cd, stride_pm, stride_ps,
-    NORMALIZE: tl.constexpr, K_PAD: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    LOG_Q: tl.constexpr, LOG_N: tl.constexpr, LOG_K: tl.constexpr,  # log2 of BLOCK_Q, BLOCK_N, K_PAD
+def _key_of(score, index):
+    """int64 keys of fp32 scores and int64 corpus indices (see encode_keys)."""
+    # -0.0 and +0.0 are equal scores with different bit patterns: map -0.0 to +0.0 so that the tie between
+    # them goes to the lower index like any other tie.
+    score = tl.where(score == 0.0, 0.0, score)
+    bits = score.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (4294967295 - index)
+
+
+@triton.jit
+def _score_of(key):
+    ordered = (key >> 32).to(tl.int32)
+    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fold_candidates(best_ptr, buf_s_ptr, buf_i_ptr, cnt_ptr, thr_ptr, row0, n_q, k, index_base, min_key,
+                     stride_pm, stride_bm,
+                     BLOCK_Q: tl.constexpr, MERGE_Q: tl.constexpr, K_PAD: tl.constexpr, BUF: tl.constexpr,
+                     LOG_MQ: tl.constexpr, LOG_BUF: tl.constexpr, LOG_K: tl.constexpr):
+    """Fold each row's candidate buffer (cnt[row] entries) into its running list best[row] (K_PAD keys,
+    descending) and write the row's new threshold (the k-th best score; -inf while fewer than k are known).
+
+    Rows go MERGE_Q at a time so that the bitonic networks stay within the register file for any k; a
+    runtime loop, so that the networks are compiled once, not once per row group. The per-row counts and
+    thresholds travel through global scratch because a register tensor cannot be sliced by row group; the
+    barriers order those writes against the reads of the other threads of the program."""
+    tl.debug_barrier()
+    offs_k = tl.arange(0, K_PAD)
+    offs_b = tl.arange(0, BUF)
+    for g in range(0, BLOCK_Q, MERGE_Q):
+        rows = row0 + g + tl.arange(0, MERGE_Q)
+        live = rows < n_q
+        r64 = rows.to(tl.int64)
+        cnt = tl.load(cnt_ptr + rows, mask=live, other=0)
+        filled = (offs_b[None, :] < cnt[:, None]) & live[:, None]
+        slot = r64[:, None] * stride_bm + offs_b[None, :]
+        score = tl.load(buf_s_ptr + slot, mask=filled, other=0.0)
+        index = tl.load(buf_i_ptr + slot, mask=filled, other=0).to(tl.int64) + index_base
+        keys = tl.where(filled, _key_of(score, index), min_key)
+        best_rows = best_ptr + r64[:, None] * stride_pm + offs_k[None, :]
+        best = tl.load(best_rows, mask=live[:, None], other=min_key)
+        best = _merge_descending(best, _row_topk_ascending(keys, LOG_MQ, LOG_BUF, LOG_K), LOG_MQ, LOG_K)
+        tl.store(best_rows, best, mask=live[:, None])
+        kth = tl.sum(tl.where(offs_k[None, :] == k - 1, best, 0), axis=1)
+        thr = tl.where(kth == min_key, -float("inf"), _score_of(kth))
+        tl.store(thr_ptr + rows, thr, mask=live)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _topk_filter_kernel(
+    q_ptr, c_ptr, q_norm_ptr, c_norm_ptr, part_ptr, buf_s_ptr, buf_i_ptr, cnt_ptr, thr_ptr,
+    n_q, n_c, D, k, index_base, min_key, n_splits,
+    stride_qm, stride_qd, stride_cn, stride_cd, stride_pm, stride_ps, stride_bm, stride_bs,
+    NORMALIZE: tl.constexpr, C_NORM_IN_LOOP: tl.constexpr, K_PAD: tl.constexpr, BUF: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_Q: tl.constexpr,
+    EVEN_D: tl.constexpr, PRECISION: tl.constexpr, LOG_MQ: tl.constexpr, LOG_BUF: tl.constexpr,
+    LOG_K: tl.constexpr,
 ):
+    """Top-K_PAD keys of each query row over one contiguous range of corpus rows (one per pid_s), written
+    to part[:, pid_s]. Scores that beat the row's threshold are appended to a candidate buffer; a fold
+    (sort + merge) runs only when a buffer would overflow, and sets the new thresholds."""
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    row0 = pid_q * BLOCK_Q
+    offs_q = row0 + tl.arange(0, BLOCK_Q)
     mask_q = offs_q < n_q
     offs_d = tl.arange(0, BLOCK_D)
     rows_per_split = tl.cdiv(tl.cdiv(n_c, n_splits), BLOCK_N) * BLOCK_N
     n_start = pid_s * rows_per_split
     n_end = tl.minimum(n_start + rows_per_split, n_c)
 
-    best = tl.full((BLOCK_Q, K_PAD), min_key, tl.int64)
-    floor = tl.full((BLOCK_Q,), min_key, tl.int64)  # the K-th best key of each row so far
-    q_rows = q_ptr + offs_q[:, None].to(tl.int64) * stride_qm
-    for n0 in range(n_start, n_end, BLOCK_N):
+    # This program's slices of the workspaces: its running lists, candidate buffers and scratch.
+    best_ptr = part_ptr + pid_s * stride_ps
+    buf_s = buf_s_ptr + pid_s * stride_bs
+    buf_i = buf_i_ptr + pid_s * stride_bs
+    cnt_ws = cnt_ptr + pid_s * n_q
+    thr_ws = thr_ptr + pid_s * n_q
+    offs_k = tl.arange(0, K_PAD)
+    for g in range(0, BLOCK_Q, MERGE_Q):
+        rows = row0 + g + tl.arange(0, MERGE_Q)
+        tl.store(best_ptr + rows[:, None].to(tl.int64) * stride_pm + offs_k[None, :],
+                 tl.full((MERGE_Q, K_PAD), min_key, tl.int64), mask=(rows < n_q)[:, None])
+
+    thr = tl.full((BLOCK_Q,), -float("inf"), tl.float32)
+    cnt = tl.zeros((BLOCK_Q,), dtype=tl.int32)
+    if NORMALIZE:
+        q_norm = tl.load(q_norm_ptr + offs_q, mask=mask_q, other=1.0)
+    # Loads read clamped rows instead of masked ones (rows past the end repeat the last row; `valid` drops
+    # their scores): with D a multiple of BLOCK_D the hot loop has no masks, which keeps it out of spills.
+    q_rows = q_ptr + tl.minimum(offs_q, n_q - 1)[:, None].to(tl.int64) * stride_qm
+    buf_rows = offs_q[:, None].to(tl.int64) * stride_bm
+    # One step past the range (no tile: D loop and masks empty) folds what the buffers still hold: a single
+    # call site of the fold keeps the bitonic networks compiled once.
+    for n0 in range(n_start, n_end + BLOCK_N, BLOCK_N):
+        past_end = n0 >= n_end
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_end
-        c_cols = c_ptr + offs_n[None, :].to(tl.int64) * stride_cn
+        c_cols = c_ptr + tl.minimum(offs_n, n_c - 1)[None, :].to(tl.int64) * stride_cn
         acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
-        q_sq = tl.zeros((BLOCK_Q,), dtype=tl.float32)
         c_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
+        d_end = tl.where(past_end, 0, D)
+        for d0 in range(0, d_end, BLOCK_D):
             dd = d0 + offs_d
-            mask_d = dd < D
-            qt = tl.load(q_rows + dd[None, :] * stride_qd, mask=mask_q[:, None] & mask_d[None, :], other=0.0)
-            ct = tl.load(c_cols + dd[:, None] * stride_cd, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+            if EVEN_D:
+                qt = tl.load(q_rows + dd[None, :] * stride_qd)
+                ct = tl.load(c_cols + dd[:, None] * stride_cd)
+            else:
+                qt = tl.load(q_rows + dd[None, :] * stride_qd, mask=(dd < D)[None, :], other=0.0)
+                ct = tl.load(c_cols + dd[:, None] * stride_cd, mask=(dd < D)[:, None], other=0.0)
             acc = tl.dot(qt, ct, acc, input_precision=PRECISION)
-            if NORMALIZE:
-                qf = qt.to(tl.float32)
+            if NORMALIZE and C_NORM_IN_LOOP:  # few queries: free, the pass is bound by reading the corpus
                 cf = ct.to(tl.float32)
-                q_sq += tl.sum(qf * qf, axis=1)
                 c_sq += tl.sum(cf * cf, axis=0)
-        if NORMALIZE:  # x / max(||x||, 1e-12), as F.normalize
-            acc = acc / tl.maximum(tl.sqrt(q_sq), 1e-12)[:, None] / tl.maximum(tl.sqrt(c_sq), 1e-12)[None, :]
+        if NORMALIZE:  # x / max(||x||, 1e-12), as F.normalize; the same division order as the torch path
+            if C_NORM_IN_LOOP:
+                c_norm = tl.maximum(tl.sqrt(c_sq), 1e-12)
+            else:
+                c_norm = tl.load(c_norm_ptr + offs_n, mask=mask_n, other=1.0)
+            acc = acc / q_norm[:, None] / c_norm[None, :]
 
-        # -0.0 and +0.0 are equal scores but have different bit patterns: map -0.0 to +0.0 so that the tie
-        # between them goes to the lower index like any other tie.
-        acc = tl.where(acc == 0.0, 0.0, acc)
-        bits = acc.to(tl.int32, bitcast=True)
-        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        index = offs_n.to(tl.int64) + index_base
-        keys = (ordered.to(tl.int64) << 32) | (4294967295 - index)[None, :]
-        keys = tl.where(mask_n[None, :], keys, min_key)
-        improving = tl.sum(tl.sum((keys > floor[:, None]).to(tl.int32), axis=1), axis=0)
-        if improving > 0:
-            cand = _row_topk_ascending(keys, LOG_Q, LOG_N, LOG_K)
-            best = _merge_descending(best, cand, LOG_Q, LOG_K)
-            floor = tl.min(best, axis=1)
-
-    offs_k = tl.arange(0, K_PAD)
-    out = part_ptr + offs_q[:, None].to(tl.int64) * stride_pm + pid_s * stride_ps + offs_k[None, :]
-    tl.store(out, best, mask=mask_q[:, None])
+        valid = mask_q[:, None] & mask_n[None, :]
+        # Strict: this program scans its range in index order, so a later score equal to the threshold has
+        # a higher index than the k-th best it ties with and loses the tie.
+        hit = (acc > thr[:, None]) & valid
+        n_new = tl.sum(hit.to(tl.int32), axis=1)
+        if past_end | (tl.max(cnt + n_new, axis=0) > BUF):
+            tl.store(cnt_ws + offs_q, cnt, mask=mask_q)
+            _fold_candidates(best_ptr, buf_s, buf_i, cnt_ws, thr_ws, row0, n_q, k, index_base, min_key,
+                             stride_pm, stride_bm, BLOCK_Q, MERGE_Q, K_PAD, BUF, LOG_MQ, LOG_BUF, LOG_K)
+            thr = tl.load(thr_ws + offs_q, mask=mask_q, other=-float("inf"))
+            cnt = tl.zeros((BLOCK_Q,), dtype=tl.int32)
+            hit = (acc > thr[:, None]) & valid
+            n_new = tl.sum(hit.to(tl.int32), axis=1)
+        if tl.max(n_new, axis=0) > 0:
+            slot = buf_rows + (cnt[:, None] + tl.cumsum(hit.to(tl.int32), axis=1) - 1)
+            tl.store(buf_s + slot, acc, mask=hit)
+            tl.store(buf_i + slot, tl.broadcast_to(offs_n[None, :], (BLOCK_Q, BLOCK_N)), mask=hit)
+            cnt += n_new
 
 
 @triton.jit
@@ -169,34 +264,85 @@ def _topk_merge_kernel(part_ptr, prev_ptr, out_ptr, n_q, n_splits, min_key, stri
     tl.store(out_ptr + rows * K_PAD + offs_k[None, :], best, mask=mask)
 
 
-def _stream_configs() -> list:
-    # 8 warps only: with 4 warps the compiled kernel returned wrong top-k lists on an H100 (Triton 3.6,
-    # fp16, k=100: 64x128 tiles; hundreds of wrong indices, while every 8-warp config matched the torch
-    # path). Not root-caused yet; the GPU tests check every (dtype, k) they cover against float64.
-    return [config(warps, stages, BLOCK_D=bd) for bd, warps, stages in
-            [(64, 8, 3), (128, 8, 2), (64, 8, 4), (32, 8, 3)]]
+def _filter_configs() -> list:
+    # 8 warps only: with 4 warps the previous (bitonic-per-tile) kernel returned wrong top-k lists on an H100
+    # (Triton 3.6, fp16, k=100), never root-caused; the fold below uses the same bitonic networks.
+    # Two configs: each compiles the fold's bitonic networks. BLOCK_D comes from the plan (EVEN_D needs it).
+    return [config(8, stages) for stages in (3, 4)]
 
 
 # Not keyed on the number of queries (each search request would re-benchmark every config): the tile
-# shapes it decides are already in the key.
-_STREAM = Kernel(_topk_stream_kernel, _stream_configs, key=["D", "K_PAD", "BLOCK_Q", "BLOCK_N", "NORMALIZE"],
-                 interpret_meta={"BLOCK_D": 32})
+# shapes it decides (BLOCK_Q, C_NORM_IN_LOOP) are already in the key.
+_FILTER = Kernel(_topk_filter_kernel, _filter_configs,
+                 key=["D", "K_PAD", "BUF", "BLOCK_Q", "BLOCK_N", "NORMALIZE", "C_NORM_IN_LOOP"],
+                 interpret_meta={})
 _MERGE = Kernel(_topk_merge_kernel, lambda: [config(8, 1)], key=["K_PAD"], interpret_meta={})
 _MERGE_BLOCK_Q = 8
+FEW_QUERIES = 16  # up to this many queries one tile row holds them all: one bandwidth-bound pass
+_WORKSPACE_BYTES = 32 << 20  # candidate buffers + per-range lists of one launch (sets the number of ranges)
+_FOLD_KEYS = 1024  # keys one fold step sorts at a time (MERGE_Q x BUF): bounds its registers for any k
 
 
 def _log2(n: int) -> int:
     return n.bit_length() - 1
 
 
-def _tiles(k_pad: int, backend: dispatch.Backend) -> tuple[int, int]:
-    """(BLOCK_Q, BLOCK_N): the corpus tile is at least K_PAD wide (its top K_PAD is folded in), and the
-    register budget of the running list (BLOCK_Q x K_PAD int64 keys) bounds BLOCK_Q."""
-    if backend == "interpret":
-        return 16, max(32, k_pad)
-    block_n = max(128, k_pad)
-    block_q = max(16, min(64, 8192 // k_pad))
-    return block_q, block_n
+@dataclass(frozen=True)
+class _Plan:
+    """Tile shapes of one call. Few queries: one 16-row query tile streams the corpus once and computes the
+    corpus norms from the tiles it loads anyway. Many queries: 64/128-row tensor-core tiles, every corpus
+    tile read by q / BLOCK_Q programs, so the corpus norms are computed once beforehand instead."""
+
+    block_q: int
+    block_n: int
+    block_d: int
+    k_pad: int
+    buf: int
+    merge_q: int
+    c_norm_in_loop: bool
+
+    @staticmethod
+    def choose(n_q: int, k: int, backend: dispatch.Backend) -> _Plan:
+        k_pad = max(16, triton.next_power_of_2(k))
+        if backend == "interpret":  # small tiles keep the interpreted bitonic networks fast
+            block_q, block_n, block_d = (16 if n_q <= FEW_QUERIES else 32), 32, 32
+        else:
+            block_q = 16 if n_q <= FEW_QUERIES else 64 if n_q <= 64 else 128
+            block_n = 128
+            block_d = 128 if n_q <= FEW_QUERIES else 64  # the streaming tile: longer loads in flight
+        # The buffer takes one whole tile after a fold, and is at least K_PAD wide for the bitonic top-k.
+        buf = max(block_n, k_pad)
+        merge_q = min(block_q, max(2, _FOLD_KEYS // buf))
+        return _Plan(block_q, block_n, block_d, k_pad, buf, merge_q, c_norm_in_loop=n_q <= FEW_QUERIES)
+
+
+@triton.jit
+def _row_norm_kernel(x_ptr, out_ptr, n, D, stride_n, stride_d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[r] = max(||x[r]||, 1e-12), squares summed in fp32: one read of x, no fp32 copy of it."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = rows < n
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    base = x_ptr + rows[:, None].to(tl.int64) * stride_n
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        v = tl.load(base + dd[None, :] * stride_d, mask=live[:, None] & (dd < D)[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(v * v, axis=1)
+    tl.store(out_ptr + rows, tl.maximum(tl.sqrt(acc), 1e-12), mask=live)
+
+
+_NORM = Kernel(_row_norm_kernel, lambda: [config(4, 2, BLOCK_R=16, BLOCK_D=256)], key=["D"],
+               interpret_meta={"BLOCK_R": 16, "BLOCK_D": 32})
+
+
+def _row_norms(x: torch.Tensor, device: torch.device, backend: dispatch.Backend) -> torch.Tensor:
+    """max(||row||, 1e-12) in fp32 for every row of x (on `device`), computed once per call: the many-query
+    tiles would otherwise recompute the corpus norms in every query block."""
+    out = dispatch.empty((x.shape[0],), torch.float32, device)
+    if x.shape[0]:
+        _NORM.launch(backend, lambda meta: (triton.cdiv(x.shape[0], meta["BLOCK_R"]),),
+                     x, out, x.shape[0], x.shape[1], x.stride(0), x.stride(1))
+    return out
 
 
 # ----------------------------------------------------------------------------------------- key codec
@@ -220,33 +366,45 @@ def _topk_triton(queries: torch.Tensor, corpus: torch.Tensor, k: int, normalize:
     device = queries.device
     n_q, dim = queries.shape
     n_total = corpus.shape[0]
-    k_pad = max(16, triton.next_power_of_2(k))
-    block_q, block_n = _tiles(k_pad, backend)
-    q_blocks = triton.cdiv(n_q, block_q)
+    plan = _Plan.choose(n_q, k, backend)
+    q_blocks = triton.cdiv(n_q, plan.block_q)
     precision = dispatch.dot_precision(queries.dtype)
-    # Enough corpus ranges per launch that (query blocks x ranges) covers the GPU a few times over.
-    max_splits = triton.cdiv(4 * dispatch.num_sms(device), q_blocks)
-    chunk_splits = min(max_splits, triton.cdiv(min(chunk_size, n_total), block_n))
-    part = dispatch.empty((n_q, chunk_splits, k_pad), torch.int64, device)
-    running = [dispatch.empty((n_q, k_pad), torch.int64, device) for _ in range(2)]
+    # Enough corpus ranges per launch that (query blocks x ranges) covers the GPU about twice (four times for
+    # the bandwidth-bound streaming tile: more loads in flight), within the workspace budget (memory stays
+    # O(q * k) whatever N is).
+    waves = 4 if plan.c_norm_in_loop else 2
+    range_bytes = n_q * (plan.k_pad * 8 + plan.buf * 8)
+    max_splits = max(1, min(triton.cdiv(waves * dispatch.num_sms(device), q_blocks), _WORKSPACE_BYTES // range_bytes))
+    chunk_splits = min(max_splits, triton.cdiv(min(chunk_size, n_total), plan.block_n))
+    part = dispatch.empty((n_q, chunk_splits, plan.k_pad), torch.int64, device)
+    buf_s = dispatch.empty((n_q, chunk_splits, plan.buf), torch.float32, device)
+    buf_i = dispatch.empty((n_q, chunk_splits, plan.buf), torch.int32, device)
+    cnt = dispatch.empty((chunk_splits, n_q), torch.int32, device)
+    thr = dispatch.empty((chunk_splits, n_q), torch.float32, device)
+    q_norm = _row_norms(queries, device, backend) if normalize else queries  # (any tensor: unused without NORMALIZE)
+    running = [dispatch.empty((n_q, plan.k_pad), torch.int64, device) for _ in range(2)]
     for i, c0 in enumerate(range(0, n_total, chunk_size)):
         chunk = corpus[c0:c0 + chunk_size].to(device, non_blocking=True)
-        splits = min(chunk_splits, triton.cdiv(chunk.shape[0], block_n))
-        _STREAM.launch(
+        c_norm = _row_norms(chunk, device, backend) if normalize and not plan.c_norm_in_loop else queries
+        splits = min(chunk_splits, triton.cdiv(chunk.shape[0], plan.block_n))
+        _FILTER.launch(
             backend, lambda meta, s=splits: (q_blocks, s),
-            queries, chunk, part,
-            n_q, chunk.shape[0], dim, c0, _MIN_KEY, splits,
+            queries, chunk, q_norm, c_norm, part, buf_s, buf_i, cnt, thr,
+            n_q, chunk.shape[0], dim, k, c0, _MIN_KEY, splits,
             queries.stride(0), queries.stride(1), chunk.stride(0), chunk.stride(1), part.stride(0), part.stride(1),
-            NORMALIZE=normalize, K_PAD=k_pad, BLOCK_Q=block_q, BLOCK_N=block_n, PRECISION=precision,
-            LOG_Q=_log2(block_q), LOG_N=_log2(block_n), LOG_K=_log2(k_pad),
+            buf_s.stride(0), buf_s.stride(1),
+            NORMALIZE=normalize, C_NORM_IN_LOOP=plan.c_norm_in_loop, K_PAD=plan.k_pad, BUF=plan.buf,
+            BLOCK_Q=plan.block_q, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, MERGE_Q=plan.merge_q,
+            EVEN_D=dim % plan.block_d == 0, PRECISION=precision,
+            LOG_MQ=_log2(plan.merge_q), LOG_BUF=_log2(plan.buf), LOG_K=_log2(plan.k_pad),
         )
         # Ping-pong between two running lists: merging in place would merge a list with itself if the
         # launch is ever repeated (autotuning benchmarks a kernel by running it several times).
         prev, out = running[(i + 1) % 2], running[i % 2]
         _MERGE.launch(backend, lambda meta: (triton.cdiv(n_q, _MERGE_BLOCK_Q),),
                       part, prev, out, n_q, splits, _MIN_KEY, part.stride(0), part.stride(1),
-                      HAS_PREV=i > 0, K_PAD=k_pad, BLOCK_Q=_MERGE_BLOCK_Q, LOG_Q=_log2(_MERGE_BLOCK_Q),
-                      LOG_K=_log2(k_pad))
+                      HAS_PREV=i > 0, K_PAD=plan.k_pad, BLOCK_Q=_MERGE_BLOCK_Q, LOG_Q=_log2(_MERGE_BLOCK_Q),
+                      LOG_K=_log2(plan.k_pad))
     values, indices = decode_keys(out[:, :k])
     return values, indices
 

@@ -2,7 +2,7 @@
 
     wave-rt embed SOURCE --out DIR [--model PATH] [--instruction TEXT] [--modality auto|text|audio|video|av]
                   [--device DEV] [--dtype fp32|fp16|bf16] [--max-batch-tokens N] [--workers N] [--engine local|ray]
-    wave-rt index DIR [--kind flat|ivf|hnsw]
+    wave-rt index DIR [--kind auto|flat|flat-gpu|ivf|hnsw]
     wave-rt search DIR (--text TEXT | --audio FILE | --video FILE | --av FILE) [-k 10] [--instruction TEXT]
     wave-rt bench-archive SOURCE [--sample N] [--model PATH] ...
 
@@ -64,11 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--log-every", type=float, default=30.0, metavar="SECONDS",
                    help="progress line interval when stderr is not a terminal")
 
-    i = sub.add_parser("index", help="build a FAISS index over an archive directory")
+    i = sub.add_parser("index", help="build a search index over an archive directory")
     i.add_argument("dir", metavar="DIR")
-    i.add_argument("--kind", default="flat", choices=["flat", "ivf", "hnsw"])
+    i.add_argument("--kind", default="auto", choices=["auto", "flat", "flat-gpu", "ivf", "hnsw"],
+                   help="auto: exact search, flat-gpu (similarity_topk) on CUDA, else FAISS flat")
     i.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(N))")
-    i.add_argument("--cpu", action="store_true", help="never use GPU FAISS")
+    i.add_argument("--cpu", action="store_true", help="CPU only: FAISS flat for --kind auto, never GPU FAISS")
 
     s = sub.add_parser("search", help="search an archive with a text, audio or video query")
     s.add_argument("dir", metavar="DIR")
@@ -110,11 +111,12 @@ def _cmd_embed(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_index(args: argparse.Namespace, out: TextIO) -> int:
-    from wave_rt.archive.index import Index
+    from wave_rt.archive.index import Index, exact_kind
 
-    index = Index.build(args.dir, kind=args.kind, nlist=args.nlist, use_gpu=False if args.cpu else None)
-    out.write(f"indexed {len(index):,} rows of {args.dir} ({args.kind}, dim {index.dim}) -> "
-              f"{index.out_dir / ('index-' + args.kind + '.faiss')}\n")
+    kind = ("flat" if args.cpu else exact_kind()) if args.kind == "auto" else args.kind
+    index = Index.build(args.dir, kind=kind, nlist=args.nlist, use_gpu=False if args.cpu else None)
+    saved = index.save_path()
+    out.write(f"indexed {len(index):,} rows of {args.dir} ({kind}, dim {index.dim}) -> {saved}\n")
     return EXIT_OK
 
 

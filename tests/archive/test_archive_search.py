@@ -108,6 +108,115 @@ def test_archive_search_stale_index_is_not_used(synthetic: Path, tmp_path: Path)
         Index.build(tmp_path)
 
 
+# ------------------------------------------------------------------------------------------------ flat-gpu
+class TieEncoder(FakeEncoder):
+    """Unit vectors with four entries of +-0.5: every dot product is a multiple of 1/4, exact in any
+    summation order, so equal scores are equal bit for bit on every backend (real ties, not rounding)."""
+
+    def _vector(self, key: str) -> np.ndarray:
+        rng = np.random.default_rng(int.from_bytes(key.encode()[-8:].rjust(8, b"0"), "little"))
+        v = np.zeros(self.dim, np.float32)
+        v[rng.choice(self.dim, 4, replace=False)] = rng.choice([-0.5, 0.5], 4)
+        return v
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """600 rows of 200 distinct texts (copies under distinct ids) with exact scores: ties everywhere."""
+    root = tmp_path_factory.mktemp("tied")
+    rng = np.random.default_rng(5)
+    with open(root / "m.jsonl", "w", encoding="utf-8") as f:
+        for i in range(600):
+            f.write(json.dumps({"id": f"row{i:04d}", "text": f"phrase {int(rng.integers(0, 200)):03d}"}) + "\n")
+    out = root / "archive"
+    embed_archive(root / "m.jsonl", out, model=TieEncoder(dim=DIM), workers=1, shard_rows=250, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "interpret"])
+def test_archive_search_flat_gpu_equals_faiss_flat(synthetic: Path, tied: Path, tmp_path: Path, backend: str) -> None:
+    """Index(kind="flat-gpu") on the CPU fallback (the kernels' torch path, and the Triton kernel in the
+    interpreter) returns what FAISS flat returns: the same scores to fp32 rounding, the same rows in the
+    same order where scores are distinct; on exact ties the lower row first (FAISS leaves their order open)."""
+    from wave_rt.kernels import _dispatch as dispatch
+
+    for archive in (synthetic, tied):
+        faiss_flat = Index.build(archive, kind="flat", save=False)
+        ours = Index.build(archive, kind="flat-gpu", save=False)
+        assert ours.kind == "flat-gpu" and len(ours) == len(faiss_flat)
+        vectors = ours.embeddings()
+        queries = vectors[::97] if archive == tied else \
+            np.concatenate([vectors[::97], np.random.default_rng(0).standard_normal((5, DIM))])
+        with dispatch.force_backend(backend):
+            got = ours.search(queries, k=9)
+        want = faiss_flat.search(queries, k=9)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose([h.score for h in g], [h.score for h in w], rtol=0, atol=2e-6)
+            if archive == synthetic:  # no ties: the same rows in the same order
+                assert [(h.position, h.id) for h in g] == [(h.position, h.id) for h in w]
+        # Ties (exact in the tied archive): FAISS returns tied rows in no fixed order, we return them by
+        # lower row, i.e. the stable float64 ranking.
+        exact = vectors.astype(np.float64) @ queries.astype(np.float64).T
+        for j, hits in enumerate(got):
+            assert [h.position for h in hits] == np.argsort(-exact[:, j], kind="stable")[:9].tolist()
+
+
+@pytest.mark.gpu
+def test_archive_search_flat_gpu_on_cuda(synthetic: Path, tied: Path) -> None:
+    """On CUDA: fp16 vectors in GPU memory, the compiled kernel. Self-retrieval and FAISS's top-k on random
+    rows (scores to fp16 rounding), and exact tie order on the exactly representable tied archive."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    ours = Index.build(synthetic, kind="flat-gpu", save=False)
+    assert ours.index.device.type == "cuda" and ours.index.resident and ours.index.dtype == torch.float16
+    vectors = ours.embeddings()
+    queries = vectors[::31]
+    got = ours.search(queries, k=9)
+    want = Index.build(synthetic, kind="flat", save=False, use_gpu=False).search(queries, k=9)
+    assert [h[0].position for h in got] == list(range(0, len(vectors), 31))
+    recall = np.mean([len({x.position for x in g} & {x.position for x in w}) / 9 for g, w in zip(got, want)])
+    assert recall >= 0.97, recall
+    np.testing.assert_allclose([[h.score for h in g] for g in got], [[h.score for h in w] for w in want],
+                               rtol=0, atol=3e-3)
+    tied_index = Index.build(tied, kind="flat-gpu", save=False)
+    tv = tied_index.embeddings()
+    exact = tv.astype(np.float64) @ tv[::7].astype(np.float64).T
+    for j, hits in enumerate(tied_index.search(tv[::7], k=12)):
+        assert [h.position for h in hits] == np.argsort(-exact[:, j], kind="stable")[:12].tolist()
+
+
+def test_archive_search_flat_gpu_cli(tied: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`wave-rt index` picks flat-gpu where exact_kind() says CUDA (patched here); it saves only index.json,
+    and a later load (the path `wave-rt search` takes) searches with it; --cpu keeps FAISS flat."""
+    import shutil
+
+    import wave_rt.archive.index as index_mod
+
+    out = tmp_path / "archive"
+    shutil.copytree(tied, out)
+    monkeypatch.setattr(index_mod, "exact_kind", lambda: "flat-gpu")
+    assert run(["index", str(out)]) == 0
+    assert "(flat-gpu, dim 32)" in capsys.readouterr().out
+    assert json.loads((out / "index.json").read_text())["kind"] == "flat-gpu"
+    assert not list(out.glob("index-*.faiss"))
+    loaded = Index.load(out)
+    assert loaded.kind == "flat-gpu" and len(loaded) == 600
+    row = read_archive(out)["row0123"]["embedding"]
+    assert loaded.search(row, k=1)[0][0].score == pytest.approx(1.0, abs=1e-5)
+    assert Index.load(out, kind="flat-gpu").kind == "flat-gpu"
+    monkeypatch.setattr(index_mod, "exact_kind", lambda: "flat")  # the same archive on a machine without CUDA
+    assert Index.load(out).kind == "flat"
+    monkeypatch.setattr(index_mod, "exact_kind", lambda: "flat-gpu")
+    assert run(["index", str(out), "--cpu"]) == 0
+    assert (out / "index-flat.faiss").exists()
+    assert Index.load(out).kind == "flat-gpu"  # a saved exact FAISS index is searched on the GPU kind
+    monkeypatch.setattr(index_mod, "exact_kind", lambda: "flat")
+    assert Index.load(out).kind == "flat"
+
+
 # ---------------------------------------------------------------------------------------------- demo archive
 @pytest.fixture(scope="module")
 def demo_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -122,9 +231,13 @@ def _cli_json(args: list[str], capsys: pytest.CaptureFixture) -> list[dict]:
 
 
 def test_archive_search_demo_cli(demo_archive: Path, capsys: pytest.CaptureFixture) -> None:
+    from wave_rt.archive.index import exact_kind
+
     assert run(["index", str(demo_archive)]) == 0
     assert "indexed 12 rows" in capsys.readouterr().out
-    assert (demo_archive / "index-flat.faiss").exists()
+    kind = json.loads((demo_archive / "index.json").read_text())["kind"]
+    assert kind == exact_kind()  # flat-gpu on a CUDA machine, FAISS flat elsewhere
+    assert kind == "flat-gpu" or (demo_archive / "index-flat.faiss").exists()
 
     caption = CAPTIONS["text/beeps"]
     hits = _cli_json(["search", str(demo_archive), "--text", caption, "-k", "3", "--json"], capsys)

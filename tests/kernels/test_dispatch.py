@@ -85,12 +85,18 @@ def test_empty_poisons_only_when_asked(monkeypatch):
     assert plain.shape == (2, 2) and plain.dtype == torch.float32
 
 
-def test_dot_precision_follows_pytorch_tf32_setting(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert dispatch.dot_precision(torch.float32) == "ieee"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert dispatch.dot_precision(torch.float32) == "tf32"
-    assert dispatch.dot_precision(torch.float16) == "tf32"  # ignored by tl.dot for 16-bit inputs
+def test_dot_precision_follows_pytorch_tf32_setting():
+    # Set and restored by hand: in torch 2.13 allow_tf32 is a computed attribute of the cuBLAS module, which
+    # monkeypatch's undo (delattr when the instance had no own attribute) cannot restore.
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert dispatch.dot_precision(torch.float32) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert dispatch.dot_precision(torch.float32) == "tf32"
+        assert dispatch.dot_precision(torch.float16) == "tf32"  # ignored by tl.dot for 16-bit inputs
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _count_launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:

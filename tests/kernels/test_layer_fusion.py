@@ -220,13 +220,21 @@ GPU_DTYPES = (torch.bfloat16, torch.float16)
     *((dtype, shape) for dtype in GPU_DTYPES for shape in [(3, 28, 256, 384), (37, 5, 123, 200), (300, 4, 512, 257)]),
     (torch.float32, (37, 5, 123, 200)),  # fp32 autotuning compiles slowly: one shape
 ], ids=lambda p: str(p) if isinstance(p, torch.dtype) else "B{}L{}D{}H{}".format(*p))
-def test_layer_fusion_gpu(cuda, accuracy, dtype, shape):
-    """Compiled Triton (autotuned; split-K for the small batches) against the float64 reference on the GPU."""
+def test_layer_fusion_gpu(cuda, accuracy, monkeypatch, dtype, shape):
+    """Compiled Triton (autotuned; split-K for the small batches) against the float64 reference on the GPU;
+    the spy proves the Triton kernel ran (contiguous hidden would otherwise take the cuBLAS view path)."""
+    from wave_rt.kernels import layer_fusion as lf
+
+    backends = []
+    original = lf.LayerFusionMLPFunction.apply
+    monkeypatch.setattr(lf.LayerFusionMLPFunction, "apply",
+                        staticmethod(lambda *a: backends.append(a[3]) or original(*a)))
     inputs64 = fusion_inputs(*shape, device=cuda)
     assert dispatch.select_backend(inputs64[0]) == "triton"
-    with dispatch.force_backend("triton"):  # contiguous hidden would otherwise take the cuBLAS view path
+    with dispatch.force_backend("triton"):
         check_against_reference(accuracy, layer_fusion_mlp, layer_fusion_mlp_reference, inputs64, dtype,
                                 ("hidden", "w1", "b1"))
+    assert backends and set(backends) == {"triton"}
 
 
 @pytest.mark.gpu

@@ -5,10 +5,14 @@
     for h in hits: print(h.rank, h.score, h.id, h.path)
 
 Scores are cosine similarities: vectors are L2-normalized before they enter the index and queries
-before they are searched (inner-product metric). Kinds: `flat` (exact), `ivf` (IVF-Flat, trained on a
-strided sample of the whole archive, since shards are grouped by length), `hnsw` (HNSW-Flat, CPU only).
-Flat and IVF move to all GPUs when FAISS has GPU support. FAISS is imported lazily; without it the
-error names the pip command.
+before they are searched (inner-product metric). Kinds: `flat` (exact, FAISS), `flat-gpu` (exact, the
+vectors as one torch tensor searched by wave_rt.kernels.similarity_topk: fp16 in GPU memory on CUDA, or
+streamed from pinned host memory when they do not fit; float32 through the kernels' torch path on a CPU),
+`ivf` (IVF-Flat, trained on a strided sample of the whole archive, since shards are grouped by length),
+`hnsw` (HNSW-Flat, CPU only). Exact kinds break ties by the lower row. `exact_kind()` is the exact kind the
+CLI picks: `flat-gpu` on a CUDA machine, FAISS `flat` elsewhere. FAISS (CPU and ANN kinds) is imported
+lazily; without it the error names the pip command. `flat-gpu` saves only index.json: its vectors are
+read from the shards when it loads.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from wave_rt.archive.journal import committed_shards
 from wave_rt.archive.manifest import RunManifest, atomic_write_text, read_manifest
 from wave_rt.archive.shards import META_COLUMNS
 
-KINDS = ("flat", "ivf", "hnsw")
+KINDS = ("flat", "flat-gpu", "ivf", "hnsw")
 INDEX_META = "index.json"
 
 
@@ -70,6 +74,60 @@ def _normalized(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+def exact_kind() -> str:
+    """`flat-gpu` where CUDA is available (similarity_topk on the GPU), else FAISS `flat`."""
+    import torch
+
+    return "flat-gpu" if torch.cuda.is_available() else "flat"
+
+
+class FlatTorchIndex:
+    """Exact inner-product search over normalized rows held as one torch tensor, answered by
+    wave_rt.kernels.similarity_topk (ties to the lower row). The FAISS-like surface (`ntotal`, `search`)
+    lets Index treat it like the FAISS kinds.
+
+    On CUDA the rows are fp16 in GPU memory (scores accumulate in fp32), or pinned host memory streamed
+    to the GPU chunk by chunk when they would leave less than `headroom` bytes free; on a CPU they are
+    float32 and similarity_topk takes its streamed torch path (the same scores as FAISS flat)."""
+
+    def __init__(self, dim: int, rows: int, device: Any = None, headroom: int = 2 << 30) -> None:
+        import torch
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        storage = self.device
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if rows * dim * 2 > free - headroom:
+                storage = torch.device("cpu")
+        self.vectors = torch.empty((rows, dim), dtype=self.dtype, device=storage,
+                                   pin_memory=storage.type == "cpu" and self.device.type == "cuda")
+        self.ntotal = 0
+
+    @property
+    def resident(self) -> bool:
+        """True when the rows sit in the memory of the device that searches them."""
+        return self.vectors.device.type == self.device.type
+
+    def add(self, x: Any) -> None:
+        """Append normalized rows (numpy, or a torch tensor on any device)."""
+        import torch
+
+        rows = torch.as_tensor(x)
+        n = rows.shape[0]
+        self.vectors[self.ntotal:self.ntotal + n] = rows.to(device=self.vectors.device, dtype=self.dtype)
+        self.ntotal += n
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        from wave_rt.kernels import similarity_topk
+
+        q = torch.from_numpy(np.ascontiguousarray(queries)).to(device=self.device, dtype=self.dtype)
+        values, indices = similarity_topk(q, self.vectors[:self.ntotal], k, normalize=False)
+        return values.cpu().numpy(), indices.cpu().numpy()
+
+
 def _gpu_count(faiss: Any) -> int:
     get = getattr(faiss, "get_num_gpus", None)
     return int(get()) if get is not None else 0
@@ -95,7 +153,6 @@ class Index:
         """Index every committed shard of `out_dir`; with save=True also write index-<kind>.faiss + index.json."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        faiss = _faiss()
         root = Path(out_dir)
         manifest = _manifest(root)
         shards = _shards(root)
@@ -103,6 +160,15 @@ class Index:
         if total == 0:
             raise ArchiveFormatError(root, "has no embedded rows to index")
         dim = manifest.dim
+        if kind == "flat-gpu":
+            flat = FlatTorchIndex(dim, total)
+            for name, _ in shards:
+                flat.add(_normalized(_embeddings(root / name)))
+            obj = cls(root, flat, _read_meta(root, shards), kind, manifest, shards)
+            if save:
+                obj.save()
+            return obj
+        faiss = _faiss()
         gpu = (_gpu_count(faiss) > 0) if use_gpu is None else use_gpu
         params: dict[str, Any] = {}
         if kind == "flat":
@@ -142,9 +208,10 @@ class Index:
 
     @classmethod
     def load(cls, out_dir: str | os.PathLike[str], kind: str | None = None) -> Index:
-        """The saved index when it covers exactly the archive's current shards; otherwise an exact flat index
-        built in memory (nothing written)."""
-        faiss = _faiss()
+        """The saved index when it covers exactly the archive's current shards; otherwise an exact index
+        (`exact_kind()`) built in memory (nothing written). A saved exact index (`flat` or `flat-gpu`) is
+        searched with this machine's exact kind unless `kind` asks for one: `flat-gpu` on a CUDA machine,
+        FAISS `flat` elsewhere (the same results)."""
         root = Path(out_dir)
         manifest = _manifest(root)
         shards = _shards(root)
@@ -153,15 +220,30 @@ class Index:
             info = json.loads(meta_path.read_text(encoding="utf-8"))
             wanted = kind or info.get("kind")
             current = [list(s) for s in shards] == info.get("shards") and info.get("config_hash") == manifest.config_hash
+            if current and kind is None and wanted in ("flat", "flat-gpu") and "flat-gpu" in (wanted, exact_kind()):
+                return cls.build(root, exact_kind(), save=False)  # exact either way: the machine's exact kind
+            if current and wanted == "flat-gpu":
+                return cls.build(root, "flat-gpu", save=False)
             file = root / f"index-{wanted}.faiss"
             if current and wanted == info.get("kind") and file.exists():
+                faiss = _faiss()
                 index = faiss.read_index(str(file))
                 if _gpu_count(faiss) > 0 and wanted in ("flat", "ivf"):
                     index = faiss.index_cpu_to_all_gpus(index)
                 return cls(root, index, _read_meta(root, shards), wanted, manifest, shards, info.get("params"))
-        return cls.build(root, kind or "flat", save=False)
+        return cls.build(root, kind or exact_kind(), save=False)
+
+    def save_path(self) -> Path:
+        """The file that holds this index once saved (flat-gpu: index.json)."""
+        return self.out_dir / (INDEX_META if self.kind == "flat-gpu" else f"index-{self.kind}.faiss")
 
     def save(self) -> Path:
+        """index-<kind>.faiss + index.json (flat-gpu: index.json only; its vectors are the shards')."""
+        info = {"kind": self.kind, "rows": len(self), "shards": [list(s) for s in self.shards],
+                "config_hash": self.manifest.config_hash, "params": self.params}
+        if self.kind == "flat-gpu":
+            atomic_write_text(self.out_dir / INDEX_META, json.dumps(info, indent=2) + "\n")
+            return self.out_dir / INDEX_META
         faiss = _faiss()
         index = self.index
         if hasattr(faiss, "index_gpu_to_cpu") and _gpu_count(faiss) > 0 and self.kind in ("flat", "ivf"):
@@ -170,8 +252,6 @@ class Index:
         tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
         faiss.write_index(index, str(tmp))
         os.replace(tmp, file)
-        info = {"kind": self.kind, "rows": len(self), "shards": [list(s) for s in self.shards],
-                "config_hash": self.manifest.config_hash, "params": self.params}
         atomic_write_text(self.out_dir / INDEX_META, json.dumps(info, indent=2) + "\n")
         return file
 

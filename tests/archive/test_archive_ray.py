@@ -10,11 +10,9 @@ from archive_helpers import (
     make_media_archive,
     read_archive,
     read_error_ids,
-    tools_available,
     write_text_manifest,
 )
 
-pytestmark = pytest.mark.skipif(not tools_available(), reason="needs ffmpeg, sox and espeak-ng")
 ray = pytest.importorskip("ray", reason='needs ray: pip install "ray[data]"')
 
 

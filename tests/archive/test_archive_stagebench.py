@@ -6,11 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from archive_helpers import BAD_MEDIA, GOOD_MEDIA, make_media_archive, tools_available
+from archive_helpers import BAD_MEDIA, GOOD_MEDIA, make_media_archive
 
 from wave_rt.cli import run
-
-pytestmark = pytest.mark.skipif(not tools_available(), reason="needs ffmpeg, sox and espeak-ng")
 
 
 def test_archive_stagebench_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -42,6 +42,7 @@ from wave_rt.archive.manifest import (
 from wave_rt.archive.progress import JobSummary, Progress
 from wave_rt.archive.shards import EMBEDDING_DTYPES, list_shards
 from wave_rt.archive.sources import ArchiveSource, SourceItem, check_modality, open_source
+from wave_rt.dtypes import dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,6 @@ def model_ref(model: Any) -> str:
     if isinstance(model, (str, os.PathLike)):
         return os.path.abspath(os.fspath(model))
     return str(getattr(model, "model_path", None) or f"<encoder {getattr(model, 'model_id', type(model).__name__)}>")
-
-
-def _dtype_name(dtype: Any) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 @contextlib.contextmanager
@@ -218,8 +215,8 @@ def _run_job(src: ArchiveSource, out_dir: Path, model: Any, instruction: str | N
     if existing is not None:
         # settings known without loading the model: refuse early, before a 7B load
         diff = {k: (getattr(existing, k), v) for k, v in run_settings.items() if getattr(existing, k) != v}
-        if dtype is not None and _dtype_name(_torch_dtype(dtype)) != existing.dtype:
-            diff["dtype"] = (existing.dtype, _dtype_name(_torch_dtype(dtype)))
+        if dtype is not None and dtype_name(dtype) != existing.dtype:
+            diff["dtype"] = (existing.dtype, dtype_name(dtype))
         if diff:
             from wave_rt.archive.errors import ArchiveMismatchError
 
@@ -246,7 +243,7 @@ def _run_job(src: ArchiveSource, out_dir: Path, model: Any, instruction: str | N
 
     encoder = _load_encoder(model, device, dtype, engine, ray_address)
     wanted = RunManifest(model_id=str(encoder.model_id), model_path=ref, config_hash=str(encoder.fingerprint),
-                         dtype=_dtype_name(encoder.dtype), dim=int(encoder.dim), instruction=instruction,
+                         dtype=dtype_name(encoder.dtype), dim=int(encoder.dim), instruction=instruction,
                          modality=modality, embedding_dtype=embedding_dtype, normalized=normalize,
                          wave_rt_version=_version(), source=src.spec)
     summary.model_id, summary.config_hash = wanted.model_id, wanted.config_hash
@@ -350,19 +347,6 @@ def _version() -> str:
     return __version__
 
 
-def _torch_dtype(dtype: Any) -> Any:
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    try:
-        return names[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}") from None
-
-
 def _load_encoder(model: Any, device: Any, dtype: Any, engine: str, ray_address: str | None) -> Any:
     if model is not None and not isinstance(model, (str, os.PathLike)):
         if engine == "ray":
@@ -377,4 +361,4 @@ def _load_encoder(model: Any, device: Any, dtype: Any, engine: str, ray_address:
         from wave_rt.archive.ray_engine import worker_dtype
 
         return WaveEncoder.from_pretrained(path, device="cpu", dtype=worker_dtype(dtype, ray_address))
-    return WaveEncoder.from_pretrained(path, device=device, dtype=_torch_dtype(dtype) if dtype is not None else None)
+    return WaveEncoder.from_pretrained(path, device=device, dtype=dtype)

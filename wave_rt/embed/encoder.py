@@ -22,9 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from wave_rt.config import WaveConfig
+from wave_rt.dtypes import default_dtype, parse_dtype
 from wave_rt.embed.batching import plan_batches
 from wave_rt.embed.prepared import PreparedItem
 from wave_rt.embed.processor import WaveProcessor, load_tokenizer
+from wave_rt.embed.runner import ModelRunner
 from wave_rt.items import Item, modality_of
 from wave_rt.model.batch import collate
 from wave_rt.model.wave_model import WaveModel
@@ -47,16 +49,7 @@ def _default_device() -> torch.device:
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    try:
-        return names[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}") from None
+    return default_dtype(device) if dtype is None else parse_dtype(dtype)
 
 
 def weights_fingerprint(path: str | os.PathLike[str], sample_blocks: int = 64, block: int = 1 << 16) -> str:
@@ -191,18 +184,6 @@ class WaveEncoder:
             out = F.normalize(out, dim=-1)
         return out.cpu()
 
-    def _embed_with_retry(self, batch: Sequence[PreparedItem], normalize: bool) -> torch.Tensor:
-        try:
-            return self.embed_prepared(batch, normalize)
-        except torch.OutOfMemoryError:
-            if len(batch) == 1:
-                raise
-            torch.cuda.empty_cache()
-            half = len(batch) // 2
-            log.warning("CUDA out of memory on a batch of %d; retrying as %d + %d", len(batch), half, len(batch) - half)
-            return torch.cat([self._embed_with_retry(batch[:half], normalize),
-                              self._embed_with_retry(batch[half:], normalize)])
-
     # ------------------------------------------------------------------ encode
     def encode(
         self,
@@ -228,6 +209,8 @@ class WaveEncoder:
         # Windows bound the memory held by decoded media; text windows can be large.
         has_media = any(modality_of(it) not in ("text", None) for it in seq)
         window = 64 if has_media else 8192
+        # An out-of-memory batch is split in halves (and the cap lowered) rather than failing the call.
+        runner = ModelRunner(self, budget or (1 << 62), normalize=normalize, isolate_errors=False)
         with ThreadPoolExecutor(max_workers=self.num_workers) as pool:
             for start in range(0, len(seq), window):
                 idx = list(range(start, min(len(seq), start + window)))
@@ -237,8 +220,11 @@ class WaveEncoder:
                     prepared = [self.prepare(seq[i], instruction, index=i) for i in idx]
                 lengths = [p.num_tokens for p in prepared]
                 for group in plan_batches(lengths, budget, batch_size):
-                    emb = self._embed_with_retry([prepared[g] for g in group], normalize)
-                    out[torch.tensor([idx[g] for g in group])] = emb
+                    ok, failed = runner.run([prepared[g] for g in group])
+                    if failed:
+                        raise next(iter(failed.values()))
+                    for j, g in enumerate(group):
+                        out[idx[g]] = torch.from_numpy(ok[j])
                     bar.update(len(group))
         bar.close()
         return _convert(out[0] if single else out, convert_to)

@@ -120,8 +120,8 @@ def test_archive_e2e_cli_codes(dir_run, media: Path, tmp_path: Path, capsys: pyt
     assert "different settings" in err and "instruction" in err and "Traceback" not in err
     assert run(["embed", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
     assert "no such file or directory" in capsys.readouterr().err
-    assert run(["embed", str(media)]) == 2  # --out missing: usage error
-    assert run(["embed", str(media), "--out", str(tmp_path / "o"), "--modality", "smell"]) == 2
+    assert run(["embed", str(media)]) == 1  # --out missing: usage error, one line
+    assert run(["embed", str(media), "--out", str(tmp_path / "o"), "--modality", "smell"]) == 1
 
 
 def test_archive_e2e_manifest_texts_and_media(media: Path, encoder, tmp_path: Path) -> None:  # noqa: ANN001

@@ -94,7 +94,7 @@ def test_verbose_after_the_subcommand_logs_and_shows_tracebacks(tmp_path, monkey
     (["embed", "demo", "--out", "o", "--dtype", "fp8"], "embed"),
     (["embed", "demo", "--out", "o", "--modality", "smell"], "embed"),
     (["embed", "demo", "--out", "o", "--max-batch-tokens", "many"], "embed"),
-    (["embed", "demo", "--out", "o", "--no-such-option"], "embed"),
+    (["embed", "demo", "--out", "o", "--no-such-option"], "--no-such-option"),
     (["search", "DIR"], "search"),  # no query
     (["frobnicate"], ""),
     ([], ""),

@@ -241,7 +241,7 @@ def _run_job(src: ArchiveSource, out_dir: Path, model: Any, instruction: str | N
     if to_do == 0 and same_model:
         return _finish_idle(out_dir, existing, journal, errors, summary)
 
-    encoder = _load_encoder(model, device, dtype, engine, ray_address)
+    encoder = load_encoder(model, device, dtype, engine, ray_address)
     wanted = RunManifest(model_id=str(encoder.model_id), model_path=ref, config_hash=str(encoder.fingerprint),
                          dtype=dtype_name(encoder.dtype), dim=int(encoder.dim), instruction=instruction,
                          modality=modality, embedding_dtype=embedding_dtype, normalized=normalize,
@@ -258,7 +258,6 @@ def _run_job(src: ArchiveSource, out_dir: Path, model: Any, instruction: str | N
     _update_counts(manifest, journal, errors)
     write_manifest(out_dir, manifest)
 
-    budget = int(max_batch_tokens or encoder.default_max_batch_tokens)
     n_workers = int(workers or default_workers())
     rows_per_shard = int(shard_rows or default_shard_rows(manifest.dim, embedding_dtype))
     prog = Progress(total=to_do, stream=stream, log_every=log_every, enabled=show)
@@ -273,6 +272,7 @@ def _run_job(src: ArchiveSource, out_dir: Path, model: Any, instruction: str | N
         if engine == "local":
             from wave_rt.archive.pipeline import LocalPipeline
 
+            budget = int(max_batch_tokens or encoder.default_max_batch_tokens)
             pipe = LocalPipeline(encoder, writer, instruction=instruction, max_batch_tokens=budget,
                                  workers=n_workers, normalize=normalize)
             stats = pipe.run(pending)
@@ -347,18 +347,20 @@ def _version() -> str:
     return __version__
 
 
-def _load_encoder(model: Any, device: Any, dtype: Any, engine: str, ray_address: str | None) -> Any:
+def load_encoder(model: Any, device: Any, dtype: Any, engine: str = "local", ray_address: str | None = None) -> Any:
+    """The local engine's encoder; for engine="ray", only the model's identity (id, fingerprint, dtype,
+    width) read from the files: the driver never builds the model, the workers do."""
     if model is not None and not isinstance(model, (str, os.PathLike)):
         if engine == "ray":
             raise ValueError("engine='ray' loads the model in each worker: pass model as a checkpoint path "
                              "(or None for the demo model), not a loaded encoder")
         return model  # a loaded encoder (anything with the WaveEncoder contract)
-    from wave_rt.embed.encoder import WaveEncoder
-
     path = None if model is None else os.fspath(model)
     if engine == "ray":
-        # The driver only needs the fingerprint and width: load on the CPU in the dtype the workers use.
         from wave_rt.archive.ray_engine import worker_dtype
+        from wave_rt.embed.identity import read_identity
 
-        return WaveEncoder.from_pretrained(path, device="cpu", dtype=worker_dtype(dtype, ray_address))
+        return read_identity(path, worker_dtype(dtype, ray_address))
+    from wave_rt.embed.encoder import WaveEncoder
+
     return WaveEncoder.from_pretrained(path, device=device, dtype=dtype)

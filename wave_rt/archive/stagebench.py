@@ -135,7 +135,7 @@ def bench_archive(source: Any, model: Any = None, sample: int = 64, instruction:
                   workers: int | None = None, encoder: Any = None, items: list[SourceItem] | None = None,
                   run_pipeline: bool = True) -> StageReport:
     """Measure the stages on the first `sample` items of `source` (or on `items`)."""
-    from wave_rt.archive.job import _load_encoder, default_workers
+    from wave_rt.archive.job import default_workers, load_encoder
     from wave_rt.embed.batching import plan_batches
 
     if sample <= 0:
@@ -143,7 +143,7 @@ def bench_archive(source: Any, model: Any = None, sample: int = 64, instruction:
     chosen = items if items is not None else sample_items(source, sample, modality)
     if not chosen:
         raise ValueError(f"{source}: no items to benchmark")
-    enc = encoder if encoder is not None else _load_encoder(model, device, dtype, "local", None)
+    enc = encoder if encoder is not None else load_encoder(model, device, dtype, "local", None)
     budget = int(max_batch_tokens or enc.default_max_batch_tokens)
     n_workers = int(workers or default_workers())
     report = StageReport(source=str(source), model_id=str(enc.model_id), device=str(enc.device),

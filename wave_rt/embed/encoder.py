@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from wave_rt.config import WaveConfig
 from wave_rt.dtypes import default_dtype, parse_dtype
 from wave_rt.embed.batching import plan_batches
+from wave_rt.embed.identity import DEMO_MODEL, encoder_fingerprint, weights_fingerprint
 from wave_rt.embed.prepared import PreparedItem
 from wave_rt.embed.processor import WaveProcessor, load_tokenizer
 from wave_rt.embed.runner import ModelRunner
@@ -33,7 +34,6 @@ from wave_rt.model.wave_model import WaveModel
 
 log = logging.getLogger(__name__)
 
-DEMO_MODEL = "demo"
 ConvertTo = Literal["numpy", "torch"] | None
 
 
@@ -50,29 +50,6 @@ def _default_device() -> torch.device:
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
     return default_dtype(device) if dtype is None else parse_dtype(dtype)
-
-
-def weights_fingerprint(path: str | os.PathLike[str], sample_blocks: int = 64, block: int = 1 << 16) -> str:
-    """A stable hash of a checkpoint's weight files: names, sizes, and (for files over 256 MB) 64 evenly
-    spread 64 KiB blocks instead of every byte, so a 16 GB checkpoint is fingerprinted in milliseconds."""
-    root = Path(path)
-    h = hashlib.sha256()
-    files = sorted(
-        p for p in root.iterdir()
-        if p.suffix in (".safetensors", ".bin", ".pt") or p.name.endswith(".safetensors.index.json")
-    )
-    for p in files:
-        size = p.stat().st_size
-        h.update(f"{p.name}:{size};".encode())
-        with p.open("rb") as f:
-            if size <= 256 * 1024 * 1024:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            else:
-                for k in range(sample_blocks):
-                    f.seek((size - block) * k // max(1, sample_blocks - 1))
-                    h.update(f.read(block))
-    return h.hexdigest()[:16]
 
 
 def _state_fingerprint(model: torch.nn.Module) -> str:
@@ -145,8 +122,7 @@ class WaveEncoder:
     @property
     def fingerprint(self) -> str:
         """Changes whenever an embedding could change: weights, config/recipe/prompts, dtype."""
-        blob = f"{self._weights_id}|{self.config.fingerprint()}|{self.dtype}".encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return encoder_fingerprint(self._weights_id, self.config, self.dtype)
 
     @property
     def dim(self) -> int:

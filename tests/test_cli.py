@@ -34,7 +34,7 @@ def _assert_one_line_error(code: int, err: str, command: str) -> None:
 
 def test_every_subcommand_has_help(capsys):
     subs = _subparsers(build_parser())
-    assert {"embed", "index", "search", "bench-archive"} <= set(subs)
+    assert {"embed", "index", "search"} <= set(subs)
     for name in subs:
         assert run([name, "--help"]) == 0
         printed = capsys.readouterr().out
@@ -65,7 +65,7 @@ def test_shared_options_have_one_spelling():
                     clashes.append(f"{opt}: {seen[opt][1]} vs {name}")
                 seen.setdefault(opt, (key, name))
     assert clashes == []
-    for name in ("embed", "search", "bench-archive"):
+    for name in ("embed", "search"):
         opts = {o for a in _subparsers(build_parser())[name]._actions for o in a.option_strings}
         assert {"--model", "--device", "--dtype", "--instruction"} <= opts, name
 

@@ -7,7 +7,6 @@
     wave-rt index DIR [--kind flat|ivf|hnsw]
     wave-rt search DIR (--text TEXT | --audio FILE | --video FILE | --av FILE) [-k 10] [--instruction TEXT]
                   [--model PATH] [--device DEV] [--dtype ...]
-    wave-rt bench-archive SOURCE [--sample N] [--model PATH] ...
 
 Exit codes: 0 done (items that failed are listed in DIR/errors.jsonl and the summary), 1 error (a bad
 option, a missing or unreadable path, an unwritable output, settings that do not match DIR, a bad model
@@ -228,38 +227,8 @@ def _cmd_search(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-# ---------------------------------------------------------------------------------------------- bench-archive
-def _add_bench_archive(sub: Any) -> argparse.ArgumentParser:
-    b = sub.add_parser("bench-archive", help="time each stage (decode, preprocess, model, write) on a sample",
-                       description="Time each stage of `wave-rt embed` on the first N items of SOURCE.")
-    b.add_argument("source", metavar="SOURCE", help="what `wave-rt embed` would read (see embed --help)")
-    _add_model_args(b)
-    _add_batch_args(b)
-    _add_source_args(b)
-    b.add_argument("--sample", type=int, default=64, metavar="N", help="items to time (the first N of SOURCE)")
-    b.add_argument("--json", metavar="FILE", default=None, help="also write the measurements as JSON")
-    b.set_defaults(func=_cmd_bench_archive)
-    return b
-
-
-def _cmd_bench_archive(args: argparse.Namespace, out: TextIO) -> int:
-    from wave_rt.archive.stagebench import bench_archive
-
-    _check_device(args.device)
-    report = bench_archive(args.source, model=args.model, sample=args.sample, instruction=args.instruction,
-                           modality=args.modality, device=args.device, dtype=args.dtype,
-                           max_batch_tokens=args.max_batch_tokens, workers=args.workers)
-    out.write(report.table() + "\n")
-    if args.json:
-        import json
-
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report.to_dict(), f, indent=2)
-    return EXIT_OK
-
-
 # The subcommands, in --help order. Each registers its parser (with help on every option) and sets func.
-COMMANDS: list[Callable[[Any], argparse.ArgumentParser]] = [_add_embed, _add_index, _add_search, _add_bench_archive]
+COMMANDS: list[Callable[[Any], argparse.ArgumentParser]] = [_add_embed, _add_index, _add_search]
 
 
 def build_parser() -> argparse.ArgumentParser:

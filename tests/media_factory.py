@@ -108,37 +108,13 @@ def write_encoded_audio(path: Path, samples: np.ndarray, rate: int, codec: str, 
 
 def write_video(path: Path, frames: np.ndarray, fps: int, codec: str = "libx264", audio: np.ndarray | None = None,
                 audio_rate: int = 44100, gop: int | None = None, bframes: int | None = None) -> None:
-    """H.264 / VP9 video (rgb24 frames [n, h, w, 3]), optionally with an AAC track."""
-    import av
+    """H.264 / VP9 video (rgb24 frames [n, h, w, 3]), optionally with a mono AAC track."""
+    from wave_rt.archive.demo_data import write_video as encode
 
-    with av.open(str(path), "w") as container:
-        vs = container.add_stream(codec, rate=fps)
-        vs.width, vs.height = frames.shape[2], frames.shape[1]
-        vs.pix_fmt = "yuv420p"
-        vs.codec_context.thread_count = 1
-        options: dict[str, str] = {}
-        if codec == "libx264":
-            options = {"preset": "veryfast"}
-            if bframes is not None:
-                options["bf"] = str(bframes)
-        elif codec == "libvpx-vp9":
-            options = {"deadline": "realtime", "cpu-used": "8", "b:v": "200k"}
-        if gop is not None:
-            options["g"] = str(gop)
-        vs.options = options
-        astream = None
-        if audio is not None:
-            astream = container.add_stream("aac", rate=audio_rate)
-            astream.layout = "mono"
-        for i, arr in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
-            frame.pts = i
-            for packet in vs.encode(frame):
-                container.mux(packet)
-        for packet in vs.encode(None):
-            container.mux(packet)
-        if astream is not None and audio is not None:
-            _encode_audio(container, astream, audio, audio_rate)
+    options = {"g": str(gop)} if gop is not None else {}
+    if bframes is not None:
+        options["bf"] = str(bframes)
+    encode(path, frames, fps, codec, audio=audio, audio_rate=audio_rate, options=options)
 
 
 def write_mp3_with_cover(path: Path, samples: np.ndarray, rate: int, cover_rgb: np.ndarray) -> None:

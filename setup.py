@@ -15,7 +15,7 @@ try:
 except ImportError as exc:  # pragma: no cover - only hit when building without pybind11
     raise SystemExit(
         "building wave_rt needs pybind11 in the build environment: "
-        "pip install pybind11 && pip install --no-build-isolation -e ."
+        "pip install -e .  (or, with --no-build-isolation, pip install pybind11 first)"
     ) from exc
 
 

@@ -2,7 +2,7 @@
 
 For each workload (texts, audio clips, silent videos, audio-visual clips, generated here with PyAV and
 soundfile) it measures, on the same items:
-  - each stage alone (wave_rt.archive.stagebench: decode, preprocess = features + tokens, model =
+  - each stage alone (bench/stagebench.py: decode, preprocess = features + tokens, model =
     token-budget batches, device-synchronized, write = one Parquet shard), median of --repeats;
   - the whole job end to end (embed_archive, local engine: stages overlapped), median of --repeats,
     while GPU utilization is sampled (pynvml, else nvidia-smi) on CUDA;
@@ -198,8 +198,9 @@ class QwenIdTokenizer:
 
 def small_config_dict() -> dict[str, Any]:
     """A small Omni thinker with Qwen's vocabulary and token ids: runs the 7B code path on a CPU."""
+    from presets import QWEN_TOKEN_IDS
+
     from wave_rt.model.beats import BEATsConfig
-    from wave_rt.model.presets import QWEN_TOKEN_IDS
     from wave_rt.model.tiny import tiny_thinker_config_dict
 
     data = tiny_thinker_config_dict(QWEN_TOKEN_IDS, vocab_size=152064, hidden=256, layers=8, heads=8, kv_heads=2,
@@ -215,10 +216,11 @@ def load_encoder(args: argparse.Namespace, device: torch.device, dtype: torch.dt
 
     if args.model is not None or args.model_config == "demo":
         return WaveEncoder.from_pretrained(args.model, device=device, dtype=dtype)
+    from presets import QWEN_TOKEN_IDS, omni_7b_config_dict
+
     from wave_rt.config import WaveConfig
     from wave_rt.embed.processor import WaveProcessor, load_tokenizer
     from wave_rt.model.demo import demo_checkpoint
-    from wave_rt.model.presets import QWEN_TOKEN_IDS, omni_7b_config_dict
     from wave_rt.model.wave_model import WaveModel
 
     data = omni_7b_config_dict() if args.model_config == "7b" else small_config_dict()
@@ -333,8 +335,9 @@ class GpuSampler:
 # ---------------------------------------------------------------------------------------------- measuring
 def measure(kind: str, manifest: Path, encoder: Any, args: argparse.Namespace, work: Path,
             facts: tuple[int, int, int] | None, peak: float | None) -> list[dict[str, Any]]:
+    from stagebench import bench_archive, sample_items
+
     from wave_rt.archive.job import embed_archive
-    from wave_rt.archive.stagebench import bench_archive, sample_items
 
     items = sample_items(manifest, 10**9)
     budget = args.max_batch_tokens or encoder.default_max_batch_tokens

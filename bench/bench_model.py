@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import PeakMemory, row, time_it, write_result  # noqa: E402
+from presets import QWEN_TOKEN_IDS, omni_7b_config_dict  # noqa: E402
 
 from wave_rt.config import WaveConfig  # noqa: E402
 from wave_rt.embed.batching import plan_batches  # noqa: E402
@@ -35,7 +36,6 @@ from wave_rt.embed.prepared import PreparedItem  # noqa: E402
 from wave_rt.embed.processor import whisper_tokens  # noqa: E402
 from wave_rt.model.batch import AudioSegmentInputs, ItemInputs  # noqa: E402
 from wave_rt.model.positions import SequenceBuilder, VideoGrid  # noqa: E402
-from wave_rt.model.presets import QWEN_TOKEN_IDS, omni_7b_config_dict  # noqa: E402
 from wave_rt.model.tiny import tiny_thinker_config_dict  # noqa: E402
 from wave_rt.model.wave_model import WaveModel  # noqa: E402
 

@@ -1,14 +1,19 @@
 """The `wave-rt` command line.
 
-    wave-rt embed SOURCE --out DIR [--model PATH] [--instruction TEXT] [--modality auto|text|audio|video|av]
-                  [--device DEV] [--dtype fp32|fp16|bf16] [--max-batch-tokens N] [--workers N] [--engine local|ray]
+    wave-rt [-v] [--version] COMMAND ...      (-v/--verbose also works after COMMAND)
+    wave-rt embed SOURCE --out DIR [--model PATH] [--device DEV] [--dtype fp32|fp16|bf16] [--max-batch-tokens N]
+                  [--instruction TEXT] [--modality auto|text|audio|video|av] [--engine local|ray]
+                  [--workers N (local: decode threads)] [--replicas N (ray: model replicas)] ...
     wave-rt index DIR [--kind auto|flat|flat-gpu|ivf|hnsw]
     wave-rt search DIR (--text TEXT | --audio FILE | --video FILE | --av FILE) [-k 10] [--instruction TEXT]
-    wave-rt bench-archive SOURCE [--sample N] [--model PATH] ...
+                  [--model PATH] [--device DEV] [--dtype ...]
 
-Exit codes: 0 done (items that failed are listed in DIR/errors.jsonl and the summary), 1 error
-(bad source, settings that do not match DIR, unreadable model...), 2 usage error, 130 interrupted
-(re-run the same command to resume).
+Exit codes: 0 done (items that failed are listed in DIR/errors.jsonl and the summary), 1 error (a bad
+option, a missing or unreadable path, an unwritable output, settings that do not match DIR, a bad model
+directory...: one line on stderr; -v adds the traceback), 130 interrupted (re-run the same command to
+resume).
+
+A subcommand is one `_add_<name>` function that registers its parser and sets `func`; add it to COMMANDS.
 """
 
 from __future__ import annotations
@@ -16,30 +21,71 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
-from typing import Any, TextIO
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TextIO
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
+MODALITIES = ["auto", "text", "audio", "video", "av"]
+DTYPES = ["fp32", "fp16", "bf16", "float32", "float16", "bfloat16"]
+
+log = logging.getLogger("wave_rt.cli")
+
+
+class UsageError(Exception):
+    """A bad command line: reported in one line, exit code 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing the usage block and exiting with 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _global_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    # On subcommands the default is SUPPRESS, so that `wave-rt -v embed ...` is not reset by the subparser.
+    parser.add_argument("-v", "--verbose", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="log details (shard commits, recoveries) and show tracebacks of errors")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled demo model, untrained)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16", "float32", "float16", "bfloat16"],
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="checkpoint directory (default: the bundled demo model, untrained)")
+    p.add_argument("--device", default=None, metavar="DEV", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="model compute dtype (default: bf16 on CUDA, fp32 on CPU)")
+
+
+def _add_batch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
                    help="token budget per batch: batch size x longest sequence (default: the model's)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="decode threads (local engine) or model replicas (ray engine)")
+                   help="decode threads of the local engine (default: CPU count, at most 8)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="wave-rt", description="wave_rt: omni embeddings (text, audio, video, "
-                                 "audio-visual) at archive scale")
-    ap.add_argument("-v", "--verbose", action="store_true", help="log details (shard commits, recoveries)")
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--instruction", default=None, metavar="TEXT",
+                   help="instruction for media items (replaces the default prompt; text items ignore it)")
+    p.add_argument("--modality", default="auto", choices=MODALITIES,
+                   help="how to read items without a modality column (auto: by extension and streams)")
 
+
+def _check_device(device: str | None) -> None:
+    """A device this process can use, or a one-line error (torch's own is an AssertionError on CPU builds)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {device}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device on this machine")
+
+
+# ---------------------------------------------------------------------------------------------- embed
+def _add_embed(sub: Any) -> argparse.ArgumentParser:
     e = sub.add_parser("embed", help="embed a directory, glob or manifest into Parquet shards (resumable)",
                        description="Embed every item of SOURCE into DIR (Parquet shards, manifest.json, errors.jsonl). "
                                    "Re-run the same command after an interruption to resume.")
@@ -48,12 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
                         '(path or text; optional id, modality, instruction), a media file, or "demo"')
     e.add_argument("--out", required=True, metavar="DIR", help="archive directory (created if missing)")
     _add_model_args(e)
-    e.add_argument("--instruction", default=None, metavar="TEXT",
-                   help="instruction for media items (replaces the default prompt; text items ignore it)")
-    e.add_argument("--modality", default="auto", choices=["auto", "text", "audio", "video", "av"],
-                   help="how to read items without a modality column (auto: by extension and streams)")
-    e.add_argument("--engine", default="local", choices=["local", "ray"])
-    e.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    _add_batch_args(e)
+    _add_source_args(e)
+    e.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: one process, decode threads + model; ray: a pool of model replicas on a Ray cluster")
+    e.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="model replicas of the ray engine (default: one per GPU, or CPUs / 2)")
+    e.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     e.add_argument("--embedding-dtype", default="float32", choices=["float32", "float16"],
                    help="type of the stored vectors")
     e.add_argument("--shard-rows", type=int, default=None, metavar="N", help="rows per Parquet shard")
@@ -63,42 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     e.add_argument("--log-every", type=float, default=30.0, metavar="SECONDS",
                    help="progress line interval when stderr is not a terminal")
-
-    i = sub.add_parser("index", help="build a search index over an archive directory")
-    i.add_argument("dir", metavar="DIR")
-    i.add_argument("--kind", default="auto", choices=["auto", "flat", "flat-gpu", "ivf", "hnsw"],
-                   help="auto: exact search, flat-gpu (similarity_topk) on CUDA, else FAISS flat")
-    i.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(N))")
-    i.add_argument("--cpu", action="store_true", help="CPU only: FAISS flat for --kind auto, never GPU FAISS")
-
-    s = sub.add_parser("search", help="search an archive with a text, audio or video query")
-    s.add_argument("dir", metavar="DIR")
-    q = s.add_mutually_exclusive_group(required=True)
-    q.add_argument("--text", help="text query (encoded as WAVE encodes text)")
-    q.add_argument("--audio", metavar="FILE", help="audio file query")
-    q.add_argument("--video", metavar="FILE", help="video file query (frames only)")
-    q.add_argument("--av", metavar="FILE", help="audio-visual file query (frames and sound)")
-    s.add_argument("-k", type=int, default=10, help="number of results")
-    s.add_argument("--instruction", default=None, help="instruction for the query")
-    s.add_argument("--device", default=None)
-    s.add_argument("--json", action="store_true", help="print results as JSON lines")
-
-    b = sub.add_parser("bench-archive", help="time each stage (decode, preprocess, model, write) on a sample")
-    b.add_argument("source", metavar="SOURCE")
-    _add_model_args(b)
-    b.add_argument("--sample", type=int, default=64, metavar="N", help="items to time (the first N of SOURCE)")
-    b.add_argument("--instruction", default=None)
-    b.add_argument("--modality", default="auto", choices=["auto", "text", "audio", "video", "av"])
-    b.add_argument("--json", metavar="FILE", default=None, help="also write the measurements as JSON")
-    return ap
+    e.set_defaults(func=_cmd_embed)
+    return e
 
 
 def _cmd_embed(args: argparse.Namespace, out: TextIO) -> int:
     from wave_rt.archive.job import embed_archive
 
+    if args.engine == "ray" and args.workers is not None:
+        raise UsageError("--workers sets the local engine's decode threads; with --engine ray use --replicas")
+    if args.engine == "local" and args.replicas is not None:
+        raise UsageError("--replicas is for --engine ray; the local engine takes --workers (decode threads)")
+    if args.engine == "local" and args.ray_address is not None:
+        raise UsageError("--ray-address is for --engine ray")
+    if args.engine == "local":  # Ray workers may run where this driver has no GPU
+        _check_device(args.device)
     summary = embed_archive(
         args.source, args.out, model=args.model, instruction=args.instruction, modality=args.modality,
-        device=args.device, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens, workers=args.workers,
+        device=args.device, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens,
+        workers=args.replicas if args.engine == "ray" else args.workers,
         engine=args.engine, embedding_dtype=args.embedding_dtype, shard_rows=args.shard_rows,
         commit_seconds=args.commit_every, retry_errors=args.retry_errors, progress=not args.no_progress,
         log_every=args.log_every, ray_address=args.ray_address,
@@ -108,6 +139,20 @@ def _cmd_embed(args: argparse.Namespace, out: TextIO) -> int:
                   f"({summary.rows_total:,} rows, {summary.errors_total:,} errors)\n")
     out.write(summary.table() + "\n")
     return EXIT_INTERRUPTED if summary.interrupted else EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------- index
+def _add_index(sub: Any) -> argparse.ArgumentParser:
+    i = sub.add_parser("index", help="build a search index over an archive directory",
+                       description="Build a search index over the vectors of archive DIR (written into DIR).")
+    i.add_argument("dir", metavar="DIR", help="an archive directory written by `wave-rt embed`")
+    i.add_argument("--kind", default="auto", choices=["auto", "flat", "flat-gpu", "ivf", "hnsw"],
+                   help="auto: exact search, flat-gpu (similarity_topk) on CUDA, else FAISS flat; "
+                        "flat: FAISS exact inner product; ivf: inverted lists; hnsw: graph")
+    i.add_argument("--nlist", type=int, default=None, metavar="N", help="IVF lists (default ~4 sqrt(N))")
+    i.add_argument("--cpu", action="store_true", help="CPU only: FAISS flat for --kind auto, never GPU FAISS")
+    i.set_defaults(func=_cmd_index)
+    return i
 
 
 def _cmd_index(args: argparse.Namespace, out: TextIO) -> int:
@@ -120,6 +165,29 @@ def _cmd_index(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------------------------------- search
+def _add_search(sub: Any) -> argparse.ArgumentParser:
+    s = sub.add_parser("search", help="search an archive with a text, audio or video query",
+                       description="Encode one query with the archive's model and print the nearest items of DIR.")
+    s.add_argument("dir", metavar="DIR", help="an archive directory written by `wave-rt embed`")
+    q = s.add_mutually_exclusive_group(required=True)
+    q.add_argument("--text", metavar="TEXT", help="text query (encoded as WAVE encodes text)")
+    q.add_argument("--audio", metavar="FILE", help="audio file query")
+    q.add_argument("--video", metavar="FILE", help="video file query (frames only)")
+    q.add_argument("--av", metavar="FILE", help="audio-visual file query (frames and sound)")
+    s.add_argument("-k", type=int, default=10, metavar="N", help="number of results")
+    s.add_argument("--instruction", default=None, metavar="TEXT", help="instruction for the query")
+    p = s.add_argument_group("model (default: the archive's own, from its manifest)")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="checkpoint directory, when the archive's has moved (must be the same model)")
+    p.add_argument("--device", default=None, metavar="DEV", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="model compute dtype (default and only accepted value: the archive's)")
+    s.add_argument("--json", action="store_true", help="print results as JSON lines")
+    s.set_defaults(func=_cmd_search)
+    return s
+
+
 def _cmd_search(args: argparse.Namespace, out: TextIO) -> int:
     import json
 
@@ -127,7 +195,8 @@ def _cmd_search(args: argparse.Namespace, out: TextIO) -> int:
     from wave_rt.items import Audio, AudioVisual, Video
 
     if args.k <= 0:
-        raise ValueError("-k must be positive")
+        raise UsageError("-k must be positive")
+    _check_device(args.device)
     index = Index.load(args.dir)
     if args.text is not None:
         query: Any = args.text
@@ -137,9 +206,16 @@ def _cmd_search(args: argparse.Namespace, out: TextIO) -> int:
         query = Video(args.video)
     else:
         query = AudioVisual(args.av)
-    if args.device is not None:
+    encoder = None
+    if args.model is not None or args.dtype is not None:
+        from wave_rt.embed.encoder import WaveEncoder
+
+        ref = index.manifest.model_path
+        path = args.model if args.model is not None else (None if ref == "demo" else ref)
+        encoder = WaveEncoder.from_pretrained(path, device=args.device, dtype=args.dtype or index.manifest.dtype)
+    elif args.device is not None:
         index.encoder(device=args.device)
-    hits = index.search_items([query], k=args.k, instruction=args.instruction)[0]
+    hits = index.search_items([query], k=args.k, instruction=args.instruction, encoder=encoder)[0]
     if args.json:
         for h in hits:
             out.write(json.dumps({"rank": h.rank, "score": h.score, "id": h.id, "modality": h.modality,
@@ -153,22 +229,29 @@ def _cmd_search(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
-    from wave_rt.archive.stagebench import bench_archive
-
-    report = bench_archive(args.source, model=args.model, sample=args.sample, instruction=args.instruction,
-                           modality=args.modality, device=args.device, dtype=args.dtype,
-                           max_batch_tokens=args.max_batch_tokens, workers=args.workers)
-    out.write(report.table() + "\n")
-    if args.json:
-        import json
-
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report.to_dict(), f, indent=2)
-    return EXIT_OK
+# The subcommands, in --help order. Each registers its parser (with help on every option) and sets func.
+COMMANDS: list[Callable[[Any], argparse.ArgumentParser]] = [_add_embed, _add_index, _add_search]
 
 
-COMMANDS = {"embed": _cmd_embed, "index": _cmd_index, "search": _cmd_search, "bench-archive": _cmd_bench}
+def build_parser() -> argparse.ArgumentParser:
+    from wave_rt import __version__
+
+    ap = _Parser(prog="wave-rt", description="wave_rt: omni embeddings (text, audio, video, audio-visual) at "
+                                             "archive scale")
+    _global_options(ap, top=True)
+    ap.add_argument("--version", action="version", version=f"wave-rt {__version__}", help="print the version and exit")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for add in COMMANDS:
+        _global_options(add(sub), top=False)
+    return ap
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in text:
+        text = f"{text}: {exc.filename}"
+    return text
 
 
 def run(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -178,19 +261,27 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextI
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse exits on --help and on usage errors
-        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    except UsageError as exc:
+        err.write(f"wave-rt: error: {exc}\n")
+        return EXIT_ERROR
+    except SystemExit as exc:  # --help and --version print and exit 0
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_ERROR
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=err)
     from wave_rt.errors import WaveRTError
 
     try:
-        return COMMANDS[args.command](args, out)
+        return args.func(args, out)
     except KeyboardInterrupt:
         err.write("interrupted; re-run the same command to resume\n")
         return EXIT_INTERRUPTED
-    except (WaveRTError, ValueError, FileNotFoundError) as exc:
-        err.write(f"wave-rt {args.command}: error: {exc}\n")
+    # User-caused failures: bad options and inputs, paths that are missing, unreadable or unwritable, a
+    # broken model directory, a missing optional dependency (WaveRTError), a device that is not there
+    # (RuntimeError). One line each; -v adds the traceback for a bug report.
+    except (UsageError, WaveRTError, ValueError, OSError, RuntimeError, ImportError) as exc:
+        if args.verbose:
+            log.exception("wave-rt %s failed", args.command)
+        err.write(f"wave-rt {args.command}: error: {_one_line(exc)}\n")
         return EXIT_ERROR
 
 

@@ -1,4 +1,4 @@
-"""Shared helpers of the archive tests: a generated media archive (ffmpeg, sox, espeak-ng), a fake fast
+"""Shared helpers of the archive tests: a generated media archive (numpy, soundfile, PyAV), a fake fast
 encoder that satisfies the WaveEncoder contract, and shard readers."""
 
 from __future__ import annotations
@@ -6,27 +6,35 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from media_factory import (
+    pattern_frames,
+    pink_noise,
+    square,
+    tone,
+    voice,
+    write_audio,
+    write_encoded_audio,
+    write_video,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 
 # file -> (expected modality, or None for a bad file that must land in errors.jsonl)
 GOOD_MEDIA = {
-    "speech/hello.wav": "audio",  # espeak-ng, 22.05 kHz
-    "tones/tone.flac": "audio",  # sox
-    "tones/noise.ogg": "audio",  # sox, Vorbis
-    "tones/deep/beep.wav": "audio",  # nested folder
-    "tones/sine.m4a": "audio",  # ffmpeg, AAC in MP4
-    "video/clip.mp4": "av",  # ffmpeg, H.264 + AAC
-    "video/silent.webm": "video",  # ffmpeg, VP9, no audio
+    "speech/hello.wav": "audio",  # a synthetic voice, 22.05 kHz
+    "tones/tone.flac": "audio",
+    "tones/noise.ogg": "audio",  # Vorbis
+    "tones/deep/beep.wav": "audio",  # nested folder, 8 kHz stereo
+    "tones/sine.m4a": "audio",  # AAC in MP4
+    "video/clip.mp4": "av",  # H.264 + AAC
+    "video/silent.webm": "video",  # VP9, no audio
 }
 BAD_MEDIA = {
     "bad/broken.mp4": "random bytes",
@@ -36,31 +44,19 @@ BAD_MEDIA = {
 }
 
 
-def _run(cmd: list[str]) -> None:
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def tools_available() -> bool:
-    return all(shutil.which(t) for t in ("ffmpeg", "sox", "espeak-ng"))
-
-
 def make_media_archive(root: Path) -> Path:
     """A small archive of real files: the formats of the issue plus corrupt and empty ones."""
     root.mkdir(parents=True, exist_ok=True)
     for sub in ("speech", "tones/deep", "video", "bad", ".hidden"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    _run(["espeak-ng", "-w", str(root / "speech/hello.wav"), "hello world, this is a test"])
-    _run(["sox", "-n", "-r", "16000", str(root / "tones/tone.flac"), "synth", "1.5", "sine", "440"])
-    _run(["sox", "-n", "-r", "44100", str(root / "tones/noise.ogg"), "synth", "1.2", "pinknoise", "vol", "0.3"])
-    _run(["sox", "-n", "-r", "8000", "-c", "2", str(root / "tones/deep/beep.wav"), "synth", "0.7", "square", "1000",
-          "vol", "0.2"])
-    ff = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y"]
-    _run(ff + ["-f", "lavfi", "-i", "sine=frequency=330:duration=1.3", "-c:a", "aac", str(root / "tones/sine.m4a")])
-    _run(ff + ["-f", "lavfi", "-i", "testsrc=size=160x120:rate=10:duration=2", "-f", "lavfi", "-i",
-               "sine=frequency=500:duration=2", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac",
-               "-shortest", str(root / "video/clip.mp4")])
-    _run(ff + ["-f", "lavfi", "-i", "testsrc2=size=128x96:rate=8:duration=2", "-c:v", "libvpx-vp9", "-b:v", "200k",
-               str(root / "video/silent.webm")])
+    write_audio(root / "speech/hello.wav", voice(1.6, 22050), 22050, subtype="PCM_16")
+    write_audio(root / "tones/tone.flac", tone(1.5, 440, 16000), 16000)
+    write_audio(root / "tones/noise.ogg", pink_noise(1.2, 44100), 44100, fmt="OGG", subtype="VORBIS")
+    beep = square(0.7, 1000, 8000)
+    write_audio(root / "tones/deep/beep.wav", np.stack([beep, beep], 1), 8000, subtype="PCM_16")
+    write_encoded_audio(root / "tones/sine.m4a", tone(1.3, 330, 44100), 44100, "aac")
+    write_video(root / "video/clip.mp4", pattern_frames(20, 120, 160), 10, "libx264", audio=tone(2.0, 500, 44100))
+    write_video(root / "video/silent.webm", pattern_frames(16, 96, 128, seed=1), 8, "libvpx-vp9")
     rng = np.random.default_rng(7)
     (root / "bad/broken.mp4").write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
     (root / "bad/truncated.wav").write_bytes((root / "speech/hello.wav").read_bytes()[:300])

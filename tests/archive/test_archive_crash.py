@@ -15,10 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
-from archive_helpers import make_media_archive, read_archive, tools_available
-
-pytestmark = pytest.mark.skipif(not tools_available(), reason="needs ffmpeg, sox and espeak-ng")
+from archive_helpers import make_media_archive, read_archive
 
 
 def _source(tmp: Path) -> Path:

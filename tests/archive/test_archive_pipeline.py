@@ -12,7 +12,7 @@ import torch
 from archive_helpers import FakeEncoder, read_archive, read_error_ids
 
 from wave_rt.archive.job import embed_archive
-from wave_rt.archive.pipeline import ModelRunner
+from wave_rt.embed.runner import ModelRunner
 
 
 def _manifest(path: Path, texts: list[str], ids: list[str] | None = None) -> Path:
@@ -153,6 +153,6 @@ def test_archive_pipeline_pending_tokens_bound(tmp_path: Path) -> None:
 
 
 def test_archive_pipeline_oom_type_matches_torch() -> None:
-    from wave_rt.archive.pipeline import OutOfMemory
+    from wave_rt.embed.runner import OutOfMemory
 
     assert issubclass(torch.OutOfMemoryError, OutOfMemory)

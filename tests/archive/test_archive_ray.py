@@ -10,11 +10,9 @@ from archive_helpers import (
     make_media_archive,
     read_archive,
     read_error_ids,
-    tools_available,
     write_text_manifest,
 )
 
-pytestmark = pytest.mark.skipif(not tools_available(), reason="needs ffmpeg, sox and espeak-ng")
 ray = pytest.importorskip("ray", reason='needs ray: pip install "ray[data]"')
 
 
@@ -73,7 +71,7 @@ def test_archive_ray_same_rows_as_local(local_ray, tmp_path: Path, capsys: pytes
     lost_ids = _shard_ids(shards[1])
     shards[1].unlink()
     errors_before = (tmp_path / "ray" / "errors.jsonl").read_text()
-    code = run(["embed", str(manifest), "--out", str(tmp_path / "ray"), "--engine", "ray", "--workers", "2",
+    code = run(["embed", str(manifest), "--out", str(tmp_path / "ray"), "--engine", "ray", "--replicas", "2",
                 "--shard-rows", "4", "--no-progress"])
     printed = capsys.readouterr().out
     assert code == 0, printed

@@ -17,6 +17,7 @@ from wave_rt.archive.errors import ArchiveFormatError
 from wave_rt.archive.index import Index
 from wave_rt.archive.job import embed_archive
 from wave_rt.cli import run
+from wave_rt.model.tiny import make_tiny_checkpoint
 
 pytest.importorskip("faiss", reason="needs faiss: pip install faiss-cpu")
 
@@ -276,3 +277,19 @@ def test_archive_search_demo_python(demo_archive: Path) -> None:
     steered = index.search_items("a tone", k=3, instruction="Find the matching sound.")[0]
     plain = index.search_items("a tone", k=3)[0]
     assert len(steered) == 3 and abs(steered[0].score - plain[0].score) > 1e-6
+
+
+def test_archive_search_model_options(demo_archive: Path, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """--model points at a moved checkpoint of the same model; --dtype must be the archive's; a different
+    model or dtype is refused with a one-line error (the fingerprint check), not a silently wrong search."""
+    caption = CAPTIONS["text/beeps"]
+    hits = _cli_json(["search", str(demo_archive), "--text", caption, "-k", "1", "--json", "--model", "demo",
+                      "--dtype", "fp32", "--device", "cpu"], capsys)
+    assert hits[0]["id"] == "text/beeps"
+    assert run(["search", str(demo_archive), "--text", caption, "--dtype", "bf16"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "config_hash" in err
+    other = make_tiny_checkpoint(tmp_path / "other", seed=99)
+    assert run(["search", str(demo_archive), "--text", caption, "--model", str(other)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "config_hash" in err

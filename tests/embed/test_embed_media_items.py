@@ -4,13 +4,13 @@ positions equal to transformers' get_rope_index, and file/array inputs agreeing.
 from __future__ import annotations
 
 import math
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from media_factory import pattern_frames, write_video
 
 import wave_rt
 from wave_rt.embed.encoder import WaveEncoder
@@ -40,10 +40,9 @@ def media_dir(tmp_path_factory) -> Path:
     sf.write(d / "tone.wav", tone(2.5), 16000)
     sf.write(d / "stereo44k.wav", np.stack([tone(1.7, 300, 44100), tone(1.7, 900, 44100)], 1), 44100)
     # 3 s of 64x48 test video at 10 fps, with and without a 440 Hz audio track
-    common = ["-y", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=10:duration=3"]
-    subprocess.run(["ffmpeg", *common, "-c:v", "libvpx-vp9", str(d / "silent.webm")], check=True)
-    subprocess.run(["ffmpeg", *common, "-f", "lavfi", "-i", "sine=frequency=440:duration=3",
-                    "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(d / "av.mp4")], check=True)
+    frames = pattern_frames(30, 48, 64)
+    write_video(d / "silent.webm", frames, 10, "libvpx-vp9")
+    write_video(d / "av.mp4", frames, 10, "libx264", audio=tone(3.0, 440, 44100), audio_rate=44100)
     return d
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
 import torch
 from wave_rt.kernels import _dispatch as dispatch
@@ -85,18 +88,24 @@ def test_empty_poisons_only_when_asked(monkeypatch):
     assert plain.shape == (2, 2) and plain.dtype == torch.float32
 
 
-def test_dot_precision_follows_pytorch_tf32_setting():
-    # Set and restored by hand: in torch 2.13 allow_tf32 is a computed attribute of the cuBLAS module, which
-    # monkeypatch's undo (delattr when the instance had no own attribute) cannot restore.
-    saved = torch.backends.cuda.matmul.allow_tf32
+@pytest.fixture
+def cuda_matmul() -> Iterator[Any]:
+    """torch.backends.cuda.matmul with allow_tf32 restored afterwards. Not monkeypatch: the flag is a
+    property-like attribute of a module proxy that pytest 9's monkeypatch cannot undo (teardown error)."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
     try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        assert dispatch.dot_precision(torch.float32) == "ieee"
-        torch.backends.cuda.matmul.allow_tf32 = True
-        assert dispatch.dot_precision(torch.float32) == "tf32"
-        assert dispatch.dot_precision(torch.float16) == "tf32"  # ignored by tl.dot for 16-bit inputs
+        yield matmul
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
+        matmul.allow_tf32 = before
+
+
+def test_dot_precision_follows_pytorch_tf32_setting(cuda_matmul):
+    cuda_matmul.allow_tf32 = False
+    assert dispatch.dot_precision(torch.float32) == "ieee"
+    cuda_matmul.allow_tf32 = True
+    assert dispatch.dot_precision(torch.float32) == "tf32"
+    assert dispatch.dot_precision(torch.float16) == "tf32"  # ignored by tl.dot for 16-bit inputs
 
 
 def _count_launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:

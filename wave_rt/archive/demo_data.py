@@ -131,8 +131,10 @@ def _ball_frames(n: int, fps: int, h: int = 120, w: int = 160) -> tuple[np.ndarr
     return frames, bounces
 
 
-def _write_video(path: Path, frames: np.ndarray, fps: int, codec: str, audio: np.ndarray | None = None,
-                 audio_rate: int = 48000) -> None:
+def write_video(path: Path, frames: np.ndarray, fps: int, codec: str, audio: np.ndarray | None = None,
+                audio_rate: int = 48000, options: dict[str, str] | None = None) -> None:
+    """rgb24 frames [n, h, w, 3] as H.264 or VP9 (yuv420p), with an optional mono AAC track; `options`
+    adds to or overrides the encoder's defaults (e.g. {"g": "8", "bf": "2"})."""
     import av
 
     with av.open(str(path), "w") as container:
@@ -140,10 +142,9 @@ def _write_video(path: Path, frames: np.ndarray, fps: int, codec: str, audio: np
         vs.width, vs.height = frames.shape[2], frames.shape[1]
         vs.pix_fmt = "yuv420p"
         vs.codec_context.thread_count = 1  # single-threaded encoders give the same bytes every time
-        if codec == "libx264":
-            vs.options = {"preset": "veryfast", "crf": "28"}
-        elif codec == "libvpx-vp9":
-            vs.options = {"crf": "40", "b:v": "0", "deadline": "realtime", "cpu-used": "8"}
+        defaults = {"libx264": {"preset": "veryfast", "crf": "28"},
+                    "libvpx-vp9": {"crf": "40", "b:v": "0", "deadline": "realtime", "cpu-used": "8"}}
+        vs.options = {**defaults.get(codec, {}), **(options or {})}
         astream = None
         if audio is not None:
             astream = container.add_stream("aac", rate=audio_rate)
@@ -181,7 +182,7 @@ def generate(root: str | os.PathLike[str]) -> Path:
     sf.write(root / "audio" / "beeps.wav", _beeps(), 8000, subtype="PCM_16")
 
     fps = 12
-    _write_video(root / "video" / "square.webm", _square_frames(3 * fps), fps, "libvpx-vp9")
+    write_video(root / "video" / "square.webm", _square_frames(3 * fps), fps, "libvpx-vp9")
     frames, bounces = _ball_frames(3 * fps, fps)
     rate = 48000
     sound = np.zeros(3 * rate, np.float32)
@@ -190,7 +191,7 @@ def generate(root: str | os.PathLike[str]) -> Path:
         n = int(0.08 * rate)
         t = np.arange(n) / rate
         sound[s:s + n] += (0.5 * np.sin(2 * np.pi * 880 * t) * np.exp(-t * 30)).astype(np.float32)[: len(sound) - s]
-    _write_video(root / "video" / "ball.mp4", frames, fps, "libx264", audio=sound, audio_rate=rate)
+    write_video(root / "video" / "ball.mp4", frames, fps, "libx264", audio=sound, audio_rate=rate)
 
     rows = [{"id": f"audio/{name}", "path": f"audio/{name}"}
             for name in ("tone_a440.wav", "chirp.flac", "rain_noise.ogg", "beeps.wav")]

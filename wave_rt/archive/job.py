@@ -42,6 +42,7 @@ from wave_rt.archive.manifest import (
 from wave_rt.archive.progress import JobSummary, Progress
 from wave_rt.archive.shards import EMBEDDING_DTYPES, list_shards
 from wave_rt.archive.sources import ArchiveSource, SourceItem, check_modality, open_source
+from wave_rt.dtypes import dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,6 @@ def model_ref(model: Any) -> str:
     if isinstance(model, (str, os.PathLike)):
         return os.path.abspath(os.fspath(model))
     return str(getattr(model, "model_path", None) or f"<encoder {getattr(model, 'model_id', type(model).__name__)}>")
-
-
-def _dtype_name(dtype: Any) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 @contextlib.contextmanager
@@ -218,8 +215,8 @@ def _run_job(src: ArchiveSource, out_dir: Path, model: Any, instruction: str | N
     if existing is not None:
         # settings known without loading the model: refuse early, before a 7B load
         diff = {k: (getattr(existing, k), v) for k, v in run_settings.items() if getattr(existing, k) != v}
-        if dtype is not None and _dtype_name(_torch_dtype(dtype)) != existing.dtype:
-            diff["dtype"] = (existing.dtype, _dtype_name(_torch_dtype(dtype)))
+        if dtype is not None and dtype_name(dtype) != existing.dtype:
+            diff["dtype"] = (existing.dtype, dtype_name(dtype))
         if diff:
             from wave_rt.archive.errors import ArchiveMismatchError
 
@@ -244,9 +241,9 @@ def _run_job(src: ArchiveSource, out_dir: Path, model: Any, instruction: str | N
     if to_do == 0 and same_model:
         return _finish_idle(out_dir, existing, journal, errors, summary)
 
-    encoder = _load_encoder(model, device, dtype, engine, ray_address)
+    encoder = load_encoder(model, device, dtype, engine, ray_address)
     wanted = RunManifest(model_id=str(encoder.model_id), model_path=ref, config_hash=str(encoder.fingerprint),
-                         dtype=_dtype_name(encoder.dtype), dim=int(encoder.dim), instruction=instruction,
+                         dtype=dtype_name(encoder.dtype), dim=int(encoder.dim), instruction=instruction,
                          modality=modality, embedding_dtype=embedding_dtype, normalized=normalize,
                          wave_rt_version=_version(), source=src.spec)
     summary.model_id, summary.config_hash = wanted.model_id, wanted.config_hash
@@ -261,7 +258,6 @@ def _run_job(src: ArchiveSource, out_dir: Path, model: Any, instruction: str | N
     _update_counts(manifest, journal, errors)
     write_manifest(out_dir, manifest)
 
-    budget = int(max_batch_tokens or encoder.default_max_batch_tokens)
     n_workers = int(workers or default_workers())
     rows_per_shard = int(shard_rows or default_shard_rows(manifest.dim, embedding_dtype))
     prog = Progress(total=to_do, stream=stream, log_every=log_every, enabled=show)
@@ -276,6 +272,7 @@ def _run_job(src: ArchiveSource, out_dir: Path, model: Any, instruction: str | N
         if engine == "local":
             from wave_rt.archive.pipeline import LocalPipeline
 
+            budget = int(max_batch_tokens or encoder.default_max_batch_tokens)
             pipe = LocalPipeline(encoder, writer, instruction=instruction, max_batch_tokens=budget,
                                  workers=n_workers, normalize=normalize)
             stats = pipe.run(pending)
@@ -350,31 +347,20 @@ def _version() -> str:
     return __version__
 
 
-def _torch_dtype(dtype: Any) -> Any:
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    try:
-        return names[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}") from None
-
-
-def _load_encoder(model: Any, device: Any, dtype: Any, engine: str, ray_address: str | None) -> Any:
+def load_encoder(model: Any, device: Any, dtype: Any, engine: str = "local", ray_address: str | None = None) -> Any:
+    """The local engine's encoder; for engine="ray", only the model's identity (id, fingerprint, dtype,
+    width) read from the files: the driver never builds the model, the workers do."""
     if model is not None and not isinstance(model, (str, os.PathLike)):
         if engine == "ray":
             raise ValueError("engine='ray' loads the model in each worker: pass model as a checkpoint path "
                              "(or None for the demo model), not a loaded encoder")
         return model  # a loaded encoder (anything with the WaveEncoder contract)
-    from wave_rt.embed.encoder import WaveEncoder
-
     path = None if model is None else os.fspath(model)
     if engine == "ray":
-        # The driver only needs the fingerprint and width: load on the CPU in the dtype the workers use.
         from wave_rt.archive.ray_engine import worker_dtype
+        from wave_rt.embed.identity import read_identity
 
-        return WaveEncoder.from_pretrained(path, device="cpu", dtype=worker_dtype(dtype, ray_address))
-    return WaveEncoder.from_pretrained(path, device=device, dtype=_torch_dtype(dtype) if dtype is not None else None)
+        return read_identity(path, worker_dtype(dtype, ray_address))
+    from wave_rt.embed.encoder import WaveEncoder
+
+    return WaveEncoder.from_pretrained(path, device=device, dtype=dtype)

@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
-STAGES = ("prepare", "model", "write")  # prepare = probe + decode + features + tokens (bench-archive splits it)
+STAGES = ("prepare", "model", "write")  # prepare = probe + decode + features + tokens (bench/stagebench.py splits it)
 
 
 @dataclass

@@ -26,11 +26,12 @@ from typing import Any
 import numpy as np
 
 from wave_rt.archive.journal import ErrorRecord
-from wave_rt.archive.pipeline import ModelRunner, PipelineStats, WorkItem, error_record, prepare_one
+from wave_rt.archive.pipeline import PipelineStats, WorkItem, error_record, prepare_one
 from wave_rt.archive.shards import Row
 from wave_rt.archive.sources import SourceItem
 from wave_rt.archive.writer import ArchiveWriter, RowBlock
 from wave_rt.embed.batching import plan_batches
+from wave_rt.embed.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,10 @@ def worker_dtype(dtype: Any, address: str | None = None) -> Any:
     (the driver loads the model in the same dtype, so the manifest's fingerprint is the workers')."""
     import torch
 
-    from wave_rt.archive.job import _torch_dtype
+    from wave_rt.dtypes import parse_dtype
 
     if dtype is not None:
-        return _torch_dtype(dtype)
+        return parse_dtype(dtype)
     return torch.bfloat16 if cluster_gpus(address) > 0 else torch.float32
 
 

@@ -22,16 +22,18 @@ import torch
 import torch.nn.functional as F
 
 from wave_rt.config import WaveConfig
+from wave_rt.dtypes import default_dtype, parse_dtype
 from wave_rt.embed.batching import plan_batches
+from wave_rt.embed.identity import DEMO_MODEL, encoder_fingerprint, weights_fingerprint
 from wave_rt.embed.prepared import PreparedItem
 from wave_rt.embed.processor import WaveProcessor, load_tokenizer
+from wave_rt.embed.runner import ModelRunner
 from wave_rt.items import Item, modality_of
 from wave_rt.model.batch import collate
 from wave_rt.model.wave_model import WaveModel
 
 log = logging.getLogger(__name__)
 
-DEMO_MODEL = "demo"
 ConvertTo = Literal["numpy", "torch"] | None
 
 
@@ -47,39 +49,7 @@ def _default_device() -> torch.device:
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    try:
-        return names[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}") from None
-
-
-def weights_fingerprint(path: str | os.PathLike[str], sample_blocks: int = 64, block: int = 1 << 16) -> str:
-    """A stable hash of a checkpoint's weight files: names, sizes, and (for files over 256 MB) 64 evenly
-    spread 64 KiB blocks instead of every byte, so a 16 GB checkpoint is fingerprinted in milliseconds."""
-    root = Path(path)
-    h = hashlib.sha256()
-    files = sorted(
-        p for p in root.iterdir()
-        if p.suffix in (".safetensors", ".bin", ".pt") or p.name.endswith(".safetensors.index.json")
-    )
-    for p in files:
-        size = p.stat().st_size
-        h.update(f"{p.name}:{size};".encode())
-        with p.open("rb") as f:
-            if size <= 256 * 1024 * 1024:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            else:
-                for k in range(sample_blocks):
-                    f.seek((size - block) * k // max(1, sample_blocks - 1))
-                    h.update(f.read(block))
-    return h.hexdigest()[:16]
+    return default_dtype(device) if dtype is None else parse_dtype(dtype)
 
 
 def _state_fingerprint(model: torch.nn.Module) -> str:
@@ -155,8 +125,7 @@ class WaveEncoder:
     @property
     def fingerprint(self) -> str:
         """Changes whenever an embedding could change: weights, config/recipe/prompts, dtype."""
-        blob = f"{self._weights_id}|{self.config.fingerprint()}|{self.dtype}".encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return encoder_fingerprint(self._weights_id, self.config, self.dtype)
 
     @property
     def dim(self) -> int:
@@ -194,18 +163,6 @@ class WaveEncoder:
             out = F.normalize(out, dim=-1)
         return out.cpu()
 
-    def _embed_with_retry(self, batch: Sequence[PreparedItem], normalize: bool) -> torch.Tensor:
-        try:
-            return self.embed_prepared(batch, normalize)
-        except torch.OutOfMemoryError:
-            if len(batch) == 1:
-                raise
-            torch.cuda.empty_cache()
-            half = len(batch) // 2
-            log.warning("CUDA out of memory on a batch of %d; retrying as %d + %d", len(batch), half, len(batch) - half)
-            return torch.cat([self._embed_with_retry(batch[:half], normalize),
-                              self._embed_with_retry(batch[half:], normalize)])
-
     # ------------------------------------------------------------------ encode
     def encode(
         self,
@@ -231,6 +188,8 @@ class WaveEncoder:
         # Windows bound the memory held by decoded media; text windows can be large.
         has_media = any(modality_of(it) not in ("text", None) for it in seq)
         window = 64 if has_media else 8192
+        # An out-of-memory batch is split in halves (and the cap lowered) rather than failing the call.
+        runner = ModelRunner(self, budget or (1 << 62), normalize=normalize, isolate_errors=False)
         with ThreadPoolExecutor(max_workers=self.num_workers) as pool:
             for start in range(0, len(seq), window):
                 idx = list(range(start, min(len(seq), start + window)))
@@ -240,8 +199,11 @@ class WaveEncoder:
                     prepared = [self.prepare(seq[i], instruction, index=i) for i in idx]
                 lengths = [p.num_tokens for p in prepared]
                 for group in plan_batches(lengths, budget, batch_size):
-                    emb = self._embed_with_retry([prepared[g] for g in group], normalize)
-                    out[torch.tensor([idx[g] for g in group])] = emb
+                    ok, failed = runner.run([prepared[g] for g in group])
+                    if failed:
+                        raise next(iter(failed.values()))
+                    for j, g in enumerate(group):
+                        out[idx[g]] = torch.from_numpy(ok[j])
                     bar.update(len(group))
         bar.close()
         return _convert(out[0] if single else out, convert_to)

@@ -193,7 +193,7 @@ def patchify_native(frames: torch.Tensor, height: int, width: int, out: torch.Te
     """The fused native kernel: same result as patchify_reference, written into `out` (float32 [N, 1176])."""
     native = _native()
     if native is None:
-        raise RuntimeError("wave_rt._native is not built: pip install --no-build-isolation -e .")
+        raise RuntimeError("wave_rt._native is not built: pip install -e .")
     _, h, w, _ = frames.shape
     hb, hc = bicubic_coefficients(w, width)
     vb, vc = bicubic_coefficients(h, height)

@@ -432,3 +432,39 @@ def load_beats_encoder(
         model = BEATsEncoder(cfg)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def read_beats_config(path: str | os.PathLike[str]) -> BEATsConfig:
+    """A BEATs checkpoint's config without reading its weights: the sidecar or metadata of a .safetensors
+    file; for the pickled release, torch.load memory-maps the archive (mmap=True), so tensors stay on disk."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "file not found" if not path.exists() else "not a file")
+    if path.suffix == ".safetensors":
+        sidecar = path.with_suffix(SIDECAR_SUFFIX)
+        if sidecar.is_file():
+            raw = _read_cfg_json(sidecar, sidecar.read_text())
+        else:
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    metadata = handle.metadata() or {}
+            except Exception as exc:  # safetensors raises its own error types for corrupt headers
+                raise CheckpointError(path, f"unreadable safetensors file: {exc}") from None
+            if _METADATA_KEY not in metadata:
+                raise CheckpointError(path, f"no BEATs config: expected the sidecar {sidecar.name} "
+                                            f"(or '{_METADATA_KEY}' metadata)")
+            raw = _read_cfg_json(path, metadata[_METADATA_KEY])
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # UnpicklingError, RuntimeError for damaged or legacy (non-zip) archives
+            raise CheckpointError(path, f"refused or unreadable (weights_only=True, mmap=True): {exc}") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("cfg"), dict):
+            raise CheckpointError(path, "expected the released layout {'cfg': dict, 'model': state_dict}")
+        raw = obj["cfg"]
+    try:
+        return BEATsConfig.from_dict(raw)
+    except TypeError as exc:
+        raise CheckpointError(path, f"bad BEATs cfg: {exc}") from None

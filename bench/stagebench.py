@@ -1,5 +1,7 @@
-"""`wave-rt bench-archive SOURCE`: time each stage of the archive job on a sample, so users see their
-bottleneck before launching a million-item run.
+"""Time each stage of the archive job (`wave-rt embed`) on a sample, to find the bottleneck before a
+million-item run:
+
+    python bench/stagebench.py SOURCE [--sample N] [--model PATH] [--device DEV] [--dtype ...] [--json FILE]
 
 Stages, each timed alone over the same first N items of SOURCE (after one untimed warm-up item):
   decode      open + demux + decode the media (wave_rt.media loaders with the model's settings)
@@ -73,7 +75,7 @@ class StageReport:
         return d
 
     def table(self) -> str:
-        lines = [f"wave-rt bench-archive: {self.sample} items of {self.source} ({self.failed} failed) "
+        lines = [f"stagebench: {self.sample} items of {self.source} ({self.failed} failed) "
                  f"on {self.device}, {self.model_id} {self.dtype}",
                  "  " + ", ".join(f"{n} {m}" for m, n in sorted(self.modalities.items()))
                  + f"; {sum(self.tokens):,} tokens, {self.media_seconds:.1f} s of media; "
@@ -135,7 +137,7 @@ def bench_archive(source: Any, model: Any = None, sample: int = 64, instruction:
                   workers: int | None = None, encoder: Any = None, items: list[SourceItem] | None = None,
                   run_pipeline: bool = True) -> StageReport:
     """Measure the stages on the first `sample` items of `source` (or on `items`)."""
-    from wave_rt.archive.job import _load_encoder, default_workers
+    from wave_rt.archive.job import default_workers, load_encoder
     from wave_rt.embed.batching import plan_batches
 
     if sample <= 0:
@@ -143,7 +145,7 @@ def bench_archive(source: Any, model: Any = None, sample: int = 64, instruction:
     chosen = items if items is not None else sample_items(source, sample, modality)
     if not chosen:
         raise ValueError(f"{source}: no items to benchmark")
-    enc = encoder if encoder is not None else _load_encoder(model, device, dtype, "local", None)
+    enc = encoder if encoder is not None else load_encoder(model, device, dtype, "local", None)
     budget = int(max_batch_tokens or enc.default_max_batch_tokens)
     n_workers = int(workers or default_workers())
     report = StageReport(source=str(source), model_id=str(enc.model_id), device=str(enc.device),
@@ -232,3 +234,40 @@ def bench_archive(source: Any, model: Any = None, sample: int = 64, instruction:
             report.pipeline_seconds = time.perf_counter() - t0
             report.pipeline_items = summary.embedded
     return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from wave_rt.errors import WaveRTError
+
+    ap = argparse.ArgumentParser(prog="bench/stagebench.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("source", metavar="SOURCE", help="what `wave-rt embed` would read")
+    ap.add_argument("--sample", type=int, default=64, metavar="N", help="items to time (the first N of SOURCE)")
+    ap.add_argument("--model", default=None, metavar="PATH", help="checkpoint directory (default: the demo model)")
+    ap.add_argument("--device", default=None, metavar="DEV", help="cpu, cuda ... (default: cuda when available)")
+    ap.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="model compute dtype")
+    ap.add_argument("--max-batch-tokens", type=int, default=None, metavar="N", help="token budget per batch")
+    ap.add_argument("--workers", type=int, default=None, metavar="N", help="decode threads")
+    ap.add_argument("--instruction", default=None, metavar="TEXT", help="instruction for media items")
+    ap.add_argument("--modality", default="auto", choices=["auto", "text", "audio", "video", "av"],
+                    help="how to read items without a modality column")
+    ap.add_argument("--json", metavar="FILE", default=None, help="also write the measurements as JSON")
+    args = ap.parse_args(argv)
+    try:
+        report = bench_archive(args.source, model=args.model, sample=args.sample, instruction=args.instruction,
+                               modality=args.modality, device=args.device, dtype=args.dtype,
+                               max_batch_tokens=args.max_batch_tokens, workers=args.workers)
+    except (WaveRTError, ValueError, OSError) as exc:
+        print(f"stagebench: error: {exc}", file=sys.stderr)
+        return 1
+    print(report.table())
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report.to_dict(), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

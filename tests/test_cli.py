@@ -1,0 +1,176 @@
+"""The command line: help everywhere, global options anywhere, --version, and one-line errors with exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+from pathlib import Path
+
+import pytest
+
+import wave_rt
+from wave_rt import cli
+from wave_rt.cli import build_parser, run
+
+
+def _run(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = run(argv, out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def _assert_one_line_error(code: int, err: str, command: str) -> None:
+    assert code == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"wave-rt {command}: error: "), err
+    assert "Traceback" not in err
+
+
+def test_every_subcommand_has_help(capsys):
+    subs = _subparsers(build_parser())
+    assert {"embed", "index", "search"} <= set(subs)
+    for name in subs:
+        assert run([name, "--help"]) == 0
+        printed = capsys.readouterr().out
+        assert printed.startswith(f"usage: wave-rt {name}"), printed
+
+
+def test_every_option_has_help():
+    parser = build_parser()
+    missing = []
+    for name, sub in [("wave-rt", parser), *_subparsers(parser).items()]:
+        for action in sub._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue
+            if not action.help or action.help == argparse.SUPPRESS:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert missing == []
+
+
+def test_shared_options_have_one_spelling():
+    """An option that several subcommands take is spelled, typed and explained the same way in each."""
+    seen: dict[str, tuple] = {}
+    clashes = []
+    for name, sub in _subparsers(build_parser()).items():
+        for action in sub._actions:
+            for opt in action.option_strings:
+                key = (action.dest, action.choices and tuple(action.choices), action.type)
+                if opt in seen and seen[opt][0] != key:
+                    clashes.append(f"{opt}: {seen[opt][1]} vs {name}")
+                seen.setdefault(opt, (key, name))
+    assert clashes == []
+    for name in ("embed", "search"):
+        opts = {o for a in _subparsers(build_parser())[name]._actions for o in a.option_strings}
+        assert {"--model", "--device", "--dtype", "--instruction"} <= opts, name
+
+
+def test_version(capsys):
+    assert run(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"wave-rt {wave_rt.__version__}"
+
+
+@pytest.mark.parametrize("argv", [["-v", "index", "X"], ["index", "X", "-v"], ["index", "-v", "X"],
+                                  ["index", "X", "--verbose"]])
+def test_verbose_anywhere(argv):
+    assert build_parser().parse_args(argv).verbose is True
+    assert build_parser().parse_args(["index", "X"]).verbose is False
+
+
+def test_verbose_after_the_subcommand_logs_and_shows_tracebacks(tmp_path, monkeypatch):
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # let run() install its stderr handler
+    code, _, err = _run(["index", str(tmp_path / "nope"), "-v"])
+    assert code == 1
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("wave-rt index: error: ")
+
+
+@pytest.mark.parametrize("argv,command", [
+    (["embed", "demo"], "embed"),  # --out missing
+    (["embed", "demo", "--out", "o", "--dtype", "fp8"], "embed"),
+    (["embed", "demo", "--out", "o", "--modality", "smell"], "embed"),
+    (["embed", "demo", "--out", "o", "--max-batch-tokens", "many"], "embed"),
+    (["embed", "demo", "--out", "o", "--no-such-option"], "--no-such-option"),
+    (["search", "DIR"], "search"),  # no query
+    (["frobnicate"], ""),
+    ([], ""),
+])
+def test_bad_options_are_one_line_errors(argv, command):
+    code, out, err = _run(argv)
+    assert code == 1 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wave-rt") and ": error: " in lines[0], err
+    assert command in lines[0]
+
+
+def test_option_combinations_that_make_no_sense(tmp_path):
+    out = str(tmp_path / "o")
+    _assert_one_line_error(*_run(["embed", "demo", "--out", out, "--engine", "ray", "--workers", "2"])[::2], "embed")
+    _assert_one_line_error(*_run(["embed", "demo", "--out", out, "--replicas", "2"])[::2], "embed")
+    _assert_one_line_error(*_run(["embed", "demo", "--out", out, "--device", "gpu9"])[::2], "embed")
+    _assert_one_line_error(*_run(["search", str(tmp_path), "--text", "x", "-k", "0"])[::2], "search")
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_source_and_archive(tmp_path):
+    code, _, err = _run(["embed", str(tmp_path / "no_such_dir"), "--out", str(tmp_path / "o"), "--no-progress"])
+    _assert_one_line_error(code, err, "embed")
+    assert "no_such_dir" in err
+    code, _, err = _run(["search", str(tmp_path / "no_archive"), "--text", "x"])
+    _assert_one_line_error(code, err, "search")
+    code, _, err = _run(["index", str(tmp_path)])
+    _assert_one_line_error(code, err, "index")
+
+
+def test_unwritable_output(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    for out in (blocker, blocker / "sub"):
+        code, _, err = _run(["embed", "demo", "--out", str(out), "--no-progress"])
+        _assert_one_line_error(code, err, "embed")
+        assert str(blocker) in err
+
+
+def test_bad_model_directory(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{not json")
+    code, _, err = _run(["embed", "demo", "--out", str(tmp_path / "o"), "--model", str(tmp_path / "model"),
+                         "--no-progress"])
+    _assert_one_line_error(code, err, "embed")
+    assert "model" in err
+
+
+@pytest.mark.parametrize("exc", [PermissionError(13, "Permission denied", "/archive/part-00000.parquet"),
+                                 RuntimeError("CUDA error: device-side assert\ntriggered"),
+                                 OSError(28, "No space left on device")])
+def test_os_and_runtime_errors_are_one_line(monkeypatch, tmp_path, exc):
+    import wave_rt.archive.job as job
+
+    def fail(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(job, "embed_archive", fail)
+    code, _, err = _run(["embed", "demo", "--out", str(tmp_path / "o")])
+    _assert_one_line_error(code, err, "embed")
+    if isinstance(exc, PermissionError):
+        assert "Permission denied" in err and "/archive/part-00000.parquet" in err
+
+
+def test_interrupt_exit_code(monkeypatch, tmp_path):
+    import wave_rt.archive.job as job
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "embed_archive", interrupted)
+    code, _, err = _run(["embed", "demo", "--out", str(tmp_path / "o")])
+    assert code == cli.EXIT_INTERRUPTED and "resume" in err
+
+
+def test_console_script_is_declared():
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert 'wave-rt = "wave_rt.cli:main"' in text

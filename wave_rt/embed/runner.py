@@ -1,0 +1,107 @@
+"""One home for running prepared batches through the model with out-of-memory splitting: used by
+WaveEncoder.encode and by both archive engines (local pipeline, Ray actors)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+OutOfMemory: type[BaseException] = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
+
+class ModelRunner:
+    """embed_prepared with adaptive batch splitting: an out-of-memory error halves the batch and lowers
+    the token cap for later batches; the cap grows back by 25% after every `regrow_after` clean batches.
+
+    isolate_errors: any other exception from a multi-item batch is bisected down to the item that raises
+    it, which is reported (the archive job: one bad item never kills a batch); False re-raises at once
+    (WaveEncoder.encode, whose caller gets the exception)."""
+
+    def __init__(self, encoder: Any, max_batch_tokens: int, normalize: bool = True, regrow_after: int = 50,
+                 max_consecutive_failures: int = 8, isolate_errors: bool = True) -> None:
+        self.encoder = encoder
+        self.isolate_errors = isolate_errors
+        self.budget = max_batch_tokens
+        self.cap = max_batch_tokens
+        self.normalize = normalize
+        self.regrow_after = regrow_after
+        self.max_consecutive_failures = max_consecutive_failures
+        self.oom_splits = 0
+        self.batches = 0
+        self._clean = 0
+        self._consecutive_failures = 0
+        self._lock = threading.Lock()
+
+    def run(self, prepared: list[Any]) -> tuple[dict[int, np.ndarray], dict[int, BaseException]]:
+        """Embed a batch; returns ({index: embedding}, {index: exception}) covering every index."""
+        ok: dict[int, np.ndarray] = {}
+        failed: dict[int, BaseException] = {}
+        order = sorted(range(len(prepared)), key=lambda i: -int(prepared[i].num_tokens))
+        self._run(prepared, order, ok, failed)
+        return ok, failed
+
+    def _padded(self, prepared: list[Any], idx: list[int]) -> int:
+        return len(idx) * max(int(prepared[i].num_tokens) for i in idx)
+
+    def _run(self, prepared: list[Any], idx: list[int], ok: dict[int, np.ndarray],
+             failed: dict[int, BaseException]) -> None:
+        if len(idx) > 1 and self._padded(prepared, idx) > self.cap:
+            half = len(idx) // 2
+            self._run(prepared, idx[:half], ok, failed)
+            self._run(prepared, idx[half:], ok, failed)
+            return
+        try:
+            emb = self.encoder.embed_prepared([prepared[i] for i in idx], normalize=self.normalize)
+        except OutOfMemory as exc:
+            self._release_memory()
+            with self._lock:
+                self.oom_splits += 1
+                self._clean = 0
+                if len(idx) > 1:
+                    self.cap = max(1, min(self.cap, self._padded(prepared, idx) // 2))
+            if len(idx) == 1:
+                log.warning("out of memory on a single item of %d tokens", int(prepared[idx[0]].num_tokens))
+                failed[idx[0]] = exc
+                return
+            log.warning("out of memory on a batch of %d (%d padded tokens): splitting; token cap now %d",
+                        len(idx), self._padded(prepared, idx), self.cap)
+            half = len(idx) // 2
+            self._run(prepared, idx[:half], ok, failed)
+            self._run(prepared, idx[half:], ok, failed)
+            return
+        except Exception as exc:  # noqa: BLE001 - isolate the item that breaks the forward
+            if not self.isolate_errors:
+                raise
+            if len(idx) > 1:
+                half = len(idx) // 2
+                self._run(prepared, idx[:half], ok, failed)
+                self._run(prepared, idx[half:], ok, failed)
+                return
+            with self._lock:
+                self._consecutive_failures += 1
+                fatal = self._consecutive_failures >= self.max_consecutive_failures
+            if fatal:
+                raise
+            log.warning("model failed on one item: %s", exc)
+            failed[idx[0]] = exc
+            return
+        emb = emb.detach().to("cpu", torch.float32).numpy()
+        for j, i in enumerate(idx):
+            ok[i] = emb[j]
+        with self._lock:
+            self.batches += 1
+            self._consecutive_failures = 0
+            self._clean += 1
+            if self.cap < self.budget and self._clean >= self.regrow_after:
+                self.cap = min(self.budget, int(self.cap * 1.25) + 1)
+                self._clean = 0
+
+    def _release_memory(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import PeakMemory, device_name, row, sync, time_it, write_result  # noqa: E402
+from harness import PeakMemory, device_name, row, time_it, write_result  # noqa: E402
 
 from wave_rt.config import WaveConfig  # noqa: E402
 from wave_rt.embed.batching import plan_batches  # noqa: E402
@@ -255,25 +254,6 @@ def workload_flops(items: list[PreparedItem], model: WaveModel) -> dict[str, flo
     return out
 
 
-def measured_gemm_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> float | None:
-    """bf16 n^3 GEMM TFLOP/s measured now, on this device (the ceiling MFU is reported against)."""
-    if device.type != "cuda":
-        return None
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync()
-    dt = (time.perf_counter() - t0) / repeats
-    del a, b
-    torch.cuda.empty_cache()
-    return 2 * n**3 / dt / 1e12
-
-
 def compiled_decoder_layers() -> None:
     """torch.compile the packed decoder layer (dynamic shapes: every batch has another token count)."""
     from wave_rt.model import packed_decoder
@@ -315,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     ref = None if args.no_reference else ReferencePath(model)
     items = make_items(cfg, WORKLOADS[args.config])
     budget = args.max_batch_tokens or packed.default_max_batch_tokens
-    peak_measured = measured_gemm_tflops(device)
+    peak_measured = fl.measure_gemm_tflops(device)
     peak_sheet = fl.datasheet_peak(device_name()) if device.type == "cuda" else None
     from wave_rt.model.varlen import backend_for
 
@@ -351,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
         t_packed = time_it(lambda g=group: run_ours(packed, g, budget), warmup=1, repeats=args.repeats)["median"]
         t_padded = time_it(lambda g=group: run_ours(padded, g, budget), warmup=1, repeats=args.repeats)["median"]
 
-        def perf(t: float, processed: int) -> dict:
+        def perf(t: float, processed: int, f: dict = f, real: int = real) -> dict:
             tflops = f["total"] / t / 1e12
             llm = f["decoder"] / t / 1e12
             return {"seconds": t, "processed_tokens": processed, "padding_fraction": fl.padding_fraction(real, processed),

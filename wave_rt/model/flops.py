@@ -14,9 +14,11 @@ MFU = FLOPs / seconds / peak, against the peak measured in the same run and the 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 # NVIDIA H100/H200 SXM dense bf16 tensor-core peak on the datasheet (TFLOP/s).
@@ -135,3 +137,23 @@ def datasheet_peak(device_name: str) -> float | None:
 def padding_fraction(real_tokens: int, processed_tokens: int) -> float:
     """processed / real tokens (1.0 = no padding)."""
     return processed_tokens / real_tokens if real_tokens else 1.0
+
+
+def measure_gemm_tflops(device: torch.device | str, n: int = 8192, repeats: int = 10) -> float | None:
+    """bf16 n^3 GEMM TFLOP/s measured now on a CUDA device (the ceiling MFU is reported against); None on CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize(device)
+    dt = (time.perf_counter() - t0) / repeats
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n**3 / dt / 1e12

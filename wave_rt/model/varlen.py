@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 ENCODER_ATTENTION = "wave_rt_flash_varlen"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _torch_varlen() -> tuple[Any, frozenset[str]] | None:
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -41,7 +41,7 @@ def _torch_varlen() -> tuple[Any, frozenset[str]] | None:
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _flash_attn() -> Any | None:
     try:
         from flash_attn import flash_attn_varlen_func
@@ -168,7 +168,7 @@ def encoder_attention_forward(
     return out.unsqueeze(0), None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def register_encoder_attention() -> str:
     """Register `encoder_attention_forward` with transformers (once) and return its name."""
     from transformers import AttentionInterface

@@ -87,9 +87,12 @@ def test_qwen2_audio_packed_equals_padded(tiny_token_ids, whisper_fe):
         sb.text([90, 91, 92])
         a_ids, a_pos = sb.build()
         items.append(ItemInputs(a_ids, a_pos, True, audio=[AudioSegmentInputs(f["input_features"][0], L, n)]))
+    batch = packed(model, items)
     with torch.no_grad():
         padded = model(collate(items, ids["<|endoftext|>"], stack_mel=True))
-        ours = model(packed(model, items))
+        with HostSyncSpy() as spy:
+            ours = model(batch)
+    assert spy.seen == []
     for k in range(len(items)):
         assert rel(ours[k], padded[k]) <= TOL
 

@@ -52,10 +52,12 @@ class BucketBatcher:
         num_buckets: int = 8,
         max_pending: int = 4096,
         min_length: int = 16,
+        packed: bool = False,
     ) -> None:
         if max_batch_tokens <= 0:
             raise ValueError("max_batch_tokens must be positive")
         self.max_batch_tokens = max_batch_tokens
+        self.packed = packed  # budget counts real tokens (a packed forward) instead of B * longest
         self.max_batch_size = max_batch_size
         self.max_pending = max_pending
         # Geometric bucket edges between min_length and the budget: similar lengths share a bucket.
@@ -81,6 +83,8 @@ class BucketBatcher:
         size = len(bucket) + 1
         if self.max_batch_size is not None and size > self.max_batch_size:
             return False
+        if self.packed:
+            return n + sum(m for _, m in bucket) <= self.max_batch_tokens
         longest = max(n, max(m for _, m in bucket))
         return longest * size <= self.max_batch_tokens
 
@@ -112,7 +116,7 @@ class BucketBatcher:
                 self._buckets[k] = []
                 self._pending -= len(items)
                 lengths = [n for _, n in items]
-                for group in plan_batches(lengths, self.max_batch_tokens, self.max_batch_size):
+                for group in plan_batches(lengths, self.max_batch_tokens, self.max_batch_size, packed=self.packed):
                     out.append([items[i][0] for i in sorted(group)])
         return out
 

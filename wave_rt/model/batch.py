@@ -114,6 +114,7 @@ class PackedBatch:
     pixel_values: torch.Tensor | None = None
     grid_thw: torch.Tensor | None = None
     beats_tokens: int = 0  # 2 * sum(audio_tokens): the BEATs pooling's gather size
+    audio_keep_index: torch.Tensor | None = None  # Qwen2-Audio: valid rows of the flattened [n, frames/4] output
     audio_tower_kwargs: dict[str, Any] | None = None  # precomputed window tables for the Omni audio tower
     vision_tower_kwargs: dict[str, Any] | None = None  # precomputed window tables for the vision tower
 
@@ -167,6 +168,11 @@ def collate_packed(
         batch.video_index = (input_ids == video_token_id).nonzero().view(-1)
     if batch.audio_tokens is not None:
         batch.beats_tokens = 2 * int(batch.audio_tokens.sum())
+    if stack_mel and batch.mel is not None:
+        # Qwen2-Audio's tower: stride-2 conv then AvgPool(2, 2) over the padded frames
+        out_len = ((batch.mel.shape[-1] - 1) // 2 + 1 - 2) // 2 + 1
+        batch.audio_keep_index = torch.cat([torch.arange(int(t)) + k * out_len
+                                            for k, t in enumerate(batch.audio_tokens.tolist())])
     if tower_inputs is not None:
         tower_inputs(batch)
     return batch

@@ -100,7 +100,11 @@ def varlen_attention(
     groups = q.shape[1] // k.shape[1]
     if backend == "torch_varlen":
         fn, params = _torch_varlen()
-        kw: dict[str, Any] = {"scale": scale}
+        kw: dict[str, Any] = {}
+        if "scale" in params:
+            kw["scale"] = scale
+        elif abs(scale - q.shape[-1] ** -0.5) > 1e-12:
+            raise NotImplementedError("this torch's varlen_attn has no scale argument; need scale = head_dim ** -0.5")
         if "enable_gqa" in params:
             kw["enable_gqa"] = True
         else:

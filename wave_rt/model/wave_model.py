@@ -146,8 +146,10 @@ class WaveModel(nn.Module):
         )
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
-    def encode_qwen2_audio(self, mel: torch.Tensor, mel_lens: torch.Tensor, audio_tokens: torch.Tensor) -> torch.Tensor:
-        """Qwen2-Audio tower on [n, 128, 3000] padded log-mel -> projected valid tokens [sum(tokens), D]."""
+    def encode_qwen2_audio(self, mel: torch.Tensor, mel_lens: torch.Tensor, audio_tokens: torch.Tensor,
+                           keep_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Qwen2-Audio tower on [n, 128, 3000] padded log-mel -> projected valid tokens [sum(tokens), D].
+        `keep_index` (rows of the flattened output, fixed at collation) avoids a data-dependent selection."""
         n, _, frames = mel.shape
         after_conv = (mel_lens - 1) // 2 + 1
         max_len = (frames - 2) // 2 + 1
@@ -158,6 +160,8 @@ class WaveModel(nn.Module):
         add.masked_fill_(~valid.view(n, 1, 1, max_len), torch.finfo(dtype).min)
         out = self.audio_tower(mel.to(dtype), attention_mask=add)
         feats = self.multi_modal_projector(out.last_hidden_state)  # [n, 750, D]
+        if keep_index is not None:
+            return feats.reshape(-1, feats.shape[-1]).index_select(0, keep_index)
         keep = torch.arange(feats.shape[1], device=mel.device).view(1, -1) < audio_tokens.view(-1, 1)
         return feats[keep]
 
@@ -184,7 +188,8 @@ class WaveModel(nn.Module):
 
     def encode_audio(self, batch: ModelBatch | PackedBatch) -> torch.Tensor:
         if self.config.backbone == QWEN2_AUDIO:
-            return self.encode_qwen2_audio(batch.mel, batch.mel_lens, batch.audio_tokens)
+            keep = batch.audio_keep_index if isinstance(batch, PackedBatch) else None
+            return self.encode_qwen2_audio(batch.mel, batch.mel_lens, batch.audio_tokens, keep)
         cfg = self.config
         packed = isinstance(batch, PackedBatch)
         tower_kwargs = batch.audio_tower_kwargs if packed else None

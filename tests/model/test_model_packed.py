@@ -157,6 +157,39 @@ def test_packed_forward_reads_nothing_back(tiny_token_ids, whisper_fe, recipe, u
     assert spy.seen == []
 
 
+@pytest.mark.parametrize("recipe,use_beats", [("all_layer", True), ("eos_projection", False)])
+def test_packed_forward_runs_without_tensor_values(tiny_token_ids, whisper_fe, monkeypatch, recipe, use_beats):
+    """The whole packed forward (towers, BEATs, decoder, heads) runs on the meta device, where no tensor has
+    values: any .item()/.tolist()/int()/nonzero/boolean mask read would raise. The attention kernel is what
+    runs on CUDA (varlen_attn), stood in for here by a shape-only function, since the CPU fallback slices by
+    lengths it may read from host memory."""
+    import copy
+
+    from wave_rt.model import varlen
+
+    model = omni_model(tiny_token_ids, recipe, use_beats)
+    items = [c.item for c in build_cases(model, tiny_token_ids, whisper_fe)] + [long_text(tiny_token_ids, 30, False)]
+    batch = packed(model, items).to("meta")
+    meta_model = copy.deepcopy(model).to("meta")
+    calls = []
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+        assert isinstance(max_q, int) and isinstance(max_k, int)
+        calls.append(kw["window_size"])
+        return torch.empty_like(q)
+
+    monkeypatch.setattr(varlen, "backend_for", lambda device, dtype: "torch_varlen")
+    monkeypatch.setattr(varlen, "_torch_varlen", lambda: (kernel, frozenset({"scale", "enable_gqa", "window_size"})))
+    with torch.no_grad():
+        out = meta_model(batch)
+    assert out.shape == (len(items), model.config.embedding_dim) and out.is_meta
+    n_layers = len(model.model.layers) + len(model.audio_tower.layers) + len(model.visual.blocks)
+    assert len(calls) == n_layers  # one attention call per layer, in every tower and the decoder
+    assert calls.count((-1, 0)) == len(model.model.layers) - 1  # causal in all but the trimmed last layer
+    with pytest.raises(Exception):  # the padded reference path does read values (mask counts, window splits)
+        meta_model(collate(items, tiny_token_ids["<|endoftext|>"]).to("meta"))
+
+
 def test_packed_decoder_exports_without_data_dependent_breaks(tiny_token_ids):
     """torch.export traces the packed decoder + heads with the batch's host-side lengths baked in: any
     read of cu_seqlens/last_index values inside would fail the trace."""

@@ -207,15 +207,16 @@ class ReferencePath:
 
 
 def run_ours(encoder: WaveEncoder, items: list[PreparedItem], budget: int) -> torch.Tensor:
-    """encode()'s loop on prepared items: batches under the budget, the next batch staged while one computes."""
+    """encode()'s model loop on prepared items: batches under the budget, the next batch collated and copied
+    while the current one computes (public stage/launch of WaveEncoder)."""
     out = torch.empty(len(items), encoder.dim)
     groups = plan_batches([p.num_tokens for p in items], budget, None, packed=encoder.packed)
-
-    class _Bar:
-        def update(self, n: int) -> None:
-            pass
-
-    encoder._run_groups(items, groups, list(range(len(items))), out, True, _Bar())
+    staged = encoder.stage([items[i] for i in groups[0]]) if groups else None
+    for j, group in enumerate(groups):
+        result = encoder.launch(staged)
+        if j + 1 < len(groups):
+            staged = encoder.stage([items[i] for i in groups[j + 1]])
+        out[group] = result.cpu()
     return out
 
 

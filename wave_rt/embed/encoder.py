@@ -105,7 +105,8 @@ class WaveEncoder:
         packed: bool = True,
     ) -> None:
         self.model = model
-        self.packed = packed
+        # Packed batches where the model has a packed path; else the padded forward.
+        self.packed = packed and getattr(model, "supports_packed", False)
         self.processor = processor
         self.config: WaveConfig = model.config
         self.model_id = model_id

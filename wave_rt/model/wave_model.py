@@ -225,6 +225,15 @@ class WaveModel(nn.Module):
         return embeds
 
     # ------------------------------------------------------------------ packed batches (the hot path)
+    @property
+    def supports_packed(self) -> bool:
+        """The packed path covers last-token pooling under causal attention on the Omni thinker and
+        Qwen2-Audio backbones; anything else (other backbones, mean pooling, bidirectional recipes) keeps the
+        padded forward."""
+        recipe = self.config.recipe
+        return (self.config.backbone in (OMNI_THINKER, QWEN2_AUDIO)
+                and getattr(recipe, "pooling", "last") == "last" and getattr(recipe, "attention", "causal") == "causal")
+
     def tower_inputs(self, batch: PackedBatch) -> None:
         """Host side, at collation: the window tables the Omni towers would otherwise derive on the device
         with `.tolist()`/`.item()` (chunk lengths, cu_seqlens, max lengths, window order, rotary positions).
@@ -252,6 +261,9 @@ class WaveModel(nn.Module):
 
     def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
         """Unnormalised embeddings [B, embedding_dim] of a packed batch; no host sync on CUDA."""
+        if not self.supports_packed:
+            raise NotImplementedError(f"no packed path for backbone {self.config.backbone!r} with recipe "
+                                      f"{self.config.recipe.name!r}; collate a padded ModelBatch instead")
         embeds = self.embed_packed(batch)
         rows = packed_last_token_states(self.model, embeds, batch.position_ids, batch.cu_seqlens, batch.last_index,
                                         batch.lengths, self.config.uses_mrope)

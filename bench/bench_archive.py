@@ -6,10 +6,10 @@ soundfile) it measures, on the same items:
     token-budget batches, device-synchronized, write = one Parquet shard), median of --repeats;
   - the whole job end to end (embed_archive, local engine: stages overlapped), median of --repeats,
     while GPU utilization is sampled (pynvml, else nvidia-smi) on CUDA;
-  - on CUDA, MFU = LLM prefill FLOPs / time / bf16 peak, with FLOPs per item of T real tokens
-    = 2 * P * T + 2 * L * T^2 * d (DESIGN.md section 7; P = LLM parameters without the embedding table;
-    encoders are not counted, so this understates the work for audio and video), once for the model stage
-    alone and once for the end-to-end job.
+  - on CUDA, MFU = LLM FLOPs / time / bf16 peak, the FLOPs from wave_rt.model.flops (the one FLOP model:
+    real tokens, no embedding table, causal attention per item, the trimmed last layer the packed path
+    computes; encoders are not counted here, so this understates the work for audio and video), against
+    an 8192^3 bf16 GEMM measured in this run, once for the model stage alone and once end to end.
 
 Rows: "<workload>: end to end" compares the overlapped job with the same stages run one after another;
 "<workload>: <stage> ceiling" is the rate that stage alone sustains with its parallelism (ratio = how far
@@ -46,7 +46,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ceiling, device_name, row, write_result  # noqa: E402
+from harness import device_name, row, write_result  # noqa: E402
+
+from wave_rt.model.flops import DecoderShape, decoder_flops, measure_gemm_tflops  # noqa: E402
 
 STAGES = ("decode", "preprocess", "model", "write")
 
@@ -230,22 +232,6 @@ def load_encoder(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     return WaveEncoder(model, WaveProcessor(cfg, tokenizer), model_id=f"random-omni-{args.model_config}")
 
 
-def llm_facts(encoder: Any) -> tuple[int, int, int]:
-    """(LLM parameters without the input embedding table, layers, hidden width)."""
-    llm = encoder.model.model
-    params = sum(p.numel() for p in llm.parameters())
-    embed = llm.get_input_embeddings() if hasattr(llm, "get_input_embeddings") else getattr(llm, "embed_tokens", None)
-    if embed is not None:
-        params -= embed.weight.numel()
-    tc = encoder.config.text_config
-    return int(params), int(tc.num_hidden_layers), int(tc.hidden_size)
-
-
-def prefill_flops(tokens: list[int], p_llm: int, layers: int, d: int) -> float:
-    """DESIGN.md section 7: 2 * P * T + 4 * L * T^2 * d / 2 (causal attention) per sequence, real tokens only."""
-    return float(sum(2 * p_llm * t + 2 * layers * t * t * d for t in tokens))
-
-
 # ---------------------------------------------------------------------------------------------- GPU sampling
 class GpuSampler:
     """Samples the GPU's utilization (%) and memory in use while active: pynvml when importable, else
@@ -334,7 +320,7 @@ class GpuSampler:
 
 # ---------------------------------------------------------------------------------------------- measuring
 def measure(kind: str, manifest: Path, encoder: Any, args: argparse.Namespace, work: Path,
-            facts: tuple[int, int, int] | None, peak: float | None) -> list[dict[str, Any]]:
+            facts: DecoderShape | None, peak: float | None) -> list[dict[str, Any]]:
     from stagebench import bench_archive, sample_items
 
     from wave_rt.archive.job import embed_archive
@@ -383,7 +369,7 @@ def measure(kind: str, manifest: Path, encoder: Any, args: argparse.Namespace, w
                              **gpu}
     mfu_model = mfu_e2e = achieved = None
     if facts is not None:
-        flops = prefill_flops(tokens, *facts)
+        flops = decoder_flops(tokens, facts, last_layer_trimmed=True)
         achieved = flops / med["model"] / 1e12
         extra["llm_prefill_tflop"] = flops / 1e12
         extra["llm_tflops_model_stage"] = achieved
@@ -400,7 +386,7 @@ def measure(kind: str, manifest: Path, encoder: Any, args: argparse.Namespace, w
                         "items/s", busy_seconds=med[s], busy_seconds_runs=stage_runs[s],
                         ms_per_item=1000.0 * med[s] / n))
     if peak and achieved is not None:
-        rows.append(row(f"{kind}: LLM prefill MFU, model stage alone", "bf16 dense peak", peak, achieved,
+        rows.append(row(f"{kind}: LLM prefill MFU, model stage alone", "bf16 GEMM 8192^3 measured in this run", peak, achieved,
                         "TFLOP/s", ceiling_value=peak, mfu_end_to_end=mfu_e2e))
     stage_txt = "  ".join(f"{s} {1000 * med[s] / n:7.2f} ms" for s in STAGES)
     mfu_txt = f"  MFU model {mfu_model:.1%} / end to end {mfu_e2e:.1%}" if mfu_model is not None else ""
@@ -426,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, default=None, help="decode threads (default: the job's default)")
     ap.add_argument("--max-batch-tokens", type=int, default=None)
-    ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: H100/H200 table)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: an 8192^3 GEMM measured in this run)")
     ap.add_argument("--media-dir", default=None, help="generate (or reuse) the clips here instead of a temp dir")
     ap.add_argument("--generate-only", action="store_true",
                     help="make the clips in --media-dir and stop (a GPU session makes them while the GPU works)")
@@ -476,8 +462,8 @@ def main(argv: list[str] | None = None) -> None:
         encoder = load_encoder(args, device, dtype)
         print(f"model: {encoder.model_id} on {device} in {str(dtype).replace('torch.', '')} "
               f"({time.perf_counter() - t0:.1f} s to build/load); {device_name()}", flush=True)
-        facts = llm_facts(encoder)
-        peak = args.peak_tflops or (ceiling("bf16_TFLOPs") if cuda else None)
+        facts = DecoderShape.of(encoder.model.model)
+        peak = args.peak_tflops or (measure_gemm_tflops(device) if cuda else None)
         rows: list[dict[str, Any]] = []
         todo = [k for k in kinds if k in manifests]
         for i, kind in enumerate(todo):
@@ -489,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
                 path = write_result("archive", rows, cmd, suffix=suffix,
                                     extra={"model": encoder.model_id, "model_config": args.model_config,
                                            "dtype": str(dtype).replace("torch.", ""), "workload": w.__dict__,
-                                           "repeats": args.repeats, "llm_params_no_embedding": facts[0],
+                                           "repeats": args.repeats, "llm_params_no_embedding": facts.nonembedding_params,
                                            "peak_bf16_tflops": peak, "partial": i + 1 < len(todo),
                                            "kinds_done": todo[:i + 1]})
                 print(f"wrote {path}", flush=True)

@@ -26,7 +26,7 @@ def test_dry_run_checks_every_stage(tmp_path: Path) -> None:
     ran = [x for x in lines if "rc" in x]
     stages = {x["stage"] for x in lines}
     # every stage of the plan is either checked or skipped with its reason, never silently absent
-    order = next(l for l in (ROOT / "bench/gpu_session.sh").read_text().splitlines() if l.startswith("ORDER="))
+    order = next(ln for ln in (ROOT / "bench/gpu_session.sh").read_text().splitlines() if ln.startswith("ORDER="))
     assert stages == set(order.split("(")[1].rstrip(")").split()), stages
     assert ran and all(x["dry_run"] and x["rc"] == 0 for x in ran), ran
     for x in lines:

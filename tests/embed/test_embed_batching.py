@@ -55,3 +55,24 @@ def test_bucket_batcher_streams_every_key_once_within_budget(seed):
     for b in seen:
         assert len(b) <= 32
         assert len(b) == 1 or max(lengths[k] for k in b) * len(b) <= budget
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths=st.lists(st.integers(1, 5000), min_size=0, max_size=300), budget=st.integers(1, 20000))
+def test_packed_plan_counts_real_tokens(lengths, budget):
+    """Packed batches: sum of real tokens <= budget (one over-long item alone), and never more batches than
+    the padded plan of the same budget needs."""
+    batches = plan_batches(lengths, budget, None, packed=True)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) == 1 or sum(lengths[i] for i in b) <= budget
+    assert len(batches) <= len(plan_batches(lengths, budget, None))
+
+
+def test_packed_bucket_batcher_counts_real_tokens():
+    rng = random.Random(5)
+    batcher = BucketBatcher(1000, packed=True)
+    lengths = {k: rng.randint(5, 400) for k in range(500)}
+    seen = [b for k, n in lengths.items() for b in batcher.add(k, n)] + batcher.flush()
+    assert sorted(k for b in seen for k in b) == list(lengths)
+    assert all(len(b) == 1 or sum(lengths[k] for k in b) <= 1000 for b in seen)

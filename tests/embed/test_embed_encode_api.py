@@ -72,3 +72,11 @@ def test_bad_items_raise_typed_errors_naming_them(encoder, bad, error, text):
     with pytest.raises(error, match=text.replace("(", r"\(").replace(")", r"\)")) as info:
         encoder.encode(["fine", "also fine", bad])
     assert info.value.index == 2
+
+
+def test_packed_encode_equals_padded_encode(encoder):
+    """encode() packs by default; the padded reference path gives the same embeddings, batch by batch."""
+    padded = WaveEncoder(encoder.model, encoder.processor, weights_id="same", packed=False)
+    assert encoder.packed and not padded.packed
+    for kwargs in ({}, {"max_batch_tokens": 40}):
+        np.testing.assert_allclose(encoder.encode(TEXTS, **kwargs), padded.encode(TEXTS, **kwargs), rtol=0, atol=2e-6)

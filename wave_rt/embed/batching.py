@@ -1,7 +1,8 @@
 """Length-bucketed batching under a token budget: offline (encode) and online (streaming jobs).
 
-The budget counts padded tokens, B * max_len, because that is what a left-padded forward computes
-and holds in memory; sorting by length keeps the padding small.
+For a packed forward (the default of WaveEncoder) the budget counts real tokens, sum(len): that is what
+it computes and holds. For the left-padded reference forward it counts B * max_len; sorting by length
+keeps that padding small.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 
 
-def plan_batches(lengths: Sequence[int], max_batch_tokens: int | None, batch_size: int | None) -> list[list[int]]:
-    """Indices grouped into batches, longest first; each batch's B * max_len <= max_batch_tokens and
-    B <= batch_size (when given). An item longer than the budget gets a batch of its own."""
+def plan_batches(lengths: Sequence[int], max_batch_tokens: int | None, batch_size: int | None,
+                 packed: bool = False) -> list[list[int]]:
+    """Indices grouped into batches, longest first; each batch's tokens <= max_batch_tokens (sum(len) when
+    `packed`, else B * max_len) and B <= batch_size (when given). An item longer than the budget gets a
+    batch of its own."""
     if max_batch_tokens is not None and max_batch_tokens <= 0:
         raise ValueError("max_batch_tokens must be positive")
     if batch_size is not None and batch_size <= 0:
@@ -19,17 +22,19 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int | None, batch_siz
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
-    longest = 0
+    longest = total = 0
     for i in order:
         n = lengths[i]
         new_longest = max(longest, n)
+        cost = total + n if packed else new_longest * (len(current) + 1)
         too_many = batch_size is not None and len(current) + 1 > batch_size
-        too_big = max_batch_tokens is not None and new_longest * (len(current) + 1) > max_batch_tokens
+        too_big = max_batch_tokens is not None and cost > max_batch_tokens
         if current and (too_many or too_big):
             batches.append(current)
-            current, new_longest = [], n
+            current, new_longest, total = [], n, 0
         current.append(i)
         longest = new_longest
+        total += n
     if current:
         batches.append(current)
     return batches
@@ -47,10 +52,12 @@ class BucketBatcher:
         num_buckets: int = 8,
         max_pending: int = 4096,
         min_length: int = 16,
+        packed: bool = False,
     ) -> None:
         if max_batch_tokens <= 0:
             raise ValueError("max_batch_tokens must be positive")
         self.max_batch_tokens = max_batch_tokens
+        self.packed = packed  # budget counts real tokens (a packed forward) instead of B * longest
         self.max_batch_size = max_batch_size
         self.max_pending = max_pending
         # Geometric bucket edges between min_length and the budget: similar lengths share a bucket.
@@ -76,6 +83,8 @@ class BucketBatcher:
         size = len(bucket) + 1
         if self.max_batch_size is not None and size > self.max_batch_size:
             return False
+        if self.packed:
+            return n + sum(m for _, m in bucket) <= self.max_batch_tokens
         longest = max(n, max(m for _, m in bucket))
         return longest * size <= self.max_batch_tokens
 
@@ -107,7 +116,7 @@ class BucketBatcher:
                 self._buckets[k] = []
                 self._pending -= len(items)
                 lengths = [n for _, n in items]
-                for group in plan_batches(lengths, self.max_batch_tokens, self.max_batch_size):
+                for group in plan_batches(lengths, self.max_batch_tokens, self.max_batch_size, packed=self.packed):
                     out.append([items[i][0] for i in sorted(group)])
         return out
 

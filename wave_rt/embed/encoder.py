@@ -3,7 +3,9 @@
 `encode()` follows sentence-transformers' contract: items are prepared, sorted by length into
 batches under a token budget, embedded, and returned in the caller's order, optionally L2-normalised,
 as numpy (default) or torch. Media items are decoded in a thread pool, a window at a time, so memory
-stays bounded on long lists.
+stays bounded on long lists; the next window is decoded, and the next batch collated and copied, while
+the current batch computes. Batches are packed (one variable-length stream, no padding) unless
+`packed=False` selects the left-padded reference forward.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from wave_rt.embed.prepared import PreparedItem
 from wave_rt.embed.processor import WaveProcessor, load_tokenizer
 from wave_rt.embed.runner import ModelRunner
 from wave_rt.items import Item, modality_of
-from wave_rt.model.batch import collate
+from wave_rt.model.batch import collate, collate_packed
 from wave_rt.model.wave_model import WaveModel
 
 log = logging.getLogger(__name__)
@@ -70,8 +72,11 @@ class WaveEncoder:
         model_id: str = "wave_rt-model",
         weights_id: str | None = None,
         num_workers: int | None = None,
+        packed: bool = True,
     ) -> None:
         self.model = model
+        # Packed batches where the model has a packed path; else the padded forward.
+        self.packed = packed and getattr(model, "supports_packed", False)
         self.processor = processor
         self.config: WaveConfig = model.config
         self.model_id = model_id
@@ -149,19 +154,32 @@ class WaveEncoder:
     def prepare(self, item: Item, instruction: str | None = None, index: int | None = None) -> PreparedItem:
         return self.processor.prepare(item, instruction, index=index)
 
+    def stage(self, batch: Sequence[PreparedItem]) -> Any:
+        """Collate on the host (packed: every count and window table fixed here) and start the copy to the
+        device (pinned, non-blocking on CUDA), so it can overlap the batch computing before it."""
+        items = [p.inputs for p in batch]
+        stack_mel = self.config.backbone == "qwen2_audio"
+        if self.packed:
+            cfg = self.config
+            model_batch: Any = collate_packed(items, audio_token_id=cfg.token_id("audio"),
+                                              video_token_id=cfg.token_id("video"), stack_mel=stack_mel,
+                                              tower_inputs=self.model.tower_inputs)
+        else:
+            model_batch = collate(items, self.pad_token_id, stack_mel=stack_mel)
+        if self.device.type == "cuda":
+            return model_batch.pin_memory().to(self.device, self.dtype, non_blocking=True)
+        return model_batch.to(self.device, self.dtype)
+
+    @torch.inference_mode()
+    def launch(self, model_batch: Any, normalize: bool = True) -> torch.Tensor:
+        """The forward of a staged batch; on CUDA it returns as soon as the kernels are queued."""
+        out = self.model(model_batch).float()
+        return F.normalize(out, dim=-1) if normalize else out
+
     @torch.inference_mode()
     def embed_prepared(self, batch: Sequence[PreparedItem], normalize: bool = True) -> torch.Tensor:
         """One forward over already prepared items; float32 [len(batch), dim] on CPU in the given order."""
-        model_batch = collate([p.inputs for p in batch], self.pad_token_id,
-                              stack_mel=self.config.backbone == "qwen2_audio")
-        if self.device.type == "cuda":
-            model_batch = model_batch.pin_memory().to(self.device, self.dtype, non_blocking=True)
-        else:
-            model_batch = model_batch.to(self.device, self.dtype)
-        out = self.model(model_batch).float()
-        if normalize:
-            out = F.normalize(out, dim=-1)
-        return out.cpu()
+        return self.launch(self.stage(batch), normalize).cpu()
 
     # ------------------------------------------------------------------ encode
     def encode(
@@ -190,23 +208,46 @@ class WaveEncoder:
         window = 64 if has_media else 8192
         # An out-of-memory batch is split in halves (and the cap lowered) rather than failing the call.
         runner = ModelRunner(self, budget or (1 << 62), normalize=normalize, isolate_errors=False)
+        windows = [list(range(s, min(len(seq), s + window))) for s in range(0, len(seq), window)]
+        threaded = has_media and self.num_workers > 1
         with ThreadPoolExecutor(max_workers=self.num_workers) as pool:
-            for start in range(0, len(seq), window):
-                idx = list(range(start, min(len(seq), start + window)))
-                if has_media and self.num_workers > 1:
-                    prepared = list(pool.map(lambda i: self.prepare(seq[i], instruction, index=i), idx))
-                else:
-                    prepared = [self.prepare(seq[i], instruction, index=i) for i in idx]
-                lengths = [p.num_tokens for p in prepared]
-                for group in plan_batches(lengths, budget, batch_size):
-                    ok, failed = runner.run([prepared[g] for g in group])
-                    if failed:
-                        raise next(iter(failed.values()))
-                    for j, g in enumerate(group):
-                        out[idx[g]] = torch.from_numpy(ok[j])
-                    bar.update(len(group))
+            def submit(idx: list[int]) -> Any:
+                if threaded:  # decoding of this window starts now, while the previous window computes
+                    return [pool.submit(self.prepare, seq[i], instruction, i) for i in idx]
+                return [self.prepare(seq[i], instruction, index=i) for i in idx]
+
+            pending = submit(windows[0]) if windows else []
+            for w, idx in enumerate(windows):
+                prepared = [f.result() for f in pending] if threaded else pending
+                if w + 1 < len(windows):
+                    pending = submit(windows[w + 1])
+                groups = plan_batches([p.num_tokens for p in prepared], budget, batch_size, packed=self.packed)
+                self._run_groups(prepared, groups, idx, out, normalize, bar, runner)
         bar.close()
         return _convert(out[0] if single else out, convert_to)
+
+    def _run_groups(self, prepared: list[PreparedItem], groups: list[list[int]], idx: list[int],
+                    out: torch.Tensor, normalize: bool, bar: Any, runner: ModelRunner) -> None:
+        """Run the batches of one window with the next batch staged (collated, copied) while the current
+        one computes; a batch that runs out of memory is retried in halves."""
+        staged = None
+        for j, group in enumerate(groups):
+            batch = [prepared[g] for g in group]
+            try:
+                current = staged if staged is not None else self.stage(batch)
+                staged = None
+                result = self.launch(current, normalize)
+                if j + 1 < len(groups):
+                    staged = self.stage([prepared[g] for g in groups[j + 1]])
+                emb = result.cpu()
+            except torch.OutOfMemoryError:
+                staged = current = result = None
+                ok, failed = runner.run(batch)
+                if failed:
+                    raise next(iter(failed.values())) from None
+                emb = torch.from_numpy(np.stack([ok[k] for k in range(len(batch))]))
+            out[torch.tensor([idx[g] for g in group])] = emb
+            bar.update(len(group))
 
     def answer(self, item: Item, question: str, options: Sequence[str] | None = None,
                letters: Sequence[str] | None = None) -> QAResult:

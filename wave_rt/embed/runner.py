@@ -47,6 +47,9 @@ class ModelRunner:
         return ok, failed
 
     def _padded(self, prepared: list[Any], idx: list[int]) -> int:
+        """Tokens the forward processes: the real tokens in a packed batch, the padded rectangle otherwise."""
+        if getattr(self.encoder, "packed", False):
+            return sum(int(prepared[i].num_tokens) for i in idx)
         return len(idx) * max(int(prepared[i].num_tokens) for i in idx)
 
     def _run(self, prepared: list[Any], idx: list[int], ok: dict[int, np.ndarray],

@@ -15,14 +15,17 @@ LM head, KV cache or generation state.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from wave_rt.config import OMNI_THINKER, QWEN2_AUDIO, WaveConfig
-from wave_rt.model.batch import ModelBatch
+from wave_rt.model.batch import ModelBatch, PackedBatch
 from wave_rt.model.midashenglm import MIDASHENGLM
+from wave_rt.model.packed_decoder import packed_last_token_states
 
 BEATS_WIDTH = 768
 
@@ -58,9 +61,18 @@ class WaveModel(nn.Module):
         if config.backbone == OMNI_THINKER:
             from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as omni
 
+            from wave_rt.model.varlen import register_encoder_attention
+
             self.model = omni.Qwen2_5OmniThinkerTextModel._from_config(hf.text_config)
-            self.audio_tower = omni.Qwen2_5OmniAudioEncoder._from_config(hf.audio_config)
-            self.visual = omni.Qwen2_5OmniVisionEncoder._from_config(hf.vision_config)
+            # The towers run one varlen attention call per layer over their windows: a registered function
+            # whose name contains "flash" selects transformers' cu_seqlens branch. It is set after
+            # construction (at init transformers would look for the flash_attn package) on copies of the
+            # configs, so that a transformers module built from the same hf_config keeps its own choice.
+            self.audio_tower = omni.Qwen2_5OmniAudioEncoder._from_config(copy.deepcopy(hf.audio_config))
+            self.visual = omni.Qwen2_5OmniVisionEncoder._from_config(copy.deepcopy(hf.vision_config))
+            varlen = register_encoder_attention()
+            for tower in (self.audio_tower, self.visual):
+                tower.config._attn_implementation = varlen
         elif config.backbone == QWEN2_AUDIO:
             from transformers import AutoModel
             from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioMultiModalProjector
@@ -128,16 +140,21 @@ class WaveModel(nn.Module):
         return self.model.embed_tokens.weight.device
 
     # ------------------------------------------------------------------ encoders (tensor in, tensor out)
-    def encode_whisper(self, mel: torch.Tensor, mel_lens: torch.Tensor) -> torch.Tensor:
-        """Omni audio tower on concatenated log-mel [128, sum(frames)] -> [sum(tokens), D]."""
+    def encode_whisper(self, mel: torch.Tensor, mel_lens: torch.Tensor,
+                       tower_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+        """Omni audio tower on concatenated log-mel [128, sum(frames)] -> [sum(tokens), D]. `tower_kwargs`:
+        the window tables precomputed on the host (`tower_inputs`), so the tower reads nothing back."""
         aftercnn = (mel_lens - 1) // 2 + 1
         out = self.audio_tower(
-            input_features=mel.to(self.audio_tower.conv1.weight.dtype), feature_lens=mel_lens, aftercnn_lens=aftercnn
+            input_features=mel.to(self.audio_tower.conv1.weight.dtype), feature_lens=mel_lens, aftercnn_lens=aftercnn,
+            **dict(tower_kwargs or {}),
         )
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
-    def encode_qwen2_audio(self, mel: torch.Tensor, mel_lens: torch.Tensor, audio_tokens: torch.Tensor) -> torch.Tensor:
-        """Qwen2-Audio tower on [n, 128, 3000] padded log-mel -> projected valid tokens [sum(tokens), D]."""
+    def encode_qwen2_audio(self, mel: torch.Tensor, mel_lens: torch.Tensor, audio_tokens: torch.Tensor,
+                           keep_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Qwen2-Audio tower on [n, 128, 3000] padded log-mel -> projected valid tokens [sum(tokens), D].
+        `keep_index` (rows of the flattened output, fixed at collation) avoids a data-dependent selection."""
         n, _, frames = mel.shape
         after_conv = (mel_lens - 1) // 2 + 1
         max_len = (frames - 2) // 2 + 1
@@ -148,21 +165,24 @@ class WaveModel(nn.Module):
         add.masked_fill_(~valid.view(n, 1, 1, max_len), torch.finfo(dtype).min)
         out = self.audio_tower(mel.to(dtype), attention_mask=add)
         feats = self.multi_modal_projector(out.last_hidden_state)  # [n, 750, D]
+        if keep_index is not None:
+            return feats.reshape(-1, feats.shape[-1]).index_select(0, keep_index)
         keep = torch.arange(feats.shape[1], device=mel.device).view(1, -1) < audio_tokens.view(-1, 1)
         return feats[keep]
 
     def encode_beats(
-        self, fbank: torch.Tensor, fbank_padding: torch.Tensor, audio_tokens: torch.Tensor
+        self, fbank: torch.Tensor, fbank_padding: torch.Tensor, audio_tokens: torch.Tensor, total: int | None = None
     ) -> torch.Tensor:
         """BEATs tokens of each segment, padded with zeros / truncated to exactly 2x the segment's Whisper
-        tokens, averaged in pairs, then LayerNorm -> Linear -> GELU -> Linear: [sum(tokens), D]."""
+        tokens, averaged in pairs, then LayerNorm -> Linear -> GELU -> Linear: [sum(tokens), D].
+        `total` = 2 * sum(audio_tokens) when the caller knows it on the host (no read-back)."""
         dtype = self.beats_ln.weight.dtype
         tokens, _ = self.beats(fbank.to(dtype), padding_mask=fbank_padding)
         n_seg, n_max, width = tokens.shape
         patch = int(self.beats.cfg.input_patch_size)
         valid = ((~fbank_padding).sum(1) // patch) * (fbank.shape[-1] // patch)
         want = 2 * audio_tokens
-        total = int(want.sum())
+        total = int(want.sum()) if total is None else total
         seg = torch.repeat_interleave(torch.arange(n_seg, device=tokens.device), want, output_size=total)
         starts = torch.cumsum(want, 0) - want
         j = torch.arange(total, device=tokens.device) - torch.repeat_interleave(starts, want, output_size=total)
@@ -171,25 +191,31 @@ class WaveModel(nn.Module):
         pooled = flat[index].view(-1, 2, width).mean(dim=1)
         return self.beats_proj(self.beats_ln(pooled))
 
-    def encode_audio(self, batch: ModelBatch) -> torch.Tensor:
+    def encode_audio(self, batch: ModelBatch | PackedBatch) -> torch.Tensor:
         if self.config.backbone == MIDASHENGLM:
             from wave_rt.model.midashenglm import encode_dasheng_audio
 
             return encode_dasheng_audio(self, batch.mel, batch.mel_lens, batch.audio_tokens)
         if self.config.backbone == QWEN2_AUDIO:
-            return self.encode_qwen2_audio(batch.mel, batch.mel_lens, batch.audio_tokens)
+            keep = batch.audio_keep_index if isinstance(batch, PackedBatch) else None
+            return self.encode_qwen2_audio(batch.mel, batch.mel_lens, batch.audio_tokens, keep)
         cfg = self.config
-        whisper = None if cfg.beats_only else self.encode_whisper(batch.mel, batch.mel_lens)
+        packed = isinstance(batch, PackedBatch)
+        tower_kwargs = batch.audio_tower_kwargs if packed else None
+        whisper = None if cfg.beats_only else self.encode_whisper(batch.mel, batch.mel_lens, tower_kwargs)
         if not cfg.use_beats:
             return whisper
-        beats = self.encode_beats(batch.fbank, batch.fbank_padding, batch.audio_tokens)
+        beats = self.encode_beats(batch.fbank, batch.fbank_padding, batch.audio_tokens,
+                                  total=batch.beats_tokens if packed else None)
         if whisper is None:
             return beats
         # WAVE interleaves token by token: w0, b0, w1, b1, ...
         return torch.stack([whisper, beats.to(whisper.dtype)], dim=1).reshape(-1, whisper.shape[-1])
 
-    def encode_video(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        out = self.visual(pixel_values.to(self.visual.patch_embed.proj.weight.dtype), grid_thw=grid_thw)
+    def encode_video(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                     tower_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+        out = self.visual(pixel_values.to(self.visual.patch_embed.proj.weight.dtype), grid_thw=grid_thw,
+                          **dict(tower_kwargs or {}))
         return out.pooler_output if hasattr(out, "pooler_output") else out
 
     def embed_inputs(self, batch: ModelBatch) -> torch.Tensor:
@@ -206,6 +232,56 @@ class WaveModel(nn.Module):
             _check_count(mask, video, "video")
             embeds = embeds.masked_scatter(mask.unsqueeze(-1), video.to(embeds.dtype))
         return embeds
+
+    # ------------------------------------------------------------------ packed batches (the hot path)
+    @property
+    def supports_packed(self) -> bool:
+        """The packed path covers last-token pooling under causal attention on the Omni thinker and
+        Qwen2-Audio backbones; anything else (other backbones, mean pooling, bidirectional recipes) keeps the
+        padded forward."""
+        recipe = self.config.recipe
+        return (self.config.backbone in (OMNI_THINKER, QWEN2_AUDIO)
+                and getattr(recipe, "pooling", "last") == "last" and getattr(recipe, "attention", "causal") == "causal")
+
+    def tower_inputs(self, batch: PackedBatch) -> None:
+        """Host side, at collation: the window tables the Omni towers would otherwise derive on the device
+        with `.tolist()`/`.item()` (chunk lengths, cu_seqlens, max lengths, window order, rotary positions).
+        Uses transformers' own helpers on CPU tensors; a no-op where this transformers lacks them."""
+        if self.config.backbone != OMNI_THINKER:
+            return
+        from wave_rt.model.tower_inputs import audio_tower_kwargs, vision_tower_kwargs
+
+        if batch.mel is not None and not self.config.beats_only:
+            batch.audio_tower_kwargs = audio_tower_kwargs(batch.mel, batch.mel_lens, self.audio_tower.config)
+        if batch.pixel_values is not None:
+            batch.vision_tower_kwargs = vision_tower_kwargs(batch.grid_thw, self.visual.config)
+
+    def embed_packed(self, batch: PackedBatch) -> torch.Tensor:
+        """[N, D] token embeddings of the packed stream with the encoders' outputs copied into their
+        placeholder rows (row indices fixed at collation: no mask count read back)."""
+        embeds = self.model.embed_tokens(batch.input_ids)
+        if batch.mel is not None or batch.fbank is not None:
+            audio = self.encode_audio(batch)
+            embeds = _place(embeds, batch.audio_index, audio, "audio")
+        if batch.pixel_values is not None:
+            video = self.encode_video(batch.pixel_values, batch.grid_thw, batch.vision_tower_kwargs)
+            embeds = _place(embeds, batch.video_index, video, "video")
+        return embeds
+
+    def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
+        """Unnormalised embeddings [B, embedding_dim] of a packed batch; no host sync on CUDA."""
+        if not self.supports_packed:
+            raise NotImplementedError(f"no packed path for backbone {self.config.backbone!r} with recipe "
+                                      f"{self.config.recipe.name!r}; collate a padded ModelBatch instead")
+        embeds = self.embed_packed(batch)
+        rows = packed_last_token_states(self.model, embeds, batch.position_ids, batch.cu_seqlens, batch.last_index,
+                                        batch.lengths, self.config.uses_mrope)
+        recipe = self.config.recipe
+        if batch.head_mode == "head":
+            return self.apply_head(recipe.head, rows)
+        if batch.head_mode == "target":
+            return self.apply_head(recipe.text_target_head, rows)
+        return self.pool(rows, batch.use_head, all_same=False)
 
     # ------------------------------------------------------------------ decoder + heads (export-ready)
     def last_token_states(
@@ -281,8 +357,11 @@ class WaveModel(nn.Module):
         b = self.apply_head(recipe.text_target_head, rows)
         return torch.where(use_head.view(-1, 1), a, b.to(a.dtype))
 
-    def forward(self, batch: ModelBatch) -> torch.Tensor:
-        """Unnormalised embeddings [B, embedding_dim] for a collated batch already on this model's device."""
+    def forward(self, batch: ModelBatch | PackedBatch) -> torch.Tensor:
+        """Unnormalised embeddings [B, embedding_dim] for a collated batch already on this model's device:
+        a PackedBatch runs the packed varlen path, a ModelBatch the padded reference path."""
+        if isinstance(batch, PackedBatch):
+            return self.forward_packed(batch)
         embeds = self.embed_inputs(batch)
         recipe = self.config.recipe
         if recipe.pooling != "last" or recipe.attention != "causal":
@@ -297,6 +376,15 @@ class WaveModel(nn.Module):
         uses = batch.use_head
         all_same = bool(uses.all()) or not bool(uses.any())
         return self.pool(rows, uses, all_same=all_same)
+
+
+def _place(embeds: torch.Tensor, index: torch.Tensor | None, feats: torch.Tensor, what: str) -> torch.Tensor:
+    if index is None:
+        raise ValueError(f"packed batch has {what} inputs but no {what} placeholder rows (collate_packed needs "
+                         f"the {what} token id)")
+    if index.shape[0] != feats.shape[0]:  # shapes only: both known without reading the device
+        raise ValueError(f"{what} placeholders ({index.shape[0]}) and {what} encoder tokens ({feats.shape[0]}) disagree")
+    return embeds.index_copy(0, index, feats.to(embeds.dtype))
 
 
 def _check_count(mask: torch.Tensor, feats: torch.Tensor, what: str) -> None:

@@ -5,6 +5,8 @@
     wave-rt index DIR [--kind flat|ivf|hnsw]
     wave-rt search DIR (--text TEXT | --audio FILE | --video FILE | --av FILE) [-k 10] [--instruction TEXT]
     wave-rt bench-archive SOURCE [--sample N] [--model PATH] ...
+    wave-rt train CONFIG.toml [--resume]
+    wave-rt eval MANIFEST [--model PATH] [--json FILE] [--device DEV]
 
 Exit codes: 0 done (items that failed are listed in DIR/errors.jsonl and the summary), 1 error
 (bad source, settings that do not match DIR, unreadable model...), 2 usage error, 130 interrupted
@@ -89,7 +91,44 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--instruction", default=None)
     b.add_argument("--modality", default="auto", choices=["auto", "text", "audio", "video", "av"])
     b.add_argument("--json", metavar="FILE", default=None, help="also write the measurements as JSON")
+    _add_train_eval_parsers(sub)
     return ap
+
+
+def _add_train_eval_parsers(sub: Any) -> None:
+    t = sub.add_parser("train", help="contrastive fine-tuning with GradCache (a TOML config; see wave_rt.train)")
+    t.add_argument("config", metavar="CONFIG", help="TOML training config")
+    t.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    v = sub.add_parser("eval", help="Recall@1/5/10, mAP and QA accuracy of a model on a pair manifest")
+    v.add_argument("manifest", metavar="MANIFEST", help="pairs (jsonl/csv/parquet; see wave_rt.train.data)")
+    v.add_argument("--model", default=None, help="checkpoint directory (default: the bundled demo model)")
+    v.add_argument("--device", default=None)
+    v.add_argument("--json", metavar="FILE", default=None, help="also write the metrics as JSON")
+
+
+def _cmd_train(args: argparse.Namespace, out: TextIO) -> int:
+    from wave_rt.train import fit
+
+    result = fit(args.config, resume=args.resume)
+    last = f"{result.losses[-1]:.4f}" if result.losses else "-"
+    out.write(f"trained {result.steps} steps (last loss {last}); skipped rows: {result.skipped or 0}; "
+              f"model: {result.final_model}\n")
+    return EXIT_OK
+
+
+def _cmd_eval(args: argparse.Namespace, out: TextIO) -> int:
+    import json
+
+    from wave_rt.eval import evaluate
+
+    report = evaluate(args.manifest, args.model, device=args.device)
+    out.write(report.table() + "\n")
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return EXIT_OK
 
 
 def _cmd_embed(args: argparse.Namespace, out: TextIO) -> int:
@@ -166,7 +205,8 @@ def _cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"embed": _cmd_embed, "index": _cmd_index, "search": _cmd_search, "bench-archive": _cmd_bench}
+COMMANDS = {"embed": _cmd_embed, "index": _cmd_index, "search": _cmd_search, "bench-archive": _cmd_bench,
+            "train": _cmd_train, "eval": _cmd_eval}
 
 
 def run(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:

@@ -33,3 +33,29 @@ def perturb_lora(model: torch.nn.Module, seed: int = 0) -> None:
         for name, p in model.named_parameters():
             if ".lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * 0.05)
+
+
+def write_text_pairs(path, n: int, seed: int = 0) -> None:
+    """A JSONL manifest of n text (query, caption) pairs."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    words = ["red", "blue", "circle", "square", "beep", "hum", "left", "right", "moving", "low", "high"]
+    rows = [{"query_text": f"q{i} " + " ".join(rng.choice(words, size=2 + i % 3)),
+             "target_text": f"t{i} " + " ".join(rng.choice(words, size=3)), "task": "t"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def train_config(ckpt, manifest, out_dir, **sections) -> dict:
+    """A small fit() config dict: LoRA wave recipe on a tiny checkpoint, float32, CPU."""
+    cfg = {
+        "model": {"path": str(ckpt)},
+        "recipe": {"name": "wave", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+                   "learnable_temperature": True, "temperature": 0.05},
+        "data": {"train": str(manifest), "batch_size": 6, "chunk_size": 4},
+        "optim": {"lr": 1e-3, "max_steps": 3, "warmup_steps": 1},
+        "run": {"out_dir": str(out_dir), "device": "cpu", "checkpoint_every": 1, "progress": False, "threads": 1},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg

@@ -55,9 +55,9 @@ def build_model(config: str, device: torch.device, lora_r: int) -> tuple[Any, An
         dtype = torch.bfloat16
         recipe = get_train_recipe("wave", {"lora_r": lora_r, "lora_alpha": 2 * lora_r, "lora_dropout": 0.0})
     else:
-        from wave_rt.model.tiny import build_tiny_tokenizer, tiny_thinker_config_dict
-
         import tempfile
+
+        from wave_rt.model.tiny import build_tiny_tokenizer, tiny_thinker_config_dict
 
         with tempfile.TemporaryDirectory() as tmp:
             ids = build_tiny_tokenizer(tmp)
@@ -208,10 +208,13 @@ def main(argv: list[str] | None = None) -> int:
             while b <= args.max_batch:
                 q = _items(b, args.seq_len, vocab, seed=7, use_head=True)
                 t = _items(b, args.seq_len, vocab, seed=8, use_head=False)
-                if name == "reference":
-                    fn = (lambda q=q, t=t: (zero(), reference_step(model, q, t, temperature, pad, autocast)))
-                else:
-                    fn = (lambda q=q, t=t: (zero(), gradcache_train_step(model, loss_fn, q, t, chunk, pad, autocast)))
+                def fn(q=q, t=t, name=name) -> None:
+                    zero()
+                    if name == "reference":
+                        reference_step(model, q, t, temperature, pad, autocast)
+                    else:
+                        gradcache_train_step(model, loss_fn, q, t, chunk, pad, autocast)
+
                 _, peak, err = measure(fn, 1)
                 print(f"budget search {name} B={b}: peak {peak} B {err or ''}", flush=True)
                 if err is not None or peak is None or peak > limit:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from train_helpers import pair_items, perturb_lora
+
 from wave_rt.embed.processor import WaveProcessor, load_tokenizer
 from wave_rt.model.loading import load_wave_model
 from wave_rt.train.adapters import add_lora, set_trainable

@@ -55,7 +55,7 @@ def demo_config(work: Path, train_manifest: Path, config_file: Path = ASSET_DIR 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m wave_rt.train.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True, type=Path, help="working folder (corpora, run, eval)")
-    ap.add_argument("--n-train", type=int, default=16, help="training clips per caption class")
+    ap.add_argument("--n-train", type=int, default=24, help="training clips per caption class")
     ap.add_argument("--n-heldout", type=int, default=2, help="held-out clips per caption class")
     ap.add_argument("--max-steps", type=int, default=None, help="override optim.max_steps")
     ap.add_argument("--resume", action="store_true")

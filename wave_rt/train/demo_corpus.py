@@ -102,7 +102,7 @@ def shape_frames(rng: np.random.Generator, colour: str, shape: str, direction: s
     bg = rng.integers(10, 50, size=3)
     frames = np.empty((n, SIZE, SIZE, 3), np.uint8)
     frames[:] = bg.astype(np.uint8)
-    r = rng.uniform(7, 10)
+    r = rng.uniform(9, 12.5)
     rgb = np.clip(np.array(COLOURS[colour]) + rng.integers(-25, 26, size=3), 0, 255).astype(np.uint8)
     cy = rng.uniform(r + 2, SIZE - r - 2)
     x0, x1 = SIZE - r - 3 - rng.uniform(0, 6), r + 3 + rng.uniform(0, 6)
@@ -114,16 +114,16 @@ def shape_frames(rng: np.random.Generator, colour: str, shape: str, direction: s
         if shape == "circle":
             mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r ** 2
         else:
-            mask = (np.abs(yy - cy) <= r * 0.85) & (np.abs(xx - cx) <= r * 0.85)
+            mask = (np.abs(yy - cy) <= r * 0.9) & (np.abs(xx - cx) <= r * 0.9)
         frames[i][mask] = rgb
     return frames
 
 
 def generate_corpus(root: str | Path, seed: int, n_per_class: int, speech: bool | None = None) -> Path:
     """Write the corpus under root (clips/ and manifest.jsonl); returns the manifest path."""
-    from wave_rt.archive.demo_data import _write_video
-
     import soundfile as sf
+
+    from wave_rt.archive.demo_data import _write_video
 
     root = Path(root)
     clips = root / "clips"

@@ -25,7 +25,13 @@ import torch
 import torch.distributed as dist
 
 from wave_rt.train.adapters import add_lora, merge_lora, set_trainable
-from wave_rt.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from wave_rt.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from wave_rt.train.config import TrainConfig
 from wave_rt.train.data import BatchPlan, PairSource, load_pairs
 from wave_rt.train.encode import embed_items

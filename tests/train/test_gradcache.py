@@ -15,6 +15,7 @@ from wave_rt.train.encode import embed_items
 from wave_rt.train.gradcache import chunked, full_batch_step, gradcache_step
 from wave_rt.train.objective import ContrastiveLoss
 from wave_rt.train.recipes import get_train_recipe
+from wave_rt.train.trainer import enable_activation_checkpointing
 
 B = 7
 
@@ -115,3 +116,30 @@ def test_gradcache_float32_kernel_matches_float64():
     assert abs(float(got) - float(ref)) <= 1e-5 * abs(float(ref))
     assert _rel(w32.grad.double(), w64.grad) <= 1e-4
     assert _rel(loss32.log_temperature.grad.double(), loss64.log_temperature.grad) <= 1e-4
+
+
+def _saved_bytes(model, items, pad) -> int:
+    """Bytes autograd keeps for the backward of one graph forward."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        embed_items(model, items, pad)
+    return total[0]
+
+
+def test_gradient_checkpointing_keeps_gradients(tiny_ckpts):
+    """run.gradient_checkpointing recomputes the decoder layers in the backward: less kept for the backward,
+    the same loss and gradients."""
+    model, loss, prepared, pad, _ = _setup(tiny_ckpts, "wave")
+    ref_loss, ref_grads = _run(gradcache_step, model, loss, prepared, pad, chunk=3)
+    kept = _saved_bytes(model, prepared[0], pad)
+    enable_activation_checkpointing(model)
+    assert _saved_bytes(model, prepared[0], pad) < kept
+    got_loss, got_grads = _run(gradcache_step, model, loss, prepared, pad, chunk=3)
+    assert _rel(got_loss, ref_loss) <= 1e-12
+    for n in ref_grads:
+        assert _rel(got_grads[n], ref_grads[n]) <= 1e-10, n

@@ -79,6 +79,24 @@ def _dist_setup(device_name: str) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def enable_activation_checkpointing(model: Any) -> None:
+    """Recompute every decoder layer in the backward instead of keeping its activations (non-reentrant
+    torch.utils.checkpoint, RNG state preserved so dropout matches). WaveModel calls the layers itself,
+    so transformers' own switch (which acts inside the HF model's forward loop) would not engage; each
+    layer's forward is wrapped instead, leaving the module tree and state-dict names unchanged."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.model.layers:
+        inner = layer.forward
+
+        def forward(*args: Any, _inner: Any = inner, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = forward
+
+
 def _model_path(config: TrainConfig, rank: int) -> Path:
     if config.model.init_tiny:
         from wave_rt.model.tiny import make_tiny_checkpoint
@@ -125,7 +143,7 @@ class Trainer:
             model.to(device=self.device, dtype=dtype)
         self.trainable = set_trainable(model, self.recipe)
         if config.run.gradient_checkpointing:
-            model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         model.train()
         self.model = model
         self.loss_fn = ContrastiveLoss(self.recipe.temperature, self.recipe.learnable_temperature,

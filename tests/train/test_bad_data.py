@@ -100,3 +100,27 @@ def test_batch_plan_is_deterministic_task_pure_and_distinct(tmp_path):
         assert len({pairs[i].task for i in batch}) == 1
         assert len({pairs[i].target for i in batch}) == len(batch)
     assert plan.position(plan._lengths[0]) == (1, 0)
+
+
+def test_train_cli_config_errors(tmp_path):
+    import io
+
+    from wave_rt.cli import run
+
+    cases = {
+        "[modle]\npath = 'x'\n": "unknown config sections: modle",
+        "[data]\ntrain = 'p.jsonl'\nbatch = 3\n": "[data]: unknown keys batch",
+        "[data]\nbatch_size = 3\n": "[data] train: a manifest path is required",
+        "[data]\ntrain = 'p.jsonl'\n[recipe]\nname = 'nope'\n": "unknown training recipe 'nope'",
+        "[data\n": "not valid TOML",
+    }
+    (tmp_path / "p.jsonl").write_text(json.dumps({"query_text": "q", "target_text": "t"}) + "\n")
+    for text, message in cases.items():
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(text + "[run]\ndevice = 'cpu'\nout_dir = 'run'\n" if "[run]" not in text else text)
+        err = io.StringIO()
+        assert run(["train", str(cfg)], out=io.StringIO(), err=err) == 1, text
+        assert message in err.getvalue(), (text, err.getvalue())
+    err = io.StringIO()
+    assert run(["train", str(tmp_path / "missing.toml")], err=err) == 1
+    assert "does not exist" in err.getvalue()

@@ -4,7 +4,8 @@ Four families, twelve caption classes each; every clip is a fresh random variati
 - tones:  a {low|medium|high} {steady tone|beeping sound|chord|rising sweep}        (audio, WAV)
 - speech: the word "<w>" spoken, via espeak-ng with a random speed and pitch       (audio, WAV; skipped
           with a logged note when espeak-ng is not installed)
-- shapes: a {red|green|blue} {circle|square} moving to the {left|right}            (video, MP4 without audio)
+- shapes: a {red|green|blue} {circle|bar} moving to the {left|right}               (video, MP4 without audio;
+          a bar is a tall thin rectangle: at 56 x 56 pixels a square and a circle share too many patches)
 - av:     a {red|green|blue} circle moving to the {left|right} with a {low|high} tone  (video + audio, MP4)
 Variations: pitch (+-6 %), loudness, duration (1.5-2.5 s), start position, size, colour shade, background.
 Another seed gives held-out clips of the same classes. Numbers and files depend only on (seed, n_per_class).
@@ -33,7 +34,7 @@ FPS = 8
 PITCH = {"low": 200.0, "medium": 520.0, "high": 1400.0}
 SOUNDS = ("steady tone", "beeping sound", "chord", "rising sweep")
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230)}
-SHAPES = ("circle", "square")
+SHAPES = ("circle", "bar")
 DIRECTIONS = ("left", "right")
 WORDS = ("apple", "river", "seven", "window", "music", "yellow", "garden", "rocket", "coffee", "thunder",
          "pencil", "monkey")
@@ -114,7 +115,7 @@ def shape_frames(rng: np.random.Generator, colour: str, shape: str, direction: s
         if shape == "circle":
             mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r ** 2
         else:
-            mask = (np.abs(yy - cy) <= r * 0.9) & (np.abs(xx - cx) <= r * 0.9)
+            mask = (np.abs(yy - SIZE / 2) <= SIZE * 0.4) & (np.abs(xx - cx) <= r * 0.4)
         frames[i][mask] = rgb
     return frames
 

@@ -123,7 +123,7 @@ class WaveEncoder:
         num_workers: int | None = None,
     ) -> WaveEncoder:
         """Load a checkpoint directory (WAVE layout, a plain Qwen2.5-Omni thinker, or Qwen2-Audio).
-        path=None or "demo" loads the bundled demo model: tiny, deterministic, UNTRAINED."""
+        path=None or "demo" loads the bundled demo model (tiny, trained on a synthetic corpus; wave_rt.model.demo)."""
         from wave_rt.model.loading import load_wave_model
 
         demo = path is None or str(path) == DEMO_MODEL

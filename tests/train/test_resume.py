@@ -56,29 +56,38 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_ckpts, tmp_path):
     runs = {}
     for tag in ("ref", "killed"):
         cfg = train_config(tiny_ckpts["all_layer"], manifest, tmp_path / tag,
-                           recipe={"lora_dropout": 0.2}, optim={"max_steps": 6},
-                           run={"checkpoint_every": 2})
+                           recipe={"lora_dropout": 0.2}, optim={"max_steps": 12},
+                           run={"checkpoint_every": 3})
         runs[tag] = tmp_path / f"{tag}.toml"
         runs[tag].write_text(_toml(cfg))
 
     ref = _cli(runs["ref"])
     assert ref.wait(timeout=600) == 0, ref.stdout.read()[-3000:]
 
-    kill_at = random.Random(1234).randint(2, 5)  # a step after a checkpoint, or in the middle of one
+    # a step after a checkpoint, or in the middle of one; several steps before the end, so that the kill
+    # lands before the run finishes however fast the machine is
+    kill_at = random.Random(1234).randint(4, 9)
     proc = _cli(runs["killed"])
     deadline = time.monotonic() + 600
     while _steps_logged(tmp_path / "killed") < kill_at and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.002)
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "final").exists()
+    from wave_rt.train.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(tmp_path / "killed")
+    assert ckpt is not None and int(ckpt.name.split("-")[1]) >= 3  # resume starts from here, not from scratch
 
     resumed = _cli(runs["killed"], "--resume")
     assert resumed.wait(timeout=600) == 0, resumed.stdout.read()[-3000:]
 
     want, got = _losses(tmp_path / "ref"), _losses(tmp_path / "killed")
-    assert sorted(got) == sorted(want) == list(range(1, 7))
+    assert sorted(got) == sorted(want) == list(range(1, 13))
+    # steps after the checkpoint were logged before the kill and again after the resume: the resume
+    # dropped the stale lines instead of appending duplicates
+    assert _steps_logged(tmp_path / "killed") == 12
     for step in want:
         assert abs(got[step] - want[step]) <= 1e-6 * abs(want[step]), (step, got, want)
     a = load_file(str(tmp_path / "ref" / "final" / "model.safetensors"))

@@ -7,6 +7,8 @@
     wave-rt index DIR [--kind auto|flat|flat-gpu|ivf|hnsw]
     wave-rt search DIR (--text TEXT | --audio FILE | --video FILE | --av FILE) [-k 10] [--instruction TEXT]
                   [--model PATH] [--device DEV] [--dtype ...]
+    wave-rt train CONFIG.toml [--resume]
+    wave-rt eval MANIFEST [--model PATH] [--json FILE] [--device DEV]
 
 Exit codes: 0 done (items that failed are listed in DIR/errors.jsonl and the summary), 1 error (a bad
 option, a missing or unreadable path, an unwritable output, settings that do not match DIR, a bad model
@@ -50,7 +52,7 @@ def _global_options(parser: argparse.ArgumentParser, top: bool) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="PATH",
-                   help="checkpoint directory (default: the bundled demo model, untrained)")
+                   help="checkpoint directory (default: the bundled demo model)")
     p.add_argument("--device", default=None, metavar="DEV", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="model compute dtype (default: bf16 on CUDA, fp32 on CPU)")
@@ -113,6 +115,51 @@ def _add_embed(sub: Any) -> argparse.ArgumentParser:
                    help="progress line interval when stderr is not a terminal")
     e.set_defaults(func=_cmd_embed)
     return e
+
+
+# ---------------------------------------------------------------------------------------------- train / eval
+def _add_train(sub: Any) -> argparse.ArgumentParser:
+    t = sub.add_parser("train", help="contrastive fine-tuning with GradCache (a TOML config; see wave_rt.train)")
+    t.add_argument("config", metavar="CONFIG", help="TOML training config")
+    t.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    t.set_defaults(func=_cmd_train)
+    return t
+
+
+def _add_eval(sub: Any) -> argparse.ArgumentParser:
+    v = sub.add_parser("eval", help="Recall@1/5/10, mAP and QA accuracy of a model on a pair manifest")
+    v.add_argument("manifest", metavar="MANIFEST", help="pairs (jsonl/csv/parquet; see wave_rt.train.data)")
+    v.add_argument("--model", default=None, metavar="PATH",
+                   help="checkpoint directory (default: the bundled demo model)")
+    v.add_argument("--device", default=None, metavar="DEV", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    v.add_argument("--json", metavar="FILE", default=None, help="also write the metrics as JSON")
+    v.set_defaults(func=_cmd_eval)
+    return v
+
+
+def _cmd_train(args: argparse.Namespace, out: TextIO) -> int:
+    from wave_rt.train import fit
+
+    result = fit(args.config, resume=args.resume)
+    last = f"{result.losses[-1]:.4f}" if result.losses else "-"
+    out.write(f"trained {result.steps} steps (last loss {last}); skipped rows: {result.skipped or 0}; "
+              f"model: {result.final_model}\n")
+    return EXIT_OK
+
+
+def _cmd_eval(args: argparse.Namespace, out: TextIO) -> int:
+    import json
+
+    from wave_rt.eval import evaluate
+
+    report = evaluate(args.manifest, args.model, device=args.device)
+    out.write(report.table() + "\n")
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return EXIT_OK
 
 
 def _cmd_embed(args: argparse.Namespace, out: TextIO) -> int:
@@ -230,7 +277,8 @@ def _cmd_search(args: argparse.Namespace, out: TextIO) -> int:
 
 
 # The subcommands, in --help order. Each registers its parser (with help on every option) and sets func.
-COMMANDS: list[Callable[[Any], argparse.ArgumentParser]] = [_add_embed, _add_index, _add_search]
+COMMANDS: list[Callable[[Any], argparse.ArgumentParser]] = [_add_embed, _add_index, _add_search, _add_train,
+                                                             _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -99,7 +99,7 @@ class WaveEncoder:
         preset: str | None = None,
     ) -> WaveEncoder:
         """Load a checkpoint directory (WAVE layout, a plain Qwen2.5-Omni thinker, Qwen2-Audio, or MiDashengLM).
-        path=None or "demo" loads the bundled demo model: tiny, deterministic, UNTRAINED. `preset` names the
+        path=None or "demo" loads the bundled demo model (tiny, trained on a synthetic corpus; wave_rt.model.demo). `preset` names the
         embedder the weights belong to (wave, vela, alm2vec, lco-omni, e5-omni, omni-embed-nemotron; see
         wave_rt.model.embedder_presets); without it the checkpoint's layout decides where it can."""
         from wave_rt.model.loading import load_wave_model

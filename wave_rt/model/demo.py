@@ -1,9 +1,13 @@
-"""The bundled demo model: tiny, deterministic, UNTRAINED (random weights).
+"""The bundled demo model: the tiny architecture TRAINED on a synthetic captioned corpus.
 
-It exists so that `wave-rt embed demo ...` and the API run end to end on any machine without a
-download; its embeddings carry no meaning. It is generated on first use (about a megabyte) into the
-cache directory and reused afterwards; generation is atomic (temp dir + rename), so concurrent
-workers never see a half-written checkpoint.
+The weights ship in the package (wave_rt/assets/demo_model, about 1.4 MB; `python -m wave_rt.train.demo`
+reproduces them from wave_rt/train/demo_corpus.py and assets/demo_model/train.toml). It knows tones and
+chords ("a high chord"), a dozen spoken words, coloured circles and squares moving left or right, and their
+audio-visual combinations; held-out metrics in bench/results/demo_eval.json. Anything else it embeds
+without meaning: load a real WAVE checkpoint with WaveEncoder.from_pretrained(path).
+
+Without the bundled weights (a stripped install) it falls back to the untrained random model, generated
+on first use into the cache directory, atomically (temp dir + rename).
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-DEMO_MODEL_ID = "wave_rt-demo-untrained"
+DEMO_MODEL_ID = "wave_rt-demo"
 DEMO_VERSION = 1
+TRAINED_DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_model"
 
 
 def cache_dir() -> Path:
@@ -23,7 +28,9 @@ def cache_dir() -> Path:
 
 
 def demo_checkpoint() -> Path:
-    """Path of the demo checkpoint, generating it on first use."""
+    """Path of the demo checkpoint: the bundled trained model, else the untrained one (generated on first use)."""
+    if (TRAINED_DEMO_DIR / "model.safetensors").exists():
+        return TRAINED_DEMO_DIR
     from wave_rt.model.tiny import make_tiny_checkpoint
 
     target = cache_dir() / f"demo-model-v{DEMO_VERSION}"

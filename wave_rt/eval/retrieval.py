@@ -1,0 +1,221 @@
+"""Retrieval and QA metrics over a pair manifest: Recall@1/5/10 and mAP in both directions, QA accuracy,
+per query modality and per task, scored with wave_rt.kernels.similarity_topk.
+
+Rows are the training manifest's pairs (wave_rt.train.data). A row with `options` (a list, or a string
+split on "|") and `answer` (0-based index or letter) is a QA row: its query is embedded with the
+question as instruction (`question`, else `instruction`), every option as a text target, and it is right
+when the closest option is the answer. Other rows are retrieval pairs.
+
+Relevance: targets with the same content (same caption text or same file) are one target, so a caption
+shared by two clips makes both clips relevant to it. mAP is computed from the top min(N, 1024) results
+(similarity_topk's limit; mAP@1024 equals full mAP when every relevant item ranks within 1024).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wave_rt.errors import InputError, MediaError
+from wave_rt.kernels import similarity_topk
+from wave_rt.train.data import Pair, PairRowError, parse_side, read_rows, target_key
+
+log = logging.getLogger(__name__)
+
+KS = (1, 5, 10)
+MAX_K = 1024
+
+
+@dataclass
+class QARow:
+    row: int
+    query: Any
+    question: str
+    options: list[str]
+    answer: int
+    task: str
+    modality: str
+
+
+@dataclass
+class EvalReport:
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    model: str = ""
+    manifest: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "manifest": self.manifest, "groups": self.groups, "skipped": self.skipped}
+
+    def table(self) -> str:
+        cols = ["n", "q2t_R@1", "q2t_R@5", "q2t_R@10", "q2t_mAP", "t2q_R@1", "t2q_R@5", "t2q_R@10", "t2q_mAP",
+                "qa_acc"]
+        lines = [f"{'group':24}" + "".join(f"{c:>10}" for c in cols)]
+        for name, g in self.groups.items():
+            cells = []
+            for c in cols:
+                v = g.get(c)
+                cells.append(f"{'-':>10}" if v is None else (f"{v:>10d}" if isinstance(v, int) else f"{v:>10.4f}"))
+            lines.append(f"{name:24}" + "".join(cells))
+        if self.skipped:
+            lines.append("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())))
+        return "\n".join(lines)
+
+
+def load_eval_rows(manifest: str | Path, skipped: Counter) -> tuple[list[Pair], list[QARow]]:
+    manifest = Path(manifest)
+    pairs: list[Pair] = []
+    qa: list[QARow] = []
+    for n, row in enumerate(read_rows(manifest)):
+        try:
+            if "__error__" in row:
+                raise ValueError(row["__error__"])
+            query, modality = parse_side(row, "query", manifest.parent)
+            task = str(row.get("task") or "")
+            options = row.get("options")
+            if options not in (None, ""):
+                opts = options.split("|") if isinstance(options, str) else [str(o) for o in options]
+                answer = row.get("answer")
+                if isinstance(answer, str) and len(answer) == 1 and answer.isalpha():
+                    idx = ord(answer.upper()) - ord("A")
+                else:
+                    idx = int(answer)
+                if not 0 <= idx < len(opts):
+                    raise ValueError(f"answer {answer!r} is not one of {len(opts)} options")
+                question = str(row.get("question") or row.get("instruction") or "")
+                qa.append(QARow(n, query, question, opts, idx, task, modality))
+                continue
+            target, _ = parse_side(row, "target", manifest.parent)
+            pairs.append(Pair(n, query, target, row.get("instruction") or None, task, str(row.get("id") or n),
+                              modality))
+        except (ValueError, TypeError) as exc:
+            log.warning("skipping %s", PairRowError(manifest, n, str(exc)))
+            skipped["bad_row"] += 1
+    return pairs, qa
+
+
+def _embed(encoder: Any, items: Sequence[Any], instructions: Sequence[str | None], skipped: Counter,
+           batch: int = 32) -> tuple[torch.Tensor, list[bool]]:
+    """Unit vectors of the items that prepare; ok[i] False for the ones that failed (counted, logged)."""
+    prepared, ok = [], []
+    for i, (item, instr) in enumerate(zip(items, instructions)):
+        try:
+            prepared.append(encoder.prepare(item, instr, index=i))
+            ok.append(True)
+        except (MediaError, InputError) as exc:
+            log.warning("eval: skipping item %d: %s", i, exc)
+            skipped["media" if isinstance(exc, MediaError) else "input"] += 1
+            ok.append(False)
+    vecs = [encoder.embed_prepared(prepared[s:s + batch]) for s in range(0, len(prepared), batch)]
+    dim = encoder.dim
+    return (torch.cat(vecs) if vecs else torch.empty(0, dim)), ok
+
+
+def ranking_metrics(scores_idx: torch.Tensor, relevant: list[set[int]]) -> dict[str, float]:
+    """R@k and AP from top-k indices [n, K] and each query's relevant set."""
+    out = {f"R@{k}": 0.0 for k in KS}
+    ap_sum = 0.0
+    for row, rel in zip(scores_idx.tolist(), relevant):
+        hits = 0
+        ap = 0.0
+        first = None
+        for rank, j in enumerate(row, 1):
+            if j in rel:
+                hits += 1
+                ap += hits / rank
+                first = first or rank
+        ap_sum += ap / len(rel)
+        for k in KS:
+            out[f"R@{k}"] += 1.0 if first is not None and first <= k else 0.0
+    n = max(1, len(relevant))
+    out = {k: v / n for k, v in out.items()}
+    out["mAP"] = ap_sum / n
+    return out
+
+
+def _retrieval(q: torch.Tensor, t: torch.Tensor, target_of: list[int]) -> dict[str, Any]:
+    """q [n, D] queries, t [m, D] unique targets, target_of[i] = query i's target index."""
+    k = min(t.shape[0], MAX_K)
+    _, idx = similarity_topk(q, t, k, normalize=True)
+    q2t = ranking_metrics(idx, [{j} for j in target_of])
+    queries_of: dict[int, set[int]] = defaultdict(set)
+    for i, j in enumerate(target_of):
+        queries_of[j].add(i)
+    k2 = min(q.shape[0], MAX_K)
+    _, idx2 = similarity_topk(t, q, k2, normalize=True)
+    t2q = ranking_metrics(idx2, [queries_of[j] for j in range(t.shape[0])])
+    out: dict[str, Any] = {"n": int(q.shape[0]), "targets": int(t.shape[0])}
+    out.update({f"q2t_{k}": v for k, v in q2t.items()})
+    out.update({f"t2q_{k}": v for k, v in t2q.items()})
+    return out
+
+
+def evaluate(manifest: str | Path, model: Any = None, *, device: str | None = None,
+             encoder: Any = None) -> EvalReport:
+    """Metrics of `model` (a checkpoint path, "demo", or a ready WaveEncoder as `encoder`) on `manifest`."""
+    if encoder is None:
+        from wave_rt.embed.encoder import WaveEncoder
+
+        encoder = WaveEncoder.from_pretrained(model, device=device)
+    skipped: Counter = Counter()
+    pairs, qa = load_eval_rows(manifest, skipped)
+    report = EvalReport(model=str(model if model is not None else encoder.model_id), manifest=str(manifest))
+
+    if pairs:
+        qv, qok = _embed(encoder, [p.query for p in pairs], [p.instruction for p in pairs], skipped)
+        keys: dict[str, int] = {}
+        uniq = []
+        for p in pairs:
+            if target_key(p.target) not in keys:
+                keys[target_key(p.target)] = len(uniq)
+                uniq.append(p.target)
+        tv, tok = _embed(encoder, uniq, [None] * len(uniq), skipped)
+        t_row = {}  # unique target -> row in tv
+        for j, good in enumerate(tok):
+            if good:
+                t_row[j] = len(t_row)
+        q_row, kept = {}, []
+        for i, good in enumerate(qok):
+            if good:
+                q_row[i] = len(q_row)
+                if keys[target_key(pairs[i].target)] in t_row:
+                    kept.append(i)
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i in kept:
+            groups["all"].append(i)
+            groups[f"modality={pairs[i].modality}"].append(i)
+            if pairs[i].task:
+                groups[f"task={pairs[i].task}"].append(i)
+        for name, rows in groups.items():
+            # The pool of a group is the targets of its own rows (text->audio among audio clips, ...).
+            pool = sorted({t_row[keys[target_key(pairs[i].target)]] for i in rows})
+            pos = {r: n for n, r in enumerate(pool)}
+            q = qv[[q_row[i] for i in rows]]
+            t = tv[pool]
+            report.groups[name] = _retrieval(q, t, [pos[t_row[keys[target_key(pairs[i].target)]]] for i in rows])
+
+    if qa:
+        correct: dict[str, list[int]] = defaultdict(list)
+        for r in qa:
+            try:
+                qvec, ok = _embed(encoder, [r.query], [r.question or None], skipped)
+                if not ok[0]:
+                    continue
+                ovec, _ = _embed(encoder, list(r.options), [None] * len(r.options),
+                                 skipped)
+            except (MediaError, InputError):
+                continue
+            best = int((qvec @ ovec.T).argmax())
+            for g in ("all", f"modality={r.modality}") + ((f"task={r.task}",) if r.task else ()):
+                correct[g].append(int(best == r.answer))
+        for g, hits in correct.items():
+            report.groups.setdefault(g, {})["qa_acc"] = sum(hits) / len(hits)
+            report.groups[g]["qa_n"] = len(hits)
+    report.skipped = dict(skipped)
+    return report

@@ -1,0 +1,244 @@
+"""Training pairs from a manifest (JSONL, CSV or Parquet) and the deterministic batch plan.
+
+One row is one pair. Columns:
+  query_text | query_path (+ query_modality: audio | video | av, default from the file extension)
+  target_text | target_path (+ target_modality)
+  instruction (optional: the query's prompt instruction), task (optional: a task name), id (optional)
+Relative paths are resolved against the manifest's folder. Query texts are encoded as Text(side="query")
+(through the recipe's head), target texts as plain strings (the text-target head), as WAVE does.
+
+Bad rows never stop training and are never silently lost: a row with wrong columns or a missing file is
+skipped when the manifest is read, a row whose media cannot be decoded or whose text is empty is skipped
+when it is first prepared; each is counted by reason and logged (once) with a typed error naming the
+manifest, the row and the reason (`PairRowError`, or the MediaError/InputError the processor raised).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wave_rt.embed.prepared import PreparedItem
+from wave_rt.errors import InputError, MediaError, WaveRTError
+from wave_rt.items import Audio, AudioVisual, Text, Video
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXT = {".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v"}
+AUDIO_EXT = {".wav", ".flac", ".ogg", ".mp3", ".opus", ".m4a", ".aac"}
+MODALITIES = {"audio": Audio, "video": Video, "av": AudioVisual}
+
+
+class PairRowError(WaveRTError, ValueError):
+    """A manifest row cannot be used as a training pair."""
+
+    def __init__(self, manifest: object, row: int, reason: str) -> None:
+        self.manifest, self.row, self.reason = str(manifest), row, reason
+        super().__init__(f"{self.manifest} row {row}: {reason}")
+
+
+@dataclass(frozen=True)
+class Pair:
+    row: int  # 0-based row number in the manifest (the id used in logs)
+    query: Any  # an Item
+    target: Any  # an Item
+    instruction: str | None = None
+    task: str = ""
+    id: str = ""
+    modality: str = "text"  # the query's modality (eval reports per modality)
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The manifest's rows as dicts (values as read; empty CSV cells are '')."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"manifest {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows = []
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    rows.append({"__error__": f"invalid JSON ({exc.msg})", "__line__": n})
+                    continue
+                rows.append(value if isinstance(value, dict) else {"__error__": "a JSON line must be an object"})
+        return rows
+    if suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise PairRowError(path, -1, f"unknown manifest format {suffix!r}; use .jsonl, .csv or .parquet")
+
+
+def parse_side(row: dict[str, Any], side: str, root: Path) -> tuple[Any, str]:
+    text = row.get(f"{side}_text")
+    path = row.get(f"{side}_path")
+    path = None if path in (None, "") else path
+    if text == "" and path is None:
+        raise ValueError(f"{side}_text is empty")
+    text = None if text in (None, "") else text
+    if (text is None) == (path is None):
+        raise ValueError(f"needs exactly one of {side}_text and {side}_path (columns: {', '.join(map(str, row))})")
+    if text is not None:
+        if not isinstance(text, str):
+            raise ValueError(f"{side}_text must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise ValueError(f"{side}_text is empty")
+        return (Text(text, side="query") if side == "query" else text), "text"
+    file = Path(str(path))
+    file = file if file.is_absolute() else root / file
+    if not file.exists():
+        raise ValueError(f"{side}_path {file} does not exist")
+    modality = row.get(f"{side}_modality") or ""
+    if not modality:
+        ext = file.suffix.lower()
+        modality = "video" if ext in VIDEO_EXT else "audio" if ext in AUDIO_EXT else ""
+    if modality not in MODALITIES:
+        raise ValueError(f"{side}_modality must be one of {', '.join(MODALITIES)} (got {modality!r} for {file.name})")
+    return MODALITIES[modality](str(file)), modality
+
+
+def load_pairs(manifest: str | Path, skipped: Counter | None = None) -> list[Pair]:
+    """Parse and check every row (columns, non-empty texts, files that exist); bad rows are logged and
+    counted in `skipped` by reason class, not returned."""
+    manifest = Path(manifest)
+    root = manifest.parent
+    pairs: list[Pair] = []
+    for n, row in enumerate(read_rows(manifest)):
+        try:
+            if "__error__" in row:
+                raise ValueError(row["__error__"])
+            query, modality = parse_side(row, "query", root)
+            target, _ = parse_side(row, "target", root)
+            instruction = row.get("instruction") or None
+            pairs.append(Pair(n, query, target, instruction, str(row.get("task") or ""), str(row.get("id") or n),
+                              modality))
+        except ValueError as exc:
+            err = PairRowError(manifest, n, str(exc))
+            log.warning("skipping %s", err)
+            if skipped is not None:
+                skipped["bad_row"] += 1
+    if not pairs:
+        raise PairRowError(manifest, -1, "no usable rows")
+    return pairs
+
+
+class PairSource:
+    """Prepares pairs on demand through the inference processor; remembers failures (skipped, counted and
+    logged once) and, with cache=True, the prepared tensors (small corpora: every epoch reuses them)."""
+
+    def __init__(self, pairs: Sequence[Pair], processor: Any, cache: bool = False) -> None:
+        self.pairs = list(pairs)
+        self.processor = processor
+        self.cache = cache
+        self._prepared: dict[int, tuple[PreparedItem, PreparedItem]] = {}
+        self.bad: dict[int, str] = {}
+        self.skipped: Counter = Counter()
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def prepare(self, index: int) -> tuple[PreparedItem, PreparedItem] | None:
+        if index in self._prepared:
+            return self._prepared[index]
+        if index in self.bad:
+            return None
+        pair = self.pairs[index]
+        try:
+            out = (self.processor.prepare(pair.query, pair.instruction, index=pair.row),
+                   self.processor.prepare(pair.target, index=pair.row))
+        except (MediaError, InputError) as exc:
+            self.bad[index] = f"{type(exc).__name__}: {exc}"
+            self.skipped["media" if isinstance(exc, MediaError) else "input"] += 1
+            log.warning("skipping training pair (row %d): %s", pair.row, self.bad[index])
+            return None
+        if self.cache:
+            self._prepared[index] = out
+        return out
+
+
+def target_key(item: Any) -> str:
+    """Identity of a target: its text, or its file (two rows with one caption share a target)."""
+    return item if isinstance(item, str) else f"{type(item).__name__}:{getattr(item, 'source', item)}"
+
+
+class BatchPlan:
+    """Which rows form global batch k, a pure function of (seed, epoch): resuming at step s needs nothing
+    but s. Rows are shuffled per epoch; with one_task_per_batch, every batch draws from a single task (WAVE's
+    sampler), batches of all tasks then shuffled together. With distinct_targets, no batch holds two rows
+    with the same target (an identical caption would be its twin's negative). Incomplete batches are dropped."""
+
+    def __init__(self, pairs: Sequence[Pair], global_batch: int, seed: int, one_task_per_batch: bool = False,
+                 distinct_targets: bool = False) -> None:
+        if global_batch < 1:
+            raise ValueError(f"batch size must be >= 1, got {global_batch}")
+        self.global_batch = global_batch
+        self.seed = seed
+        self.keys = [target_key(p.target) for p in pairs] if distinct_targets else None
+        self.tasks: dict[str, list[int]] = {}
+        for i, p in enumerate(pairs):
+            self.tasks.setdefault(p.task if one_task_per_batch else "", []).append(i)
+        self._lengths: list[int] = []
+        if not self.epoch_batches(0):
+            raise ValueError(f"no task yields a batch of {global_batch} rows: lower the batch size (rows per task: "
+                             f"{ {k: len(v) for k, v in self.tasks.items()} }, distinct targets: {distinct_targets})")
+
+    def _split(self, rows: list[int]) -> list[list[int]]:
+        b = self.global_batch
+        if self.keys is None:
+            return [rows[i:i + b] for i in range(0, len(rows) - b + 1, b)]
+        batches, pending = [], rows
+        while len(pending) >= b:
+            batch, seen, rest = [], set(), []
+            for r in pending:
+                if len(batch) < b and self.keys[r] not in seen:
+                    batch.append(r)
+                    seen.add(self.keys[r])
+                else:
+                    rest.append(r)
+            if len(batch) < b:
+                break
+            batches.append(batch)
+            pending = rest
+        return batches
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        batches = []
+        for task in sorted(self.tasks):
+            rows = list(self.tasks[task])
+            rng.shuffle(rows)
+            batches += self._split(rows)
+        rng.shuffle(batches)
+        return batches
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, batch within the epoch) of global step `step`."""
+        epoch = 0
+        while True:
+            if epoch == len(self._lengths):
+                self._lengths.append(len(self.epoch_batches(epoch)))
+            if step < self._lengths[epoch]:
+                return epoch, step
+            step -= self._lengths[epoch]
+            epoch += 1
+
+    def batch(self, step: int) -> list[int]:
+        epoch, k = self.position(step)
+        if getattr(self, "_cached_epoch", None) != epoch:
+            self._cached_epoch, self._cached = epoch, self.epoch_batches(epoch)
+        return self._cached[k]

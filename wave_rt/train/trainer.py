@@ -1,0 +1,361 @@
+"""fit(config): contrastive fine-tuning with GradCache, DDP across ranks, checkpoints and exact resume.
+
+Distributed: launched under torchrun (WORLD_SIZE > 1) it joins a process group (gloo on the CPU, NCCL on
+GPUs). Each rank embeds its own slice of the global batch; the loss is info_nce_distributed (all ranks'
+rows are negatives of each other), whose gradient with respect to a rank's embeddings is that rank's slice
+of the global gradient. The parameter gradients are then summed over ranks with one all-reduce per step,
+which is what DistributedDataParallel does (it averages; summing gives the exact global-loss gradient, so
+W ranks equal one process on the concatenated batch). The model is not wrapped in DDP because GradCache
+runs several backward passes per step and the reduction must happen once, after the last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from wave_rt.train.adapters import add_lora, merge_lora, set_trainable
+from wave_rt.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from wave_rt.train.config import TrainConfig
+from wave_rt.train.data import BatchPlan, PairSource, load_pairs
+from wave_rt.train.encode import embed_items
+from wave_rt.train.gradcache import chunked, full_batch_step, gradcache_step
+from wave_rt.train.objective import ContrastiveLoss
+from wave_rt.train.recipes import TrainRecipe, get_train_recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    out_dir: Path
+    final_model: Path | None
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float):  # noqa: ANN201 - a LambdaLR factor
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        span = max(1, total - warmup)
+        progress = min(1.0, (step - warmup) / span)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _dist_setup(device_name: str) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and device_name != "cpu" else "gloo"
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_name == "cuda" and world > 1:
+        device_name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def enable_activation_checkpointing(model: Any) -> None:
+    """Recompute every decoder layer in the backward instead of keeping its activations (non-reentrant
+    torch.utils.checkpoint, RNG state preserved so dropout matches). WaveModel calls the layers itself,
+    so transformers' own switch (which acts inside the HF model's forward loop) would not engage; each
+    layer's forward is wrapped instead, leaving the module tree and state-dict names unchanged."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.model.layers:
+        inner = layer.forward
+
+        def forward(*args: Any, _inner: Any = inner, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = forward
+
+
+def _model_path(config: TrainConfig, rank: int) -> Path:
+    if config.model.init_tiny:
+        from wave_rt.model.tiny import make_tiny_checkpoint
+
+        recipe = get_train_recipe(config.recipe["name"], _overrides(config))
+        init = Path(config.run.out_dir) / "init"
+        if rank == 0 and not (init / "config.json").exists():
+            make_tiny_checkpoint(init, recipe=recipe.pooling, use_beats=recipe.pooling in ("all_layer", "last_layer"),
+                                 seed=config.model.tiny_seed)
+        if dist.is_initialized():
+            dist.barrier()
+        return init
+    if config.model.path in ("demo", ""):
+        from wave_rt.model.demo import demo_checkpoint
+
+        return demo_checkpoint()
+    return Path(config.model.path)
+
+
+def _overrides(config: TrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in config.recipe.items() if k != "name"}
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig) -> None:
+        from wave_rt.embed.processor import WaveProcessor, load_tokenizer
+        from wave_rt.model.loading import load_wave_model
+
+        self.config = config
+        self.rank, self.world, self.device = _dist_setup(config.run.device)
+        if config.run.threads > 0:
+            torch.set_num_threads(config.run.threads)
+        self.recipe: TrainRecipe = get_train_recipe(config.recipe["name"], _overrides(config))
+        self.out_dir = Path(config.run.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.base_path = _model_path(config, self.rank)
+        dtype = torch.float64 if config.run.dtype == "fp64" else torch.float32
+        # Same seed on every rank: LoRA initialisation is identical everywhere without a broadcast.
+        torch.manual_seed(config.run.seed)
+        model, wave_config = load_wave_model(self.base_path, device=self.device, dtype=dtype,
+                                             recipe=self.recipe.pooling)
+        if self.recipe.trainable == "lora":
+            add_lora(model, self.recipe)
+            model.to(device=self.device, dtype=dtype)
+        self.trainable = set_trainable(model, self.recipe)
+        if config.run.gradient_checkpointing:
+            enable_activation_checkpointing(model)
+        model.train()
+        self.model = model
+        self.loss_fn = ContrastiveLoss(self.recipe.temperature, self.recipe.learnable_temperature,
+                                       self.recipe.symmetric, self.recipe.false_negative_margin).to(self.device)
+        if dtype == torch.float64:
+            self.loss_fn.double()
+        self.processor = WaveProcessor(wave_config, load_tokenizer(self.base_path))
+        self.pad = self.processor.ids["pad"]
+        self.autocast = torch.bfloat16 if (self.device.type == "cuda" and config.run.bf16) else None
+
+        self.load_skipped: Counter = Counter()
+        pairs = load_pairs(config.data.train, self.load_skipped)
+        if self.recipe.text_only:
+            kept = [p for p in pairs if p.modality == "text" and isinstance(p.target, str)]
+            self.load_skipped["not_text"] += len(pairs) - len(kept)
+            pairs = kept
+        self.source = PairSource(pairs, self.processor, cache=config.data.cache_prepared)
+        self.plan = BatchPlan(pairs, config.data.batch_size * self.world, config.run.seed,
+                              self.recipe.one_task_per_batch, config.data.distinct_targets)
+
+        params = [p for p in model.parameters() if p.requires_grad] + list(self.loss_fn.parameters())
+        o = config.optim
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=o.betas)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(o.warmup_steps, o.max_steps, o.min_lr_ratio))
+        self.step = 0
+        self._tb: Any = None
+
+    # ------------------------------------------------------------------ state
+    def trainable_tensors(self) -> dict[str, torch.Tensor]:
+        out = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        out.update({f"loss.{n}": p for n, p in self.loss_fn.named_parameters()})
+        return out
+
+    def save(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        epoch, k = self.plan.position(self.step)
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "rng": rng_state(), "step": self.step, "data": {"epoch": epoch, "batch_in_epoch": k},
+                 "skipped": dict(self.source.skipped)}
+        meta = {"step": self.step, "epoch": epoch, "batch_in_epoch": k, "world_size": self.world,
+                "config": self.config.to_dict()}
+        return save_checkpoint(self.out_dir, self.step, self.trainable_tensors(), state, meta,
+                               keep=self.config.run.keep_checkpoints)
+
+    def resume(self) -> bool:
+        path = latest_checkpoint(self.out_dir)
+        if path is None:
+            return False
+        tensors, state, meta = load_checkpoint(path)
+        if meta.get("world_size", 1) != self.world:
+            raise ValueError(f"{path}: written by {meta.get('world_size')} ranks, resuming on {self.world}")
+        own = self.trainable_tensors()
+        if set(tensors) != set(own):
+            raise ValueError(f"{path}: trainable tensors differ from this config's "
+                             f"(missing {sorted(set(own) - set(tensors))[:5]}, extra {sorted(set(tensors) - set(own))[:5]})")
+        with torch.no_grad():
+            for name, p in own.items():
+                p.copy_(tensors[name].to(p.device, p.dtype))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.source.skipped.update(state.get("skipped", {}))
+        self._truncate_metrics()
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric lines of steps after the checkpoint (they are recomputed, identically)."""
+        path = self.out_dir / "metrics.jsonl"
+        if self.rank != 0 or not path.exists():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= self.step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by the kill
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ one step
+    def _local_batch(self) -> list[tuple[Any, Any]]:
+        rows = self.plan.batch(self.step)
+        b = self.config.data.batch_size
+        mine = rows[self.rank * b:(self.rank + 1) * b]
+        prepared = [p for p in (self.source.prepare(i) for i in mine) if p is not None]
+        if self.world > 1:
+            # info_nce_distributed needs the same rows on every rank: all trim to the smallest.
+            n = torch.tensor([len(prepared)], dtype=torch.int64)
+            dist.all_reduce(n, op=dist.ReduceOp.MIN)
+            prepared = prepared[: int(n)]
+        return prepared
+
+    def train_step(self) -> dict[str, Any]:
+        prepared = self._local_batch()
+        if not prepared:
+            raise RuntimeError(f"step {self.step}: every pair of the batch failed to prepare")
+        chunk = self.config.data.chunk_size
+        sides = [chunked([q for q, _ in prepared], chunk), chunked([t for _, t in prepared], chunk)]
+        self.optimizer.zero_grad(set_to_none=True)
+        # One chunk per side: the cached pass would only repeat the forward; the plain graph is the same math.
+        step_fn = full_batch_step if all(len(s) == 1 for s in sides) else gradcache_step
+        loss = step_fn(lambda c: embed_items(self.model, c, self.pad, device=self.device, autocast=self.autocast),
+                       sides, self.loss_fn)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.world > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+        clip = self.config.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        t = self.loss_fn.temperature()
+        return {"step": self.step, "loss": float(loss), "lr": lr, "grad_norm": float(norm),
+                "temperature": float(t), "rows": len(prepared) * self.world,
+                "skipped": sum(self.source.skipped.values()) + sum(self.load_skipped.values())}
+
+    # ------------------------------------------------------------------ loop
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        with (self.out_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out_dir / "tb"))
+            except ImportError:
+                self._tb = False
+        if self._tb:
+            for k in ("loss", "lr", "grad_norm", "temperature"):
+                self._tb.add_scalar(f"train/{k}", record[k], record["step"])
+
+    def fit(self) -> FitResult:
+        cfg = self.config
+        losses: list[float] = []
+        bar = None
+        if cfg.run.progress and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.optim.max_steps, initial=self.step, desc="train", unit="step")
+        start = time.perf_counter()
+        while self.step < cfg.optim.max_steps:
+            record = self.train_step()
+            record["elapsed_s"] = round(time.perf_counter() - start, 3)
+            losses.append(record["loss"])
+            if record["step"] % cfg.run.log_every == 0 or record["step"] == cfg.optim.max_steps:
+                self._log(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if self.step % cfg.run.checkpoint_every == 0 or self.step == cfg.optim.max_steps:
+                self.save()
+        if bar is not None:
+            bar.close()
+        final = self.save_final()
+        skipped = dict(self.load_skipped + self.source.skipped)
+        if self.rank == 0:
+            (self.out_dir / "skipped.json").write_text(json.dumps({"counts": skipped, "rows": {
+                str(self.source.pairs[i].row): why for i, why in sorted(self.source.bad.items())}}, indent=2))
+        return FitResult(self.out_dir, final, self.step, losses, skipped)
+
+    def save_final(self) -> Path | None:
+        """The merged model (LoRA folded into q/k/v) in the layout WaveEncoder.from_pretrained loads."""
+        if self.rank != 0:
+            return None
+        import copy
+
+        from wave_rt.model.loading import save_wave_model
+
+        model = copy.deepcopy(self.model).eval()
+        merge_lora(model)
+        model.float()
+        final = self.out_dir / "final"
+        tmp = self.out_dir / ".final.tmp"
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        save_wave_model(model, tmp, tokenizer_dir=self.base_path)
+        if self.loss_fn.learnable:
+            (tmp / "temperature.json").write_text(json.dumps({"temperature": float(self.loss_fn.temperature())}))
+        if final.exists():
+            import shutil
+
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        return final
+
+
+def fit(config: TrainConfig | dict[str, Any] | str | os.PathLike[str], *, resume: bool = False) -> FitResult:
+    """Train per `config` (a TrainConfig, a dict of sections, or a TOML file). resume=True continues from
+    the run folder's latest checkpoint (exactly: same losses and weights as an uninterrupted run)."""
+    if isinstance(config, (str, os.PathLike)):
+        config = TrainConfig.from_file(config)
+    elif isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    trainer = Trainer(config)
+    if resume:
+        trainer.resume()
+    return trainer.fit()

@@ -78,37 +78,53 @@ def export_bundle(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Export a checkpoint's stage graphs into a bundle directory (written to a temp dir, then renamed, so
-    an interrupted export never leaves a directory that looks complete)."""
-    from safetensors.torch import save_file
+    """Export a checkpoint directory's stage graphs into a bundle (see export_model_bundle)."""
+    from wave_rt.model.loading import load_wave_model
 
-    from wave_rt.embed.processor import load_tokenizer
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty")
+    model, _ = load_wave_model(checkpoint, device=device, dtype=dtype, recipe=recipe, beats_path=beats_path)
+    return export_model_bundle(model, out, formats=formats, stages=stages, tokenizer_dir=checkpoint,
+                               source=Path(checkpoint).resolve().name)
+
+
+def export_model_bundle(
+    model: Any,
+    out_dir: str | os.PathLike[str],
+    formats: tuple[str, ...] = ("onnx",),
+    stages: tuple[str, ...] | None = None,
+    tokenizer_dir: str | os.PathLike[str] | None = None,
+    source: str = "<model>",
+) -> Path:
+    """Export a WaveModel's stage graphs (on its device, in its dtype) into a bundle directory, written to a
+    temp dir and renamed, so an interrupted export never leaves a directory that looks complete."""
+    from safetensors.torch import save_file
     from wave_rt.export.examples import example_inputs
     from wave_rt.export.graphs import OPSET, export_aoti, export_onnx
     from wave_rt.export.stages import stage_specs
-    from wave_rt.model.loading import load_wave_model
 
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {formats}")
-    src = Path(checkpoint)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty")
-    model, config = load_wave_model(src, device=device, dtype=dtype, recipe=recipe, beats_path=beats_path)
+    config = model.config
+    device = str(model.device)
     specs = [s for s in stage_specs(model) if stages is None or s.name in stages]
     if stages is not None and {s.name for s in specs} != set(stages):
         raise ValueError(f"unknown or unavailable stages {sorted(set(stages) - {s.name for s in specs})}")
-    tokenizer = load_tokenizer(src)
-    examples = example_inputs(model, tokenizer, device=device)
+    examples = example_inputs(model, device=device)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))
-        for name in TOKENIZER_FILES:
-            if (src / name).exists():
-                shutil.copyfile(src / name, tmp / name)
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / name).exists():
+                    shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
         table = model.model.embed_tokens.weight.detach().to("cpu").contiguous()
         save_file({"weight": table}, str(tmp / EMBED_TABLE), metadata={"format": "pt"})
         stage_meta: dict[str, Any] = {}
@@ -133,13 +149,14 @@ def export_bundle(
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "source": src.resolve().name,
+            "source": source,
             "recipe": config.recipe.name,
             "backbone": config.backbone,
-            "dtype": str(dtype).removeprefix("torch."),
+            "dtype": str(model.dtype).removeprefix("torch."),
             "aoti_device": device if "aoti" in formats else None,
             "opset": OPSET,
             "embedding_dim": config.embedding_dim,
+            "config_fingerprint": config.fingerprint(),
             "versions": versions(),
             "stages": stage_meta,
             "files": {},
@@ -222,7 +239,7 @@ def verify_bundle(root: str | os.PathLike[str], backend: str, check_hashes: bool
         if manifest.get("opset") != OPSET:
             raise CheckpointError(base / MANIFEST, f"bundle opset {manifest.get('opset')} is not the opset {OPSET} "
                                                    "this wave_rt runs; re-export")
-        for name, stage in manifest["stages"].items():
+        for stage in manifest["stages"].values():
             graph = base / stage["files"]["onnx"][0]
             found = onnx_opset(graph)
             if found != manifest["opset"]:

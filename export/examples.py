@@ -1,47 +1,51 @@
-"""Example inputs for tracing: real processor output for synthetic media, so every stage is traced on
-the tensors it will see at run time (shapes >= 2 on every dynamic axis, so nothing specializes to 0/1)."""
+"""Example inputs for tracing, built from the config alone (no tokenizer, so a random-weight 7B config
+exports the same way as a checkpoint): two audio segments, two videos, two left-padded token rows with
+both heads. Every dynamic axis has size >= 2 in them, so nothing specializes to 0/1."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
 import torch
 
+from wave_rt.model.batch import AudioSegmentInputs, ItemInputs, collate
 from wave_rt.model.wave_model import WaveModel
 
 
-def example_items(seed: int = 0) -> list[Any]:
-    import wave_rt
-
-    rng = np.random.default_rng(seed)
-    audio = [wave_rt.Audio((0.1 * rng.standard_normal(int(16000 * s))).astype(np.float32), sample_rate=16000)
-             for s in (1.3, 2.7)]
-    video = [wave_rt.Video(rng.integers(0, 255, (n, 56, 84, 3), dtype=np.uint8), fps=2.0) for n in (4, 6)]
-    text = ["an example text target", wave_rt.Text("a query", side="query")]
-    return audio + video + text
-
-
-def example_inputs(model: WaveModel, tokenizer: Any, device: str | torch.device = "cpu") -> dict[str, dict[str, torch.Tensor]]:
-    """{stage: {input name: tensor}} built through the processor and the stages' host-side bookkeeping."""
-    from wave_rt.embed.processor import WaveProcessor
+def example_inputs(model: WaveModel, device: str | torch.device = "cpu") -> dict[str, dict[str, torch.Tensor]]:
+    """{stage: {input name: tensor}} through the stages' own host-side bookkeeping."""
     from wave_rt.export.runtime import StageInputs
-    from wave_rt.model.batch import collate
 
-    processor = WaveProcessor(model.config, tokenizer)
-    items = example_items()
-    prepared = [processor.prepare(it, index=i).inputs for i, it in enumerate(items)]
-    pad = processor.ids["pad"]
-    host = StageInputs(model.config, model.model.embed_tokens.weight.detach().to("cpu"))
+    from wave_rt.embed.processor import whisper_tokens
+
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    vocab = int(cfg.text_config.vocab_size)
+    pad = int(cfg.text_config.pad_token_id or 0)
+    segments = []
+    for seconds in (1.3, 2.7):
+        samples = int(seconds * 16000)
+        frames = samples // 160
+        fbank = torch.randn(1 + (samples - 400) // 160, 128, generator=g) if cfg.use_beats else None
+        segments.append(AudioSegmentInputs(torch.randn(128, frames, generator=g), frames, whisper_tokens(frames), fbank))
+    rows = []
+    for k, n in enumerate((9, 13)):
+        ids = torch.randint(0, vocab, (n,), generator=g)
+        pos = torch.arange(n).view(1, -1).expand(3, n).clone()
+        rows.append(ItemInputs(ids, pos, use_head=k == 0, audio=[segments[k]]))
+    vids = []
+    for t in (2, 3):
+        grid = (t, 4, 6)
+        vids.append(ItemInputs(rows[0].input_ids, rows[0].position_ids, True,
+                               pixel_values=torch.randn(t * 4 * 6, 1176, generator=g), grid_thw=grid))
+    host = StageInputs(cfg, model.model.embed_tokens.weight.detach().to("cpu"))
+    audio = collate(rows, pad)
+    video = collate(vids, pad)
     out: dict[str, dict[str, torch.Tensor]] = {}
-    audio = collate(prepared[0:2], pad)
-    video = collate(prepared[2:4], pad)
-    mixed = collate(prepared, pad)
-    if audio.mel is not None:
+    if not cfg.beats_only:
         out["audio_tower"] = host.audio_tower(audio)
-    if audio.fbank is not None:
+    if cfg.use_beats:
         out["beats"] = host.beats(audio)
     out["vision"] = host.vision(video)
-    embeds = host.token_embeddings(mixed)
-    out["decoder"] = host.decoder(mixed, embeds)
-    return {s: {k: v.to(device) for k, v in d.items()} for s, d in out.items()}
+    out["decoder"] = host.decoder(audio, host.token_embeddings(audio))
+    dtype = model.dtype
+    return {s: {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in d.items()}
+            for s, d in out.items()}

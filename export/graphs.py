@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from wave_rt.export.stages import StageSpec
 
 # ONNX opset of every graph we write (ai.onnx). 18 is the newest opset both ONNX Runtime >= 1.14 and

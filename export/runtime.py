@@ -16,9 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from wave_rt.config import WaveConfig
-from wave_rt.errors import CheckpointError
 from wave_rt.export.stages import (
     STAGES,
     audio_tower_inputs,
@@ -26,6 +23,9 @@ from wave_rt.export.stages import (
     decoder_inputs,
     vision_inputs,
 )
+
+from wave_rt.config import WaveConfig
+from wave_rt.errors import CheckpointError
 from wave_rt.model.batch import ModelBatch
 
 StageRunner = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -209,7 +209,6 @@ def load_bundle_model(path: str | os.PathLike[str], backend: str, device: torch.
                       threads: int | None = None, check_hashes: bool = True) -> tuple[BundleModel, dict[str, Any]]:
     """Verify the bundle for `backend` and build its BundleModel. Returns (model, manifest)."""
     from safetensors.torch import load_file
-
     from wave_rt.export.bundle import EMBED_TABLE, verify_bundle
 
     if backend not in BACKENDS:

@@ -232,7 +232,11 @@ def _vision_attention(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: 
 
 def vision_inputs(pixel_values: torch.Tensor, grid_thw: torch.Tensor, vision_config: Any) -> dict[str, torch.Tensor]:
     """grid_thw-dependent bookkeeping with transformers' own helpers (the ones the module calls)."""
-    from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
+    from transformers.vision_utils import (
+        get_vision_attention_seqlens,
+        get_vision_position_ids,
+        get_vision_window_index,
+    )
 
     grid = grid_thw.to(torch.int64)
     merge = int(vision_config.spatial_merge_size)

@@ -92,10 +92,13 @@ _ORT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64:
 
 class OrtStage:
     """An ONNX graph on ONNX Runtime. On CUDA, inputs are bound in place with IO binding (no host copy);
-    the output is bound on the device and handed back through DLPack."""
+    the output is bound on the device and handed back through DLPack. Intra-op threads: `threads`, else
+    $WAVE_RT_ORT_THREADS, else ONNX Runtime's default (one per core)."""
 
     def __init__(self, path: Path, device: torch.device, threads: int | None = None) -> None:
         self.device = device
+        if threads is None and os.environ.get("WAVE_RT_ORT_THREADS"):
+            threads = int(os.environ["WAVE_RT_ORT_THREADS"])
         if device.type == "cuda":
             providers: list[Any] = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
         else:
@@ -118,10 +121,10 @@ class OrtStage:
         binding.bind_output(self.output, "cuda", self.device.index or 0)
         self.session.run_with_iobinding(binding)
         value = binding.get_outputs()[0]
-        try:
-            return torch.from_dlpack(value.to_dlpack())
-        except AttributeError:  # older onnxruntime: no DLPack on OrtValue
-            return torch.from_numpy(value.numpy()).to(self.device)
+        to_dlpack = getattr(value, "to_dlpack", None) or getattr(getattr(value, "_ortvalue", None), "to_dlpack", None)
+        if to_dlpack is not None:
+            return torch.from_dlpack(to_dlpack())
+        return torch.from_numpy(value.numpy()).to(self.device)  # older onnxruntime: a copy through the host
 
 
 class AotiStage:

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--items", type=int, default=8, help="items per modality (cycled through)")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch and ONNX Runtime (on a shared CPU, 1 keeps runs comparable)")
     ap.add_argument("--bundle", default=None, help="reuse / export into this bundle directory")
     ap.add_argument("--out", default=None, help="results JSON (default bench/results/export_latency_<config>_<dev>...)")
     ap.add_argument("--dry-run", action="store_true", help="check the arguments and output path, run nothing")
@@ -70,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     from wave_rt.model.wave_model import WaveModel
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     dev = "cuda" if device.type == "cuda" else "cpu"
     out = Path(args.out) if args.out else RESULTS / f"export_latency_{args.config}_{dev}{tag}.json"
@@ -84,9 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     run_bench_latency(
         model, by_mod, QWEN_TOKEN_IDS["<|endoftext|>"], backends, out, out.with_suffix(".png"),
         bundle=Path(args.bundle) if args.bundle else None, batch_sizes=batch_sizes, warmup=args.warmup,
-        iters=args.iters, meta={"command": "python bench/bench_export.py " + " ".join(argv or sys.argv[1:]),
-                                "commit": git_commit(), "config": args.config,
-                                "items": "texts of 8-64 tokens; 10 s audio (random mel/fbank, real shapes)"})
+        iters=args.iters, threads=args.threads,
+        meta={"command": "python bench/bench_export.py " + " ".join(argv or sys.argv[1:]), "commit": git_commit(),
+              "config": args.config, "torch_threads": torch.get_num_threads(), "ort_threads": args.threads,
+              "items": "texts of 8-64 tokens; 10 s audio (random mel/fbank, real shapes)"})
     print(f"wrote {out}")
 
 

@@ -67,11 +67,8 @@ def export_onnx(spec: StageSpec, example: dict[str, torch.Tensor], path: str | o
     program.save(str(out), external_data=external)
     # check_model on the path, not a loaded proto: the path form handles external data past 2 GB.
     onnx.checker.check_model(str(out), full_check=True)
-    files = [out]
-    data = out.with_name(out.name + ".data")
-    if data.exists():
-        files.append(data)
-    return files
+    # The graph and its external-data file(s), which the exporter names after the graph.
+    return [out] + sorted(p for p in out.parent.glob(out.name + "*") if p != out)
 
 
 def export_aoti(spec: StageSpec, example: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> list[Path]:

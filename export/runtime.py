@@ -177,7 +177,10 @@ class BundleModel:
         runner = self.stages.get(name)
         if runner is None:
             raise CheckpointError(self.source, f"this bundle has no {name!r} stage (exported: {', '.join(self.stages)})")
-        return runner({k: v.to(self._device) for k, v in inputs.items()}).to(self._device)
+        # Float inputs in the bundle's dtype: that is what the graphs were traced with (the modules cast anyway).
+        moved = {k: v.to(self._device, self.dtype) if v.is_floating_point() else v.to(self._device)
+                 for k, v in inputs.items()}
+        return runner(moved).to(self._device)
 
     def encode_audio(self, batch: ModelBatch) -> torch.Tensor:
         cfg = self.config

@@ -250,12 +250,12 @@ def run_bench_latency(
         if bundle is None:
             bundle = Path(tempfile.mkdtemp(prefix="wave-rt-bench-")) / "bundle"
         if is_bundle(bundle):
-            from wave_rt.export.bundle import read_manifest
+            from wave_rt.export.bundle import read_manifest, state_fingerprint
 
-            found = read_manifest(bundle).get("config_fingerprint")
-            if found != model.config.fingerprint():
-                raise ValueError(f"bundle {bundle} was exported from another model or config "
-                                 f"({found} != {model.config.fingerprint()})")
+            manifest = read_manifest(bundle)
+            if (manifest.get("config_fingerprint"), manifest.get("state_fingerprint")) != (
+                    model.config.fingerprint(), state_fingerprint(model)):
+                raise ValueError(f"bundle {bundle} was exported from another model (config or weights differ)")
         else:
             t0 = time.perf_counter()
             log(f"exporting {', '.join(wanted)} as {', '.join(formats)} -> {bundle}")

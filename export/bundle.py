@@ -83,7 +83,7 @@ def export_bundle(
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty")
+        raise ValueError(f"{out} exists and is not empty: export into a new directory")
     model, _ = load_wave_model(checkpoint, device=device, dtype=dtype, recipe=recipe, beats_path=beats_path)
     return export_model_bundle(model, out, formats=formats, stages=stages, tokenizer_dir=checkpoint,
                                source=Path(checkpoint).resolve().name)
@@ -109,7 +109,7 @@ def export_model_bundle(
         raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {formats}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty")
+        raise ValueError(f"{out} exists and is not empty: export into a new directory")
     config = model.config
     device = str(model.device)
     specs = [s for s in stage_specs(model) if stages is None or s.name in stages]
@@ -157,6 +157,7 @@ def export_model_bundle(
             "opset": OPSET,
             "embedding_dim": config.embedding_dim,
             "config_fingerprint": config.fingerprint(),
+            "state_fingerprint": state_fingerprint(model),
             "versions": versions(),
             "stages": stage_meta,
             "files": {},
@@ -169,6 +170,13 @@ def export_model_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def state_fingerprint(model: Any) -> str:
+    """The encoder's sampled hash of a model's weights: tells which model a bundle was exported from."""
+    from wave_rt.embed.encoder import _state_fingerprint
+
+    return _state_fingerprint(model)
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:

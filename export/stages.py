@@ -283,6 +283,11 @@ def stage_specs(model: WaveModel) -> list[StageSpec]:
 
         raise CheckpointError(cfg.backbone, "export supports the Qwen2.5-Omni thinker backbone (WAVE, ALM2Vec-style "
                                             "recipes); the Qwen2-Audio backbone has no export graphs yet")
+    recipe = cfg.recipe
+    if getattr(recipe, "pooling", "last") != "last" or getattr(recipe, "attention", "causal") != "causal":
+        from wave_rt.errors import CheckpointError
+
+        raise CheckpointError(recipe.name, "export graphs cover last-token pooling with causal attention only")
     specs: list[StageSpec] = []
     model.eval()
     if not cfg.beats_only:

@@ -93,12 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--instruction", default=None)
     b.add_argument("--modality", default="auto", choices=["auto", "text", "audio", "video", "av"])
     b.add_argument("--json", metavar="FILE", default=None, help="also write the measurements as JSON")
-    _add_export_parsers(sub)
+    _add_export(sub)
+    _add_bench_latency(sub)
     return ap
 
 
-def _add_export_parsers(sub: Any) -> None:
-    """`wave-rt export {bundle,tensorrt,triton-repo}` and `wave-rt bench-latency` (wave_rt.export)."""
+def _add_export(sub: Any) -> argparse.ArgumentParser:
+    """`wave-rt export {bundle,tensorrt,triton-repo}` (wave_rt.export)."""
     x = sub.add_parser("export", help="export engines: ONNX / AOTInductor bundles, TensorRT, a Triton repository")
     xs = x.add_subparsers(dest="export_command", metavar="WHAT")
     xs.required = True
@@ -124,7 +125,12 @@ def _add_export_parsers(sub: Any) -> None:
     xr.add_argument("--cpu", action="store_true", help="stage models on KIND_CPU instances")
     xr.add_argument("--max-batch", type=int, default=64, help="dynamic batching limit of the front model")
     xr.add_argument("--server-bundle-path", default=None, help="where the server sees BUNDLE (default: its path here)")
+    x.set_defaults(func=_cmd_export)
+    return x
 
+
+def _add_bench_latency(sub: Any) -> argparse.ArgumentParser:
+    """`wave-rt bench-latency` (wave_rt.export.bench_latency)."""
     bl = sub.add_parser("bench-latency", help="p50/p90/p99 latency at batch 1 and throughput per backend")
     bl.add_argument("model", metavar="MODEL", help='checkpoint directory or "demo"')
     bl.add_argument("--backends", default="eager,compile,aoti,onnxruntime",
@@ -137,6 +143,8 @@ def _add_export_parsers(sub: Any) -> None:
     bl.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     bl.add_argument("--device", default=None)
     bl.add_argument("--out", default="latency.json", metavar="FILE", help="results JSON (the PNG goes beside it)")
+    bl.set_defaults(func=_cmd_bench_latency)
+    return bl
 
 
 def _cmd_embed(args: argparse.Namespace, out: TextIO) -> int:

@@ -154,7 +154,9 @@ class TorchStage:
 
 # ------------------------------------------------------------------------------------------- model
 class BundleModel:
-    """WaveModel.forward over stage runners."""
+    """WaveModel.forward over stage runners (the padded layout the graphs were traced on)."""
+
+    supports_packed = False  # WaveEncoder collates padded ModelBatches for it
 
     def __init__(self, config: WaveConfig, embed_table: torch.Tensor, stages: dict[str, StageRunner],
                  device: torch.device, source: object = "<bundle>") -> None:

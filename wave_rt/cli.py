@@ -9,6 +9,10 @@
                   [--model PATH] [--device DEV] [--dtype ...]
     wave-rt train CONFIG.toml [--resume]
     wave-rt eval MANIFEST [--model PATH] [--json FILE] [--device DEV]
+    wave-rt export bundle CHECKPOINT --out BUNDLE [--formats onnx,aoti]
+    wave-rt export tensorrt BUNDLE [--precision fp16|bf16|fp32]
+    wave-rt export triton-repo BUNDLE --out DIR [--platform onnxruntime|tensorrt]
+    wave-rt bench-latency MODEL [--backends eager,compile,aoti,onnxruntime] [--out FILE.json]
 
 Exit codes: 0 done (items that failed are listed in DIR/errors.jsonl and the summary), 1 error (a bad
 option, a missing or unreadable path, an unwritable output, settings that do not match DIR, a bad model
@@ -162,6 +166,55 @@ def _cmd_eval(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _add_export(sub: Any) -> argparse.ArgumentParser:
+    """`wave-rt export {bundle,tensorrt,triton-repo}` (wave_rt.export)."""
+    x = sub.add_parser("export", help="export engines: ONNX / AOTInductor bundles, TensorRT, a Triton repository")
+    xs = x.add_subparsers(dest="export_command", metavar="WHAT")
+    xs.required = True
+    xb = xs.add_parser("bundle", help="stage graphs + tokenizer + manifest from a checkpoint")
+    xb.add_argument("checkpoint", metavar="CHECKPOINT", help='checkpoint directory or "demo"')
+    xb.add_argument("--out", required=True, metavar="DIR")
+    xb.add_argument("--formats", default="onnx,aoti", help="comma list of onnx, aoti (default: both)")
+    xb.add_argument("--stages", default=None, help="comma list (default: every stage the model has)")
+    xb.add_argument("--recipe", default=None)
+    xb.add_argument("--device", default="cpu", help="device the AOTInductor packages are compiled for")
+    xb.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    xt = xs.add_parser("tensorrt", help="TensorRT engines from a bundle's ONNX graphs (needs TensorRT)")
+    xt.add_argument("bundle", metavar="BUNDLE")
+    xt.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
+    xt.add_argument("--max-batch-tokens", type=int, default=32768, metavar="N",
+                    help="token budget the decoder's optimization profiles cover")
+    xt.add_argument("--timing-cache", default=None, metavar="FILE", help="default: BUNDLE/tensorrt/timing.cache")
+    xt.add_argument("--no-version-compatible", action="store_true")
+    xr = xs.add_parser("triton-repo", help="a Triton Inference Server model repository from a bundle")
+    xr.add_argument("bundle", metavar="BUNDLE")
+    xr.add_argument("--out", required=True, metavar="DIR")
+    xr.add_argument("--platform", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    xr.add_argument("--cpu", action="store_true", help="stage models on KIND_CPU instances")
+    xr.add_argument("--max-batch", type=int, default=64, help="dynamic batching limit of the front model")
+    xr.add_argument("--server-bundle-path", default=None, help="where the server sees BUNDLE (default: its path here)")
+    x.set_defaults(func=_cmd_export)
+    return x
+
+
+def _add_bench_latency(sub: Any) -> argparse.ArgumentParser:
+    """`wave-rt bench-latency` (wave_rt.export.bench_latency)."""
+    bl = sub.add_parser("bench-latency", help="p50/p90/p99 latency at batch 1 and throughput per backend")
+    bl.add_argument("model", metavar="MODEL", help='checkpoint directory or "demo"')
+    bl.add_argument("--backends", default="eager,compile,aoti,onnxruntime",
+                    help="comma list of eager, compile, aoti, onnxruntime, tensorrt")
+    bl.add_argument("--modalities", default="text,audio", help="comma list of text, audio, video")
+    bl.add_argument("--bundle", default=None, metavar="DIR", help="use (or export into) this bundle")
+    bl.add_argument("--batch-sizes", default="1,8")
+    bl.add_argument("--iters", type=int, default=20)
+    bl.add_argument("--warmup", type=int, default=3)
+    bl.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    bl.add_argument("--device", default=None)
+    bl.add_argument("--out", default="latency.json", metavar="FILE", help="results JSON (the PNG goes beside it)")
+    bl.set_defaults(func=_cmd_bench_latency)
+    return bl
+
+
 def _cmd_embed(args: argparse.Namespace, out: TextIO) -> int:
     from wave_rt.archive.job import embed_archive
 
@@ -278,7 +331,61 @@ def _cmd_search(args: argparse.Namespace, out: TextIO) -> int:
 
 # The subcommands, in --help order. Each registers its parser (with help on every option) and sets func.
 COMMANDS: list[Callable[[Any], argparse.ArgumentParser]] = [_add_embed, _add_index, _add_search, _add_train,
-                                                             _add_eval]
+                                                             _add_eval, _add_export, _add_bench_latency]
+
+
+def _cmd_export(args: argparse.Namespace, out: TextIO) -> int:
+    from pathlib import Path
+
+    if args.export_command == "bundle":
+        import torch
+
+        from wave_rt.export.bundle import export_bundle
+
+        ckpt = args.checkpoint
+        if ckpt == "demo":
+            from wave_rt.model.demo import demo_checkpoint
+
+            ckpt = demo_checkpoint()
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+        stages = tuple(args.stages.split(",")) if args.stages else None
+        path = export_bundle(ckpt, args.out, formats=tuple(args.formats.split(",")), stages=stages,
+                             recipe=args.recipe, device=args.device, dtype=dtype)
+        out.write(f"bundle written: {path}\n")
+    elif args.export_command == "tensorrt":
+        from wave_rt.export.tensorrt import build_engines
+
+        for p in build_engines(args.bundle, precision=args.precision, max_batch_tokens=args.max_batch_tokens,
+                               timing_cache=args.timing_cache, version_compatible=not args.no_version_compatible):
+            out.write(f"engine written: {p}\n")
+    else:
+        from wave_rt.export.triton_repo import write_triton_repo
+
+        path = write_triton_repo(args.bundle, args.out, platform=args.platform, gpu=not args.cpu,
+                                 max_batch=args.max_batch, bundle_path_in_server=args.server_bundle_path)
+        out.write(f"Triton model repository written: {Path(path)}\n")
+    return EXIT_OK
+
+
+def _cmd_bench_latency(args: argparse.Namespace, out: TextIO) -> int:
+    from pathlib import Path
+
+    from wave_rt.embed.encoder import WaveEncoder
+    from wave_rt.export.bench_latency import prepare_items, run_bench_latency
+
+    encoder = WaveEncoder.from_pretrained(None if args.model == "demo" else args.model, device=args.device)
+    items = prepare_items(encoder, args.modalities.split(","))
+    json_path = Path(args.out)
+    result = run_bench_latency(
+        encoder.model, items, encoder.pad_token_id, args.backends.split(","), json_path,
+        json_path.with_suffix(".png"), bundle=Path(args.bundle) if args.bundle else None,
+        batch_sizes=[int(b) for b in args.batch_sizes.split(",")], warmup=args.warmup, iters=args.iters,
+        threads=args.threads, meta={"command": "wave-rt bench-latency " + args.model, "model": encoder.model_id},
+        log=lambda line: out.write(line + "\n"))
+    for backend, reason in result["errors"].items():
+        out.write(f"{backend}: not measured: {reason}\n")
+    out.write(f"results: {json_path} and {json_path.with_suffix('.png')}\n")
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -97,12 +97,23 @@ class WaveEncoder:
         media_backend: str = "auto",
         num_workers: int | None = None,
         preset: str | None = None,
+        backend: str = "torch",
     ) -> WaveEncoder:
         """Load a checkpoint directory (WAVE layout, a plain Qwen2.5-Omni thinker, Qwen2-Audio, or MiDashengLM).
-        path=None or "demo" loads the bundled demo model (tiny, trained on a synthetic corpus; wave_rt.model.demo). `preset` names the
-        embedder the weights belong to (wave, vela, alm2vec, lco-omni, e5-omni, omni-embed-nemotron; see
-        wave_rt.model.embedder_presets); without it the checkpoint's layout decides where it can."""
+        path=None or "demo" loads the bundled demo model (tiny, trained on a synthetic corpus; wave_rt.model.demo).
+        `preset` names the embedder the weights belong to (wave, vela, alm2vec, lco-omni, e5-omni,
+        omni-embed-nemotron; see wave_rt.model.embedder_presets); without it the checkpoint's layout decides where
+        it can. backend="onnxruntime" | "aoti" | "tensorrt" loads an export bundle (`wave-rt export`) instead and
+        runs its stage graphs behind the same encode()."""
         from wave_rt.model.loading import load_wave_model
+
+        if backend != "torch":
+            from wave_rt.export.runtime import load_bundle_model  # engines live in wave_rt.export
+
+            engine, _ = load_bundle_model(path, backend, device=device)
+            processor = WaveProcessor(engine.config, load_tokenizer(path), media_backend=media_backend)
+            return cls(engine, processor, model_id=Path(path).resolve().name, weights_id=engine.weights_id,
+                       num_workers=num_workers)
 
         demo = path is None or str(path) == DEMO_MODEL
         if demo:

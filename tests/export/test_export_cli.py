@@ -1,0 +1,59 @@
+"""The export subcommands and bench-latency through wave_rt.cli.run (exit codes, outputs, error messages)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from wave_rt._optional import available
+from wave_rt.cli import EXIT_ERROR, EXIT_OK, run
+
+
+def _run(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    code = run(list(argv), out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_triton_repo_command(tmp_path, wave_bundle):
+    code, out, err = _run("export", "triton-repo", str(wave_bundle), "--out", str(tmp_path / "repo"), "--cpu")
+    assert code == EXIT_OK, err
+    assert (tmp_path / "repo" / "wave_decoder" / "config.pbtxt").exists() and "repository written" in out
+
+
+@pytest.mark.skipif(available("tensorrt"), reason="TensorRT is installed: the missing-package path cannot run")
+def test_tensorrt_command_without_tensorrt_prints_the_install(wave_bundle):
+    code, _, err = _run("export", "tensorrt", str(wave_bundle))
+    assert code == EXIT_ERROR and "pip install --extra-index-url https://pypi.nvidia.com tensorrt" in err
+
+
+def test_bundle_command_refuses_a_non_empty_directory(tmp_path, wave_checkpoint):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x").write_text("keep me")
+    code, _, err = _run("export", "bundle", str(wave_checkpoint), "--out", str(tmp_path / "b"))
+    assert code == EXIT_ERROR and "not empty" in err
+    assert (tmp_path / "b" / "x").read_text() == "keep me"
+
+
+def test_bench_latency_command_writes_json_and_png(tmp_path, wave_checkpoint, wave_bundle):
+    out_json = tmp_path / "lat.json"
+    code, out, err = _run("bench-latency", str(wave_checkpoint), "--bundle", str(wave_bundle), "--device", "cpu",
+                          "--backends", "eager,onnxruntime", "--modalities", "text", "--iters", "3", "--warmup", "1",
+                          "--batch-sizes", "1,2", "--out", str(out_json))
+    assert code == EXIT_OK, err
+    doc = json.loads(out_json.read_text())
+    assert doc["partial"] is False and doc["machine_load_before"]["cpu_count"]
+    assert set(doc["latency"]) == {"eager", "onnxruntime"}
+    stats = doc["latency"]["onnxruntime"]["text"]
+    assert 0 < stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"] and stats["n"] == 3
+    assert {r["case"] for r in doc["rows"]} >= {"text/bs1/p50/onnxruntime", "text/bs2/throughput/eager"}
+    assert out_json.with_suffix(".png").stat().st_size > 1000
+
+
+def test_bench_latency_refuses_a_bundle_of_another_model(tmp_path, wave_bundle):
+    code, _, err = _run("bench-latency", "demo", "--bundle", str(wave_bundle), "--device", "cpu",
+                        "--backends", "onnxruntime", "--modalities", "text", "--iters", "2", "--out",
+                        str(tmp_path / "x.json"))
+    assert code == EXIT_ERROR and "another model" in err

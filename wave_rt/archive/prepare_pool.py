@@ -1,0 +1,329 @@
+"""Decode + CPU feature work in `spawn` worker processes, so it scales with cores instead of sharing one GIL.
+
+    callers (decode threads, or imap) ──submit──> dispatcher thread ──per-worker task queue──> worker process
+                                      <─Future──                    <──────── result queue ───
+
+Each worker holds at most one item, so the dispatcher always knows which item a worker has: a worker that
+dies (SIGKILL, a decoder crash) has its item handed to a fresh worker once, and only an item that kills two
+workers becomes an error record; the crash is logged once. An item that runs past `item_timeout` gets its
+worker killed and becomes a DecodeTimeoutError record. Prepared tensors come back through torch's
+multiprocessing reductions, i.e. in shared memory, not copied through the pipe.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import pickle
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from wave_rt.archive.errors import DecodeWorkerCrashError
+from wave_rt.archive.journal import ErrorRecord
+from wave_rt.archive.sources import SourceItem
+from wave_rt.media.errors import DecodeTimeoutError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ITEM_TIMEOUT = 120.0  # seconds one item may take in a worker; MediaLimits.max_decode_seconds is 60
+MAX_ATTEMPTS = 2  # an item is given to a second worker after the first one died holding it
+_READY = "ready"  # a worker's first message: it has imported everything and built its preparer
+
+
+# ---------------------------------------------------------------------------------------------- preparer
+@dataclass(frozen=True)
+class ProcessorSpec:
+    """What a worker needs to rebuild a WaveProcessor (the processor itself holds a lock: not picklable)."""
+
+    config: Any
+    tokenizer: Any
+
+    def build(self) -> Any:
+        from wave_rt.embed.processor import WaveProcessor
+
+        # Worker processes decode on the CPU: GPU decoding (DALI) stays in the parent, which owns the device.
+        return WaveProcessor(self.config, self.tokenizer, media_backend="cpu")
+
+
+def preparer_spec(encoder: Any) -> Any | None:
+    """A picklable object whose `.build()` (or itself, when it has `.prepare`) prepares items in a worker;
+    None when the encoder cannot be sent to another process (the pipeline then prepares in threads)."""
+    processor = getattr(encoder, "processor", None)
+    if processor is not None and type(processor).__name__ == "WaveProcessor":
+        spec: Any = ProcessorSpec(processor.config, processor.tokenizer)
+    else:
+        spec = encoder
+    return spec if picklable(spec) else None
+
+
+def picklable(obj: object) -> bool:
+    try:
+        pickle.dumps(obj)
+    except Exception:  # noqa: BLE001 - anything unpicklable (locks, CUDA modules, lambdas) means threads
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- worker
+def _worker_main(spec: Any, instruction: str | None, probe: Callable[[str], tuple[bool, bool]] | None,
+                 tasks: Any, results: Any, slot: int, generation: int) -> None:
+    import torch
+
+    from wave_rt.archive.prepare import _probe_streams, prepare_one
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent owns Ctrl-C and stops workers itself
+    torch.set_num_threads(1)  # one process per core: intra-op threads would only contend
+    preparer = spec.build() if hasattr(spec, "build") else spec
+    results.put((slot, generation, _READY, None))  # items are timed from here: start-up is not the item's
+    while True:
+        msg = tasks.get()
+        if msg is None:
+            return
+        key, src = msg
+        out = prepare_one(preparer, src, key, instruction, probe or _probe_streams)
+        results.put((slot, generation, key, out))
+
+
+# ---------------------------------------------------------------------------------------------- pool
+@dataclass
+class _Task:
+    key: int
+    src: SourceItem
+    future: Future
+    attempts: int = 0
+
+
+@dataclass
+class _Worker:
+    slot: int
+    generation: int
+    process: Any
+    tasks: Any
+    task: _Task | None = None
+    started: float = 0.0
+    ready: bool = False
+
+
+@dataclass
+class PoolStats:
+    crashes: int = 0  # workers that died holding an item
+    timeouts: int = 0  # items that ran past item_timeout
+    restarts: int = 0
+    crashed_ids: list[str] = field(default_factory=list)
+
+
+class PreparePool:
+    """`processes` spawn workers running pipeline.prepare_one; submit() returns a Future of a WorkItem or an
+    ErrorRecord, imap() yields them in input order."""
+
+    def __init__(self, spec: Any, instruction: str | None, processes: int, *,
+                 item_timeout: float | None = DEFAULT_ITEM_TIMEOUT,
+                 probe: Callable[[str], tuple[bool, bool]] | None = None) -> None:
+        import torch.multiprocessing as tmp
+
+        if processes < 1:
+            raise ValueError(f"processes must be >= 1, got {processes}")
+        if item_timeout is not None and not item_timeout > 0:
+            raise ValueError(f"item_timeout must be positive or None, got {item_timeout!r}")
+        self._ctx = tmp.get_context("spawn")
+        self.spec = spec
+        self.instruction = instruction
+        self.probe = probe
+        self.item_timeout = item_timeout
+        self.stats = PoolStats()
+        self._results = self._ctx.Queue()
+        self._pending: collections.deque[_Task] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._generation = 0
+        self._workers = [self._spawn(i) for i in range(processes)]
+        self._thread = threading.Thread(target=self._dispatch, name="wave-rt-prepare-pool", daemon=True)
+        self._thread.start()
+
+    @property
+    def processes(self) -> int:
+        return len(self._workers)
+
+    def pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers]
+
+    def _spawn(self, slot: int) -> _Worker:
+        self._generation += 1
+        tasks = self._ctx.Queue(maxsize=1)
+        proc = self._ctx.Process(
+            target=_worker_main, name=f"wave-rt-prepare-{slot}", daemon=True,
+            args=(self.spec, self.instruction, self.probe, tasks, self._results, slot, self._generation))
+        proc.start()
+        return _Worker(slot, self._generation, proc, tasks)
+
+    # ------------------------------------------------------------------ API
+    def submit(self, key: int, src: SourceItem) -> Future:
+        fut: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the prepare pool is closed")
+            self._pending.append(_Task(key, src, fut))
+        self._wake.set()
+        return fut
+
+    def imap(self, items: Iterable[tuple[int, SourceItem]], window: int | None = None) -> Iterator[Any]:
+        """Results in input order, at most `window` (default 2 x processes) items submitted ahead."""
+        window = window or 2 * self.processes
+        ahead: collections.deque[Future] = collections.deque()
+        for key, src in items:
+            ahead.append(self.submit(key, src))
+            if len(ahead) >= window:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pending = list(self._pending)
+            self._pending.clear()
+        for t in pending:
+            t.future.cancel()
+        self._wake.set()
+        self._thread.join(timeout=30.0)
+        for w in self._workers:
+            try:
+                w.tasks.put_nowait(None)
+            except (queue.Full, ValueError, OSError):
+                pass
+        deadline = time.monotonic() + 5.0
+        for w in self._workers:
+            w.process.join(timeout=max(0.0, deadline - time.monotonic()))
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join(timeout=5.0)
+            if w.task is not None and not w.task.future.done():
+                w.task.future.cancel()
+
+    def __enter__(self) -> PreparePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ dispatcher
+    def _dispatch(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+            self._assign()
+            self._collect(timeout=0.05)
+            self._check_workers()
+
+    def _assign(self) -> None:
+        for w in self._workers:
+            if w.task is not None or not w.ready:
+                continue
+            with self._lock:
+                if not self._pending:
+                    return
+                task = self._pending.popleft()
+            if task.future.cancelled():
+                continue
+            task.attempts += 1
+            w.task, w.started = task, time.monotonic()
+            w.tasks.put((task.key, task.src))
+
+    def _collect(self, timeout: float) -> None:
+        try:
+            msg = self._results.get(timeout=timeout)
+        except queue.Empty:
+            return
+        except Exception:  # noqa: BLE001 - a result whose sender died before its shared memory was fetched:
+            return  # that worker's item is retried by _check_workers
+        while msg is not None:
+            slot, generation, key, out = msg
+            w = self._workers[slot]
+            if isinstance(key, str) and key == _READY:
+                w.ready = w.ready or w.generation == generation
+                key = None
+            # A result from a worker already replaced (killed on timeout, or dead) is stale: its item was
+            # resolved or handed on when the worker was replaced.
+            if key is not None and w.generation == generation and w.task is not None and w.task.key == key:
+                w.task.future.set_result(out)
+                w.task = None
+            try:
+                msg = self._results.get_nowait()
+            except queue.Empty:
+                msg = None
+            except Exception:  # noqa: BLE001 - see above
+                msg = None
+
+    def _check_workers(self) -> None:
+        now = time.monotonic()
+        for i, w in enumerate(self._workers):
+            if w.process.is_alive():
+                if (w.task is not None and self.item_timeout is not None
+                        and now - w.started > self.item_timeout):
+                    task = w.task
+                    w.process.kill()
+                    w.process.join(timeout=5.0)
+                    self.stats.timeouts += 1
+                    exc = DecodeTimeoutError(task.src.path or task.src.id,
+                                             f"preparing the item took longer than the per-item timeout "
+                                             f"of {self.item_timeout:g} s; its worker was stopped")
+                    task.future.set_result(_record(task.src, exc, retryable=False))
+                    self._replace(i)
+                continue
+            task = w.task
+            code = w.process.exitcode
+            if task is not None:
+                self._collect(timeout=0.0)  # its result may have arrived just before it died
+                task = w.task
+            if task is None:
+                if code is not None and code != 0:
+                    log.warning("prepare worker %d exited with code %s while idle; restarted", w.slot, code)
+                self._replace(i)
+                continue
+            self.stats.crashes += 1
+            self.stats.crashed_ids.append(task.src.id)
+            how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            if task.attempts < MAX_ATTEMPTS:
+                log.warning("prepare worker %d died (%s) while preparing %s; the item goes to a new worker",
+                            w.slot, how, task.src.id)
+                with self._lock:
+                    self._pending.appendleft(task)
+            else:
+                log.warning("prepare worker %d died (%s) on %s, the second worker to die on it; item reported",
+                            w.slot, how, task.src.id)
+                exc = DecodeWorkerCrashError(task.src.path or task.src.id, how, task.attempts)
+                task.future.set_result(_record(task.src, exc, retryable=True))
+            self._replace(i)
+
+    def _replace(self, i: int) -> None:
+        old = self._workers[i]
+        old.task = None
+        with self._lock:
+            if self._closed:
+                return
+        self.stats.restarts += 1
+        self._workers[i] = self._spawn(old.slot)
+
+
+def _record(src: SourceItem, exc: BaseException, retryable: bool) -> ErrorRecord:
+    from wave_rt.archive.prepare import error_record
+
+    return error_record(src, "decode", exc, retryable=retryable)
+
+
+def default_processes(workers: int) -> int:
+    """Worker processes for `workers` requested decode workers: never more than the cores this process may use."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(int(workers), cores))

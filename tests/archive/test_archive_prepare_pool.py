@@ -109,3 +109,22 @@ def test_thread_and_process_jobs_write_the_same_archive(tmp_path: Path) -> None:
     assert all(np.array_equal(a[k]["embedding"], b[k]["embedding"]) for k in a)
     errors = (tmp_path / "threads/errors.jsonl").read_text()
     assert '"gone.wav"' in errors and errors == (tmp_path / "processes/errors.jsonl").read_text()
+
+
+def test_routing_text_in_process_media_to_workers_gpu_video_to_dali(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    import wave_rt.media.backends as backends
+    from wave_rt.archive.pipeline import LocalPipeline
+
+    pipe = LocalPipeline(FakeEncoder(), SimpleNamespace(progress=None), instruction=None, max_batch_tokens=64,
+                         workers=1)
+    text, audio, video = (SourceItem("t", text="x"), SourceItem("a", path="/x/a.flac"),
+                          SourceItem("v", path="/x/v.mp4"))
+    assert [pipe._in_process(s) for s in (text, audio, video)] == [True, False, False]
+    monkeypatch.setattr(backends, "resolve_backend", lambda name: "dali")
+    pipe.cuda, pipe._gpu_video = True, None  # a CUDA encoder with DALI installed
+    assert [pipe._in_process(s) for s in (text, audio, video)] == [True, False, True]
+    with pytest.raises(ValueError, match="decode must be one of"):
+        LocalPipeline(FakeEncoder(), SimpleNamespace(progress=None), instruction=None, max_batch_tokens=64,
+                      workers=1, decode="fork")

@@ -16,6 +16,7 @@ flat whatever the source's length. Out-of-memory errors split the batch and lowe
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -43,7 +44,7 @@ from wave_rt.archive.prepare_pool import (
     picklable,
     preparer_spec,
 )
-from wave_rt.archive.sources import SourceItem
+from wave_rt.archive.sources import VIDEO_EXTS, SourceItem
 from wave_rt.archive.writer import ArchiveWriter, RowBlock
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,7 @@ class LocalPipeline:
         self.pool: PreparePool | None = None
         self._pool_lock = threading.Lock()
         self._pool_spec: Any = None
+        self._gpu_video: bool | None = None
         self.runner = ModelRunner(encoder, self.budget, normalize)
         self._stop = threading.Event()
         self._failure: BaseException | None = None
@@ -230,6 +232,18 @@ class LocalPipeline:
             except BaseException as exc:  # noqa: BLE001 - re-raised by run()
                 self._fail(exc)
         return run
+
+    def _in_process(self, src: SourceItem) -> bool:
+        """Text is tokenized here (cheaper than a hop to a process). With DALI and a GPU, video files are
+        decoded here too: DALI's NVDEC pipelines belong to the process that owns the GPU, run off the GIL, and
+        hand the frames to GPU features; codecs DALI lacks fall back to PyAV inside the same call."""
+        if src.path is None or src.modality == "text":
+            return True
+        if self._gpu_video is None:
+            from wave_rt.media.backends import resolve_backend
+
+            self._gpu_video = self.cuda and resolve_backend("auto") == "dali"
+        return self._gpu_video and os.path.splitext(src.path)[1].lower() in VIDEO_EXTS
 
     def _media_pool(self) -> PreparePool | None:
         """The worker processes that decode media, started on the first media item (a text-only job never
@@ -271,7 +285,7 @@ class LocalPipeline:
                 return
             key, src = msg  # type: ignore[misc]
             t0 = time.perf_counter()
-            pool = None if src.path is None or src.modality == "text" else self._media_pool()
+            pool = None if self._in_process(src) else self._media_pool()
             if pool is not None:
                 try:
                     out = pool.submit(key, src).result()  # this thread only waits: the work runs in a process

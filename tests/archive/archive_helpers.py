@@ -235,3 +235,10 @@ def write_wavs(root: Path, names: list[str], seconds: float = 0.5) -> list[Path]
         sf.write(p, (0.3 * np.sin(2 * np.pi * (200 + 50 * i) * t)).astype(np.float32), 16000, subtype="PCM_16")
         paths.append(p)
     return paths
+
+
+class UnbuildableSpec:
+    """A preparer spec whose worker-side build fails, as a broken install would: the worker exits at start."""
+
+    def build(self) -> Any:
+        raise ImportError("simulated: the decoder library cannot be loaded in the worker")

@@ -128,3 +128,18 @@ def test_routing_text_in_process_media_to_workers_gpu_video_to_dali(monkeypatch)
     with pytest.raises(ValueError, match="decode must be one of"):
         LocalPipeline(FakeEncoder(), SimpleNamespace(progress=None), instruction=None, max_batch_tokens=64,
                       workers=1, decode="fork")
+
+
+def test_workers_that_cannot_start_break_the_pool_loudly(tmp_path: Path) -> None:
+    from archive_helpers import UnbuildableSpec
+
+    from wave_rt.archive.prepare_pool import PoolBrokenError
+
+    paths = write_wavs(tmp_path, ["a.wav", "b.wav"])
+    with PreparePool(UnbuildableSpec(), None, 1) as pool:
+        futures = [pool.submit(k, s) for k, s in _items(paths)]
+        for f in futures:
+            with pytest.raises(PoolBrokenError, match="before they could take an item"):
+                f.result(timeout=300)
+        with pytest.raises(PoolBrokenError):
+            pool.submit(9, SourceItem("late", path=str(paths[0])))

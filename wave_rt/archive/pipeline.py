@@ -39,6 +39,7 @@ from wave_rt.archive.prepare import (  # noqa: F401 - re-exported: the item func
 )
 from wave_rt.archive.prepare_pool import (
     DEFAULT_ITEM_TIMEOUT,
+    PoolClosedError,
     PreparePool,
     default_processes,
     picklable,
@@ -289,7 +290,7 @@ class LocalPipeline:
             if pool is not None:
                 try:
                     out = pool.submit(key, src).result()  # this thread only waits: the work runs in a process
-                except (CancelledError, RuntimeError):  # the pool was closed: the job is stopping
+                except (CancelledError, PoolClosedError):  # the pool was closed: the job is stopping
                     return
             else:
                 out = prepare_one(self.encoder, src, key, self.instruction, self.probe)

@@ -37,6 +37,17 @@ MAX_ATTEMPTS = 2  # an item is given to a second worker after the first one died
 _READY = "ready"  # a worker's first message: it has imported everything and built its preparer
 
 
+MAX_START_FAILURES = 3  # workers in a row that die before they are ready: the pool is broken, not one item
+
+
+class PoolClosedError(RuntimeError):
+    """submit() after close(): the job is stopping."""
+
+
+class PoolBrokenError(RuntimeError):
+    """Worker processes die before they can take an item (a bad install, an encoder that cannot be rebuilt)."""
+
+
 # ---------------------------------------------------------------------------------------------- preparer
 @dataclass(frozen=True)
 class ProcessorSpec:
@@ -143,6 +154,8 @@ class PreparePool:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
+        self._broken: PoolBrokenError | None = None
+        self._start_failures = 0
         self._generation = 0
         self._workers = [self._spawn(i) for i in range(processes)]
         self._thread = threading.Thread(target=self._dispatch, name="wave-rt-prepare-pool", daemon=True)
@@ -168,8 +181,10 @@ class PreparePool:
     def submit(self, key: int, src: SourceItem) -> Future:
         fut: Future = Future()
         with self._lock:
+            if self._broken is not None:
+                raise self._broken
             if self._closed:
-                raise RuntimeError("the prepare pool is closed")
+                raise PoolClosedError("the prepare pool is closed")
             self._pending.append(_Task(key, src, fut))
         self._wake.set()
         return fut
@@ -249,7 +264,9 @@ class PreparePool:
             slot, generation, key, out = msg
             w = self._workers[slot]
             if isinstance(key, str) and key == _READY:
-                w.ready = w.ready or w.generation == generation
+                if w.generation == generation:
+                    w.ready = True
+                    self._start_failures = 0
                 key = None
             # A result from a worker already replaced (killed on timeout, or dead) is stale: its item was
             # resolved or handed on when the worker was replaced.
@@ -285,6 +302,12 @@ class PreparePool:
                 self._collect(timeout=0.0)  # its result may have arrived just before it died
                 task = w.task
             if task is None:
+                if not w.ready:
+                    self._start_failures += 1
+                    if self._start_failures >= MAX_START_FAILURES:
+                        self._break(f"{self._start_failures} decode worker processes in a row exited (code {code}) "
+                                    "before they could take an item")
+                        return
                 if code is not None and code != 0:
                     log.warning("prepare worker %d exited with code %s while idle; restarted", w.slot, code)
                 self._replace(i)
@@ -303,6 +326,21 @@ class PreparePool:
                 exc = DecodeWorkerCrashError(task.src.path or task.src.id, how, task.attempts)
                 task.future.set_result(_record(task.src, exc, retryable=True))
             self._replace(i)
+
+    def _break(self, why: str) -> None:
+        """Fail every waiting item with PoolBrokenError: the job stops loudly instead of waiting forever."""
+        err = PoolBrokenError(why)
+        log.error("%s", why)
+        with self._lock:
+            self._broken = err
+            self._closed = True
+            waiting = list(self._pending)
+            self._pending.clear()
+        for t in waiting + [w.task for w in self._workers if w.task is not None]:
+            if not t.future.done():
+                t.future.set_exception(err)
+        for w in self._workers:
+            w.task = None
 
     def _replace(self, i: int) -> None:
         old = self._workers[i]

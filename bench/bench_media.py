@@ -134,7 +134,10 @@ def run_fuzz(n: int, seed: int) -> int:
 
 # ---------------------------------------------------------------------------------------------- decode scaling
 def _decode_video_item(path: str) -> int:
-    torch.set_num_threads(1)
+    from wave_rt.media.backends import cpu
+
+    torch.set_num_threads(1)  # as the archive job's worker processes run
+    cpu.DECODER_THREADS = 1
     clip = load_video(path, backend="cpu")
     return int(patchify_video(clip.frames, fps=clip.fps).pixel_values_videos.shape[0])
 

@@ -90,7 +90,10 @@ def _worker_main(spec: Any, instruction: str | None, probe: Callable[[str], tupl
     from wave_rt.archive.prepare import _probe_streams, prepare_one
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent owns Ctrl-C and stops workers itself
-    torch.set_num_threads(1)  # one process per core: intra-op threads would only contend
+    torch.set_num_threads(1)  # one process per core: intra-op (and FFmpeg) threads would only contend
+    from wave_rt.media.backends import cpu
+
+    cpu.DECODER_THREADS = 1
     preparer = spec.build() if hasattr(spec, "build") else spec
     results.put((slot, generation, _READY, None))  # items are timed from here: start-up is not the item's
     while True:

@@ -35,6 +35,10 @@ from wave_rt.media.limits import (
 )
 from wave_rt.media.source import Source
 
+# FFmpeg's video decoder threads per clip; 0 lets FFmpeg pick (one per core). Worker processes that each
+# decode one clip set 1: with a process per core, FFmpeg's threads would only oversubscribe the cores.
+DECODER_THREADS = 0
+
 
 def _av() -> Any:
     return require("av", "decoding media with the CPU backend")
@@ -334,6 +338,8 @@ def decode_video_frames(source: Source, index: VideoIndex, frame_ids: np.ndarray
     with open_container(source) as container:
         stream = video_streams(container)[0]
         stream.thread_type = "AUTO"
+        if DECODER_THREADS:
+            stream.codec_context.thread_count = DECODER_THREADS
         k = 0  # next target (position in target_pts)
         last_pts: int | None = None
         frames = None

@@ -49,8 +49,13 @@ ENGINES = ("local", "ray")
 
 
 def default_workers() -> int:
-    """Decode threads: leave a core to the model thread on small machines, cap at 8."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+    """Decode workers: one per core but the one the model thread drives. Media decode runs in a process
+    per worker (prepare_pool), so no GIL caps how many pay off; the pool never exceeds the usable cores."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 2
+    return max(1, cores - 1)
 
 
 def default_shard_rows(dim: int, embedding_dtype: str) -> int:

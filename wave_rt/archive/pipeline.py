@@ -198,6 +198,10 @@ class LocalPipeline:
         self._pool_lock = threading.Lock()
         self._pool_spec: Any = None
         self._gpu_video: bool | None = None
+        # A batch goes to an idle model thread early once it holds this many tokens (see _batch).
+        self.early_batch_tokens = max(1, self.budget // 8)
+        self._busy_models = 0
+        self._busy_lock = threading.Lock()
         self.runner = ModelRunner(encoder, self.budget, normalize)
         self._stop = threading.Event()
         self._failure: BaseException | None = None
@@ -245,6 +249,10 @@ class LocalPipeline:
 
             self._gpu_video = self.cuda and resolve_backend("auto") == "dali"
         return self._gpu_video and os.path.splitext(src.path)[1].lower() in VIDEO_EXTS
+
+    def _model_idle(self) -> bool:
+        with self._busy_lock:
+            return self._batch_q.empty() and self._busy_models < self.model_threads
 
     def _media_pool(self) -> PreparePool | None:
         """The worker processes that decode media, started on the first media item (a text-only job never
@@ -340,6 +348,11 @@ class LocalPipeline:
                 return
             if pending_tokens > self.max_pending_tokens and not emit(batcher.flush()):
                 return
+            # Work-conserving: a model thread with nothing to do gets what is waiting once it is worth a
+            # forward, instead of idling until a bucket fills (a job smaller than one budget, e.g. 512 captions
+            # under 32k tokens, would otherwise prepare every item before the first forward).
+            if pending_tokens >= self.early_batch_tokens and self._model_idle() and not emit(batcher.flush()):
+                return
         for _ in range(self.model_threads):
             if not self._put(self._batch_q, _DONE):
                 break
@@ -356,8 +369,14 @@ class LocalPipeline:
                     continue
                 if msg is _DONE:
                     return
+                with self._busy_lock:
+                    self._busy_models += 1
                 t0 = time.perf_counter()
-                block, errors = embed_work_items(self.runner, msg)  # type: ignore[arg-type]
+                try:
+                    block, errors = embed_work_items(self.runner, msg)  # type: ignore[arg-type]
+                finally:
+                    with self._busy_lock:
+                        self._busy_models -= 1
                 self.progress.add_stage("model", time.perf_counter() - t0)
                 for rec in errors:
                     self.writer.put_error(rec)

@@ -143,3 +143,39 @@ def test_workers_that_cannot_start_break_the_pool_loudly(tmp_path: Path) -> None
                 f.result(timeout=300)
         with pytest.raises(PoolBrokenError):
             pool.submit(9, SourceItem("late", path=str(paths[0])))
+
+
+def test_workers_exit_when_the_job_process_is_killed(tmp_path: Path) -> None:
+    # A SIGKILLed job (test_archive_crash does this) must not leave its decode workers behind.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        f"import sys, time; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+        "from archive_helpers import FakeEncoder\n"
+        "from wave_rt.archive.prepare_pool import PreparePool\n"
+        "pool = PreparePool(FakeEncoder(), None, 2)\n"
+        "while not all(w.ready for w in pool._workers): time.sleep(0.1)\n"
+        "print(*pool.pids(), flush=True)\n"
+        "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pids = [int(x) for x in proc.stdout.readline().split()]
+    assert len(pids) == 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 60
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.5)
+        alive = [p for p in alive if _running(p)]
+    assert alive == []
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False

@@ -96,8 +96,18 @@ def _worker_main(spec: Any, instruction: str | None, probe: Callable[[str], tupl
     cpu.DECODER_THREADS = 1
     preparer = spec.build() if hasattr(spec, "build") else spec
     results.put((slot, generation, _READY, None))  # items are timed from here: start-up is not the item's
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
     while True:
-        msg = tasks.get()
+        try:
+            msg = tasks.get(timeout=1.0)
+        except queue.Empty:
+            # The queue's pipe never reports EOF here (this process holds its write end too), so a parent that
+            # was killed (SIGKILL, OOM killer) is noticed by polling: an orphan must not wait forever.
+            if parent is not None and not parent.is_alive():
+                return
+            continue
         if msg is None:
             return
         key, src = msg

@@ -179,3 +179,36 @@ def _running(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
     except FileNotFoundError:
         return False
+
+
+def test_workers_killed_at_random_moments_lose_nothing(tmp_path: Path) -> None:
+    # Kills land wherever the workers are: reading a task, preparing, halfway through sending a result. With a
+    # shared result queue a worker killed while holding its lock stalled every other worker for good.
+    import os
+    import signal
+    import threading
+    import time
+
+    paths = write_wavs(tmp_path, [f"w{i:02d}.wav" for i in range(40)], seconds=0.2)
+    items = _items(paths)
+    with PreparePool(FakeEncoder(prepare_delay=0.01), None, 2) as pool:
+        done = threading.Event()
+
+        def killer() -> None:
+            kills = 0
+            while kills < 3 and not done.is_set():
+                time.sleep(0.05 + 0.1 * kills)
+                busy = [w.process.pid for w in pool._workers if w.task is not None and w.process.is_alive()]
+                if busy:
+                    os.kill(busy[0], signal.SIGKILL)
+                    kills += 1
+
+        t = threading.Thread(target=killer)
+        t.start()
+        out = list(pool.imap(items * 5))
+        done.set()
+        t.join()
+        crashes = pool.stats.crashes
+    assert len(out) == 200 and all(isinstance(o, WorkItem) for o in out)
+    assert [o.src.id for o in out] == [s.id for _, s in items * 5]
+    assert crashes >= 1

@@ -1,7 +1,7 @@
 """Decode + CPU feature work in `spawn` worker processes, so it scales with cores instead of sharing one GIL.
 
-    callers (decode threads, or imap) ──submit──> dispatcher thread ──per-worker task queue──> worker process
-                                      <─Future──                    <──────── result queue ───
+    callers (decode threads, or imap) ──submit──> dispatcher thread ──per-worker task pipe───> worker process
+                                      <─Future──                    <──per-worker result pipe──
 
 Each worker holds at most one item, so the dispatcher always knows which item a worker has: a worker that
 dies (SIGKILL, a decoder crash) has its item handed to a fresh worker once, and only an item that kills two
@@ -16,7 +16,6 @@ import collections
 import logging
 import os
 import pickle
-import queue
 import signal
 import threading
 import time
@@ -95,24 +94,20 @@ def _worker_main(spec: Any, instruction: str | None, probe: Callable[[str], tupl
 
     cpu.DECODER_THREADS = 1
     preparer = spec.build() if hasattr(spec, "build") else spec
-    results.put((slot, generation, _READY, None))  # items are timed from here: start-up is not the item's
-    import multiprocessing
-
-    parent = multiprocessing.parent_process()
+    results.send((slot, generation, _READY, None))  # items are timed from here: start-up is not the item's
     while True:
         try:
-            msg = tasks.get(timeout=1.0)
-        except queue.Empty:
-            # The queue's pipe never reports EOF here (this process holds its write end too), so a parent that
-            # was killed (SIGKILL, OOM killer) is noticed by polling: an orphan must not wait forever.
-            if parent is not None and not parent.is_alive():
-                return
-            continue
+            msg = tasks.recv()
+        except (EOFError, OSError):  # the parent is gone (killed, or closed the pool): an orphan must not stay
+            return
         if msg is None:
             return
         key, src = msg
         out = prepare_one(preparer, src, key, instruction, probe or _probe_streams)
-        results.put((slot, generation, key, out))
+        try:
+            results.send((slot, generation, key, out))
+        except (BrokenPipeError, OSError):
+            return
 
 
 # ---------------------------------------------------------------------------------------------- pool
@@ -129,7 +124,8 @@ class _Worker:
     slot: int
     generation: int
     process: Any
-    tasks: Any
+    tasks: Any  # the parent's sending end of this worker's task pipe
+    results: Any  # the parent's receiving end of this worker's result pipe
     task: _Task | None = None
     started: float = 0.0
     ready: bool = False
@@ -162,7 +158,6 @@ class PreparePool:
         self.probe = probe
         self.item_timeout = item_timeout
         self.stats = PoolStats()
-        self._results = self._ctx.Queue()
         self._pending: collections.deque[_Task] = collections.deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -183,12 +178,18 @@ class PreparePool:
 
     def _spawn(self, slot: int) -> _Worker:
         self._generation += 1
-        tasks = self._ctx.Queue(maxsize=1)
+        # One-way pipes per worker, each with a single writer: a worker SIGKILLed halfway through a write
+        # breaks only its own pipe (a shared multiprocessing.Queue would keep its lock held for good and
+        # stall every other worker), and each side sees EOF when the other dies.
+        task_r, task_w = self._ctx.Pipe(duplex=False)
+        result_r, result_w = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(
             target=_worker_main, name=f"wave-rt-prepare-{slot}", daemon=True,
-            args=(self.spec, self.instruction, self.probe, tasks, self._results, slot, self._generation))
+            args=(self.spec, self.instruction, self.probe, task_r, result_w, slot, self._generation))
         proc.start()
-        return _Worker(slot, self._generation, proc, tasks)
+        task_r.close()  # the worker's ends: closed here so that EOF reaches whoever survives
+        result_w.close()
+        return _Worker(slot, self._generation, proc, task_w, result_r)
 
     # ------------------------------------------------------------------ API
     def submit(self, key: int, src: SourceItem) -> Future:
@@ -224,8 +225,8 @@ class PreparePool:
         self._thread.join(timeout=30.0)
         for w in self._workers:
             try:
-                w.tasks.put_nowait(None)
-            except (queue.Full, ValueError, OSError):
+                w.tasks.send(None)
+            except (BrokenPipeError, OSError):
                 pass
         deadline = time.monotonic() + 5.0
         for w in self._workers:
@@ -235,6 +236,7 @@ class PreparePool:
                 w.process.join(timeout=5.0)
             if w.task is not None and not w.task.future.done():
                 w.task.future.cancel()
+            _close(w)
 
     def __enter__(self) -> PreparePool:
         return self
@@ -264,34 +266,30 @@ class PreparePool:
                 continue
             task.attempts += 1
             w.task, w.started = task, time.monotonic()
-            w.tasks.put((task.key, task.src))
+            try:
+                w.tasks.send((task.key, task.src))
+            except (BrokenPipeError, OSError):
+                pass  # the worker just died: _check_workers hands the item on
 
     def _collect(self, timeout: float) -> None:
-        try:
-            msg = self._results.get(timeout=timeout)
-        except queue.Empty:
-            return
-        except Exception:  # noqa: BLE001 - a result whose sender died before its shared memory was fetched:
-            return  # that worker's item is retried by _check_workers
-        while msg is not None:
+        from multiprocessing.connection import wait
+
+        by_conn = {w.results: w for w in self._workers if not w.results.closed}
+        for conn in wait(list(by_conn), timeout=timeout):
+            w = by_conn[conn]
+            try:
+                msg = conn.recv()
+            except Exception:  # noqa: BLE001 - EOF (the worker died), or a result whose sender died before its
+                continue  # shared memory was fetched: _check_workers sees the death and hands the item on
             slot, generation, key, out = msg
-            w = self._workers[slot]
+            if generation != w.generation:
+                continue
             if isinstance(key, str) and key == _READY:
-                if w.generation == generation:
-                    w.ready = True
-                    self._start_failures = 0
-                key = None
-            # A result from a worker already replaced (killed on timeout, or dead) is stale: its item was
-            # resolved or handed on when the worker was replaced.
-            if key is not None and w.generation == generation and w.task is not None and w.task.key == key:
+                w.ready = True
+                self._start_failures = 0
+            elif w.task is not None and w.task.key == key:
                 w.task.future.set_result(out)
                 w.task = None
-            try:
-                msg = self._results.get_nowait()
-            except queue.Empty:
-                msg = None
-            except Exception:  # noqa: BLE001 - see above
-                msg = None
 
     def _check_workers(self) -> None:
         now = time.monotonic()
@@ -358,11 +356,20 @@ class PreparePool:
     def _replace(self, i: int) -> None:
         old = self._workers[i]
         old.task = None
+        _close(old)
         with self._lock:
             if self._closed:
                 return
         self.stats.restarts += 1
         self._workers[i] = self._spawn(old.slot)
+
+
+def _close(w: _Worker) -> None:
+    for conn in (w.tasks, w.results):
+        try:
+            conn.close()
+        except OSError:
+            pass
 
 
 def _record(src: SourceItem, exc: BaseException, retryable: bool) -> ErrorRecord:

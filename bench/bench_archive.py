@@ -397,6 +397,51 @@ def measure(kind: str, manifest: Path, encoder: Any, args: argparse.Namespace, w
     return rows
 
 
+def stage_scaling(kind: str, manifest: Path, encoder: Any, procs: list[int], repeats: int) -> list[dict[str, Any]]:
+    """The archive job's decode + features + tokens stage (prepare_pool, what the job runs for media items)
+    with 1..N worker processes on the same items: items/s, per core, and the ratio to one process."""
+    from stagebench import sample_items
+
+    from wave_rt.archive.prepare import WorkItem
+    from wave_rt.archive.prepare_pool import PreparePool, preparer_spec
+
+    items = list(enumerate(sample_items(manifest, 10**9)))
+    spec = preparer_spec(encoder)
+    if spec is None:
+        raise RuntimeError("the encoder cannot be sent to worker processes")
+    rates: dict[int, float] = {}
+    runs: dict[int, list[float]] = {}
+    for k in procs:
+        with PreparePool(spec, None, k, item_timeout=None) as pool:
+            list(pool.imap(items[:k]))  # every worker started, imported and warm before the clock starts
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                outs = list(pool.imap(items, window=2 * k))
+                times.append(time.perf_counter() - t0)
+                bad = [o for o in outs if not isinstance(o, WorkItem)]
+                if bad:
+                    raise RuntimeError(f"{kind}: {len(bad)} items failed: {bad[0]}")
+        runs[k] = times
+        rates[k] = len(items) / statistics.median(times)
+        print(f"{kind:6s} prepare stage, {k:2d} processes: {rates[k]:8.2f} items/s ({rates[k] / k:.2f} per core, "
+              f"x{rates[k] / rates[procs[0]]:.2f} vs {procs[0]})", flush=True)
+    return [row(f"{kind}: decode+features stage, {k} worker processes", f"{procs[0]} worker process",
+                rates[procs[0]], rates[k], "items/s", items_per_s_per_core=rates[k] / k, seconds_runs=runs[k],
+                items=len(items)) for k in procs]
+
+
+def _proc_counts(spec: str | None) -> list[int]:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if spec:
+        return [int(x) for x in spec.split(",")]
+    counts, k = [], 1
+    while k < cores:
+        counts.append(k)
+        k *= 2
+    return counts + [cores]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="a checkpoint directory (default: --model-config)")
@@ -418,6 +463,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="make the clips in --media-dir and stop (a GPU session makes them while the GPU works)")
     ap.add_argument("--json", action="store_true", help="write bench/results/archive_<suffix>.json "
                                                         "(default: yes, except with --quick)")
+    ap.add_argument("--stage-scaling", action="store_true",
+                    help="instead of the job: the decode+features stage with 1..all worker processes "
+                         "(writes archive_stage_scaling_<device>.json, with the load average)")
+    ap.add_argument("--procs", default=None, help="with --stage-scaling: comma-separated process counts "
+                                                  "(default 1, 2, 4, ... all cores)")
     ap.add_argument("--dry-run", action="store_true", help="check the arguments and output paths, run nothing")
     args = ap.parse_args(argv)
     if args.repeats <= 0:
@@ -462,6 +512,19 @@ def main(argv: list[str] | None = None) -> None:
         encoder = load_encoder(args, device, dtype)
         print(f"model: {encoder.model_id} on {device} in {str(dtype).replace('torch.', '')} "
               f"({time.perf_counter() - t0:.1f} s to build/load); {device_name()}", flush=True)
+        if args.stage_scaling:
+            procs = _proc_counts(args.procs)
+            load_before = os.getloadavg()
+            rows = []
+            for kind in [k for k in kinds if k in manifests and k != "text"]:
+                rows += stage_scaling(kind, manifests[kind], encoder, procs, args.repeats)
+            cmd = "python bench/bench_archive.py " + " ".join(argv if argv is not None else sys.argv[1:])
+            path = write_result("archive_stage_scaling", rows, cmd, suffix=device.type, extra={
+                "model": encoder.model_id, "workload": w.__dict__, "repeats": args.repeats, "procs": procs,
+                "cores": _proc_counts(None)[-1], "loadavg_before_after": [load_before, os.getloadavg()],
+                "note": "scaling ratios are meaningful only when the load average stays below the core count"})
+            print(f"wrote {path}", flush=True)
+            return
         facts = DecoderShape.of(encoder.model.model)
         peak = args.peak_tflops or (measure_gemm_tflops(device) if cuda else None)
         rows: list[dict[str, Any]] = []

@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     from bench_model import Workload, make_items, small_config
     from harness import git_commit
     from wave_rt.export.bench_latency import run_bench_latency
+    from wave_rt.model.presets import QWEN_TOKEN_IDS, omni_7b_config_dict
 
     from wave_rt.config import WaveConfig
-    from wave_rt.model.presets import QWEN_TOKEN_IDS, omni_7b_config_dict
     from wave_rt.model.wave_model import WaveModel
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -106,12 +107,182 @@ def kaldi_numpy(x: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(p[:, :256] @ banks.T, 1.1920929e-07))
 
 
+# ---------------------------------------------------------------------------------------------- fuzz
+def run_fuzz(n: int, seed: int) -> int:
+    """tests/media/media_fuzz.py's corpus at benchmark size: n mutated files through the loaders."""
+    import time
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "media"))
+    import media_fuzz
+
+    report = media_fuzz.FuzzReport()
+    t0 = time.perf_counter()
+    seeds = media_fuzz.seed_media()
+    for case in media_fuzz.cases(n, seed=seed, seeds=seeds):
+        media_fuzz.run_case(case, report)
+        if case.index and case.index % 1000 == 0:
+            print(f"  {case.index} inputs, {len(report.findings)} findings, slowest {report.max_seconds:.2f} s",
+                  flush=True)
+    over = report.max_seconds > 10.0
+    print(f"fuzz: {n} inputs (seed {seed}), {report.runs} loader runs in {time.perf_counter() - t0:.0f} s: "
+          f"{report.results} results, media errors {report.media_errors}, {len(report.findings)} untyped; "
+          f"slowest {report.max_seconds:.2f} s ({report.slowest})")
+    for f in report.findings[:20]:
+        print("  FINDING", f)
+    return 1 if report.findings or over else 0
+
+
+# ---------------------------------------------------------------------------------------------- decode scaling
+def _decode_video_item(path: str) -> int:
+    from wave_rt.media.backends import cpu
+
+    torch.set_num_threads(1)  # as the archive job's worker processes run
+    cpu.DECODER_THREADS = 1
+    clip = load_video(path, backend="cpu")
+    return int(patchify_video(clip.frames, fps=clip.fps).pixel_values_videos.shape[0])
+
+
+def _decode_audio_item(path: str) -> int:
+    torch.set_num_threads(1)
+    wav = load_audio(path, backend="cpu")
+    return int(whisper_log_mel(wav)[0].shape[-1] + beats_fbank(wav).shape[0])
+
+
+def _pool_rate(fn: Any, paths: list[str], procs: int, repeats: int) -> float:
+    import concurrent.futures
+    import multiprocessing
+    import time
+
+    with concurrent.futures.ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(fn, paths[:procs]))  # workers started and warm
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(pool.map(fn, paths))
+            times.append(time.perf_counter() - t0)
+    return len(paths) / sorted(times)[len(times) // 2]
+
+
+def decode_bench(args: argparse.Namespace) -> None:
+    """PyAV decode + CPU features on 1..all cores (spawn processes), and with CUDA + DALI: DALI NVDEC H.264
+    decode (+ GPU features) in this process. H.264 + AAC clips made here with PyAV (no ffmpeg CLI needed)."""
+    import concurrent.futures
+    import time
+
+    from bench_archive import _proc_counts, _write_video
+
+    w, h = (int(x) for x in args.size.split("x"))
+    procs = _proc_counts(args.procs)
+    load_before = os.getloadavg()
+    rows: list[dict[str, Any]] = []
+    out = Path(args.out) if args.out else None
+    has_dali = importlib.util.find_spec("nvidia.dali") is not None
+    cuda = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory() as tmp:
+        distinct = [Path(tmp) / f"clip{k}.mp4" for k in range(min(4, args.clips))]
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(len(distinct)) as ex:
+            list(ex.map(lambda pk: _write_video(pk[1], args.seconds, (w, h), 25, True, pk[0]), enumerate(distinct)))
+        paths = []
+        for i in range(args.clips):
+            p = Path(tmp) / f"c{i:03d}.mp4"
+            shutil.copyfile(distinct[i % len(distinct)], p)
+            paths.append(str(p))
+        print(f"{args.clips} H.264+AAC clips {args.seconds:g} s {w}x{h} made in {time.perf_counter() - t0:.1f} s",
+              flush=True)
+
+        def save(partial: bool) -> None:
+            extra = {"procs": procs, "cores": _proc_counts(None)[-1], "clip": f"{args.seconds:g} s {w}x{h} 25 fps",
+                     "loadavg_before_after": [load_before, os.getloadavg()], "partial": partial,
+                     "note": "CPU scaling ratios mean something only when the load average stays below the cores"}
+            cmd = "python bench/bench_media.py " + " ".join(sys.argv[1:])
+            doc_path = write_result("media_gpu_decode" if cuda else "media_decode", rows, cmd,
+                                    suffix=None if cuda else "cpu", extra=extra)
+            if out is not None:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(doc_path, out)
+            print(f"wrote {out or doc_path}", flush=True)
+
+        rates: dict[str, dict[int, float]] = {"video": {}, "audio": {}}
+        for kind, fn in (("video", _decode_video_item), ("audio", _decode_audio_item)):
+            for k in procs:
+                rates[kind][k] = _pool_rate(fn, paths, k, args.repeats)
+                r = rates[kind][k]
+                print(f"PyAV {kind} decode+features, {k:2d} processes: {r:8.2f} clips/s ({r / k:.2f} per core)",
+                      flush=True)
+                rows.append(row(f"{kind}: PyAV decode + CPU features, {k} processes", f"{procs[0]} process",
+                                rates[kind][procs[0]], r, "clips/s", clips_per_s_per_core=r / k))
+            save(partial=True)
+        if cuda and has_dali:
+            from wave_rt.media.backends import dali
+            from wave_rt.media.backends.cpu import video_index
+            from wave_rt.media.limits import DEFAULT_LIMITS
+            from wave_rt.media.source import as_source
+            from wave_rt.media.video import sample_frame_ids
+
+            sources = [as_source(p, DEFAULT_LIMITS) for p in paths]
+            plans = []
+            for src in sources:
+                ix = video_index(src, DEFAULT_LIMITS)
+                plans.append((src, sample_frame_ids(ix.num_frames, ix.avg_fps)))
+
+            def dali_video(features: bool) -> float:
+                times = []
+                for r in range(args.repeats + 1):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    frames = dali.decode_video_batch(plans, "mixed")
+                    if features:
+                        for f in frames:
+                            patchify_video(f)
+                    torch.cuda.synchronize()
+                    if r:  # the first run builds the pipeline
+                        times.append(time.perf_counter() - t0)
+                return len(plans) / sorted(times)[len(times) // 2]
+
+            all_cores = procs[-1]
+            for features in (False, True):
+                g = dali_video(features)
+                what = "decode + GPU features" if features else "decode only (frames on the GPU)"
+                print(f"DALI NVDEC H.264 {what}: {g:8.2f} clips/s", flush=True)
+                rows.append(row(f"video H.264: DALI NVDEC {what}, batch {dali.MAX_BATCH}",
+                                f"PyAV decode + CPU features on {all_cores} processes", rates["video"][all_cores], g,
+                                "clips/s", index_seconds_excluded=True))
+            rows.append(row("audio AAC: no DALI decoder (backend='auto' routes AAC to PyAV)",
+                            f"PyAV decode + CPU features on {all_cores} processes", rates["audio"][all_cores],
+                            rates["audio"][all_cores], "clips/s"))
+        elif cuda:
+            print("CUDA without DALI: no DALI rows (bench/dali_wheel.py installs it)", flush=True)
+        save(partial=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="shorter inputs (smoke run)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch (and native kernel) threads; default: torch's")
+    ap.add_argument("--fuzz", type=int, default=None, metavar="N",
+                    help="run N mutated media files through the loaders instead (e.g. 10000); exit 1 on a finding")
+    ap.add_argument("--fuzz-seed", type=int, default=0)
+    ap.add_argument("--decode", action="store_true",
+                    help="instead: decode + features clips/s with 1..all processes (PyAV), and DALI NVDEC with CUDA")
+    ap.add_argument("--clips", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--size", default="854x480")
+    ap.add_argument("--procs", default=None, help="comma-separated process counts (default 1, 2, 4, ... all cores)")
+    ap.add_argument("--out", default=None, help="also copy the --decode results JSON here")
+    ap.add_argument("--dry-run", action="store_true", help="check the arguments and output paths, run nothing")
     args = ap.parse_args()
+    if args.dry_run:
+        from harness import RESULTS, dry_run_report
+
+        outs = [RESULTS / "media.json"] + ([Path(args.out)] if args.out else [])
+        raise SystemExit(dry_run_report("bench_media.py", outs))
+    if args.fuzz is not None:
+        raise SystemExit(run_fuzz(args.fuzz, args.fuzz_seed))
+    if args.decode:
+        decode_bench(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()

@@ -191,3 +191,50 @@ class FakeEncoder:
 
     def encode(self, items: list[Any], instruction: str | None = None, **_: Any) -> np.ndarray:
         return self.embed_prepared([self.prepare(i, instruction) for i in items]).numpy()
+
+
+class CrashingEncoder(FakeEncoder):
+    """FakeEncoder whose prepare SIGKILLs its own process on files named *kill* (once per file when
+    `once`, using a marker file next to it, so the retry on a fresh worker succeeds) and blocks for an hour
+    on files named *block* (a decoder that never returns). Only meant for decode worker processes."""
+
+    def __init__(self, once: bool = True, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.once = once
+
+    def prepare(self, item: Any, instruction: str | None = None, index: int | None = None) -> FakePrepared:
+        import signal
+        import time
+
+        if not isinstance(item, str):
+            src = os.fspath(item.source)
+            name = os.path.basename(src)
+            if "kill" in name:
+                marker = Path(src + ".killed")
+                if not (self.once and marker.exists()):
+                    marker.touch()
+                    os.kill(os.getpid(), signal.SIGKILL)
+            if "block" in name:
+                time.sleep(3600)
+        return super().prepare(item, instruction, index)
+
+
+def write_wavs(root: Path, names: list[str], seconds: float = 0.5) -> list[Path]:
+    """Small distinct WAV files (soundfile only: no external tools)."""
+    import soundfile as sf
+
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, name in enumerate(names):
+        t = np.arange(int(seconds * 16000)) / 16000
+        p = root / name
+        sf.write(p, (0.3 * np.sin(2 * np.pi * (200 + 50 * i) * t)).astype(np.float32), 16000, subtype="PCM_16")
+        paths.append(p)
+    return paths
+
+
+class UnbuildableSpec:
+    """A preparer spec whose worker-side build fails, as a broken install would: the worker exits at start."""
+
+    def build(self) -> Any:
+        raise ImportError("simulated: the decoder library cannot be loaded in the worker")

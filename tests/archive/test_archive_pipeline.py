@@ -156,3 +156,40 @@ def test_archive_pipeline_oom_type_matches_torch() -> None:
     from wave_rt.embed.runner import OutOfMemory
 
     assert issubclass(torch.OutOfMemoryError, OutOfMemory)
+
+
+def test_archive_pipeline_idle_model_gets_an_early_batch(tmp_path: Path) -> None:
+    """A job smaller than one token budget: the model must not wait for every item to be prepared. The first
+    forward runs as soon as an eighth of the budget is waiting while the model is idle (fixed job cost, issue 16)."""
+    enc = FakeEncoder(prepare_delay=0.01)
+    sizes: list[int] = []
+    prepared_at_first_forward: list[int] = []
+    prepared = [0]
+    orig_embed, orig_prepare = enc.embed_prepared, enc.prepare
+
+    def prepare(item, instruction=None, index=None):  # noqa: ANN001, ANN202
+        out = orig_prepare(item, instruction, index)
+        prepared[0] += 1
+        return out
+
+    def spy(batch, normalize=True):  # noqa: ANN001, ANN202
+        if not sizes:
+            prepared_at_first_forward.append(prepared[0])
+        sizes.append(sum(p.num_tokens for p in batch))
+        return orig_embed(batch, normalize)
+
+    enc.embed_prepared, enc.prepare = spy, prepare  # type: ignore[method-assign]
+    texts = _texts(60)
+    tokens = [2 + len(t) // 4 for t in texts]
+    assert sum(tokens) < 800 * 3  # few buckets could fill: without early batches the model would mostly wait
+    s = embed_archive(_manifest(tmp_path / "m.jsonl", texts), tmp_path / "out", model=enc, max_batch_tokens=800,
+                      workers=1, progress=False)
+    assert s.embedded == 60 and s.failed == 0
+    assert sum(sizes) == sum(tokens)
+    # the first early release (budget // 8 = 100 tokens waiting) is ~6 items in; 0.01 s per prepared item
+    # leaves the model half a second to start before the last one
+    assert prepared_at_first_forward[0] < 60
+    assert sizes[0] <= 100 + max(tokens)
+    rows = read_archive(tmp_path / "out")
+    ref = FakeEncoder().encode(texts)
+    assert np.array_equal(np.stack([rows[f"i{i}"]["embedding"] for i in range(60)]), ref)

@@ -167,3 +167,36 @@ def test_beats_fbank_matches_torchaudio_when_installed():
     ref = kaldi.fbank(x[None] * 2**15, num_mel_bins=128, sample_frequency=16000, frame_length=25, frame_shift=10)
     ref = (ref - 15.41663) / (2 * 6.55582)
     torch.testing.assert_close(beats_fbank(x.float()).double(), ref, rtol=0, atol=1e-4)
+
+
+def test_beats_fbank_batch_of_odd_lengths_equals_each_row_and_the_reference():
+    # One padded batch, one FFT: every row must still equal its own float64 Kaldi reference, frames of the
+    # padding must not leak into a shorter row, and rows too short for one frame give [0, 128].
+    rng = np.random.default_rng(16)
+    lengths = [16000 * 2 + 77, 401, 399, 5000, 400, 16000 * 2 + 77]
+    rows = [(0.3 * rng.standard_normal(n)).astype(np.float32) for n in lengths]
+    rows[3][1000:3000] *= 1e-4  # a quiet stretch next to loud ones: float32 FFTs would lose it
+    rows[-1] = rows[0].copy()
+    got = beats_fbank(rows)
+    assert [tuple(g.shape) for g in got] == [(1 + (n - 400) // 160 if n >= 400 else 0, 128) for n in lengths]
+    for g, r in zip(got, rows):
+        assert g.dtype == torch.float32 and g.is_contiguous()
+        if r.shape[0] >= 400:
+            ref = (kaldi_fbank_numpy(r.astype(np.float64) * 2**15) - 15.41663) / (2 * 6.55582)
+            np.testing.assert_allclose(g.numpy(), ref, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(g.numpy(), beats_fbank(r).numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(got[0].numpy(), got[-1].numpy())  # same input, same row, wherever it sits
+    assert beats_fbank([rows[2]])[0].shape == (0, 128)
+
+
+@pytest.mark.gpu
+def test_beats_fbank_batch_on_gpu_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    rng = np.random.default_rng(5)
+    rows = [torch.from_numpy((0.3 * rng.standard_normal(n)).astype(np.float32)) for n in (16000 * 10, 16000 * 3 + 5)]
+    cpu = beats_fbank(rows)
+    gpu = beats_fbank([r.cuda() for r in rows])
+    for c, g in zip(cpu, gpu):
+        assert g.is_cuda
+        torch.testing.assert_close(g.cpu(), c, rtol=0, atol=1e-4)

@@ -53,3 +53,13 @@ class ArchiveLockedError(WaveRTError):
         self.out_dir = str(out_dir)
         super().__init__(f"{self.out_dir} is being written by another wave-rt embed process; "
                          "wait for it to finish or choose another --out directory")
+
+
+class DecodeWorkerCrashError(WaveRTError):
+    """The worker process preparing an item died (killed, or a decoder crash) on every attempt at it."""
+
+    def __init__(self, item: object, how: str, attempts: int) -> None:
+        self.item = str(item)
+        self.how = how
+        self.attempts = attempts
+        super().__init__(f"{self.item}: the decode worker process died ({how}) on each of {attempts} attempts")

@@ -50,8 +50,13 @@ ENGINES = ("local", "ray")
 
 
 def default_workers() -> int:
-    """Decode threads: leave a core to the model thread on small machines, cap at 8."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+    """Decode workers: one per core but the one the model thread drives. Media decode runs in a process
+    per worker (prepare_pool), so no GIL caps how many pay off; the pool never exceeds the usable cores."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 2
+    return max(1, cores - 1)
 
 
 def default_shard_rows(dim: int, embedding_dtype: str) -> int:
@@ -171,6 +176,8 @@ def embed_archive(
     log_every: float = 30.0,
     stream: TextIO | None = None,
     ray_address: str | None = None,
+    decode: str = "auto",
+    item_timeout: float | None = 120.0,
 ) -> JobSummary:
     """Embed every item of `source` into the archive directory `out` (DESIGN.md section 6).
 
@@ -179,6 +186,9 @@ def embed_archive(
     model: a checkpoint path, None / "demo" for the bundled demo model, or a loaded WaveEncoder.
     instruction: replaces the per-modality default prompt of media items (text targets ignore it).
     modality: "auto" (by extension and stream probe) or one of text/audio/video/av for all rows without one.
+    decode: where the local engine decodes media: "auto"/"processes" (spawn worker processes, one per core up
+    to `workers`) or "threads". item_timeout: seconds one media item may take in a worker process before the
+    worker is stopped and the item reported as a DecodeTimeoutError (processes only).
     Returns a JobSummary; per-item failures are in out/errors.jsonl, not raised."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -198,13 +208,14 @@ def embed_archive(
     with _directory_lock(out_dir):
         return _run_job(src, out_dir, model, instruction, modality, device, dtype, max_batch_tokens, workers, engine,
                         embedding_dtype, normalize, shard_rows, commit_seconds, retry_errors, progress, log_every,
-                        stream, ray_address)
+                        stream, ray_address, {"decode": decode, "item_timeout": item_timeout})
 
 
 def _run_job(src: ArchiveSource, out_dir: Path, model: Any, instruction: str | None, modality: str, device: Any,
              dtype: Any, max_batch_tokens: int | None, workers: int | None, engine: str, embedding_dtype: str,
              normalize: bool, shard_rows: int | None, commit_seconds: float, retry_errors: bool, show: bool,
-             log_every: float, stream: TextIO, ray_address: str | None) -> JobSummary:
+             log_every: float, stream: TextIO, ray_address: str | None,
+             decode_options: dict[str, Any] | None = None) -> JobSummary:
     t_start = time.monotonic()
     existing = read_manifest(out_dir)
     if existing is None and list_shards(out_dir):
@@ -274,7 +285,7 @@ def _run_job(src: ArchiveSource, out_dir: Path, model: Any, instruction: str | N
 
             budget = int(max_batch_tokens or encoder.default_max_batch_tokens)
             pipe = LocalPipeline(encoder, writer, instruction=instruction, max_batch_tokens=budget,
-                                 workers=n_workers, normalize=normalize)
+                                 workers=n_workers, normalize=normalize, **(decode_options or {}))
             stats = pipe.run(pending)
             interrupted = stats.interrupted
             summary.batches, summary.oom_splits = stats.batches, stats.oom_splits

@@ -1,6 +1,8 @@
 """The local engine: decode workers -> length-bucketed batches under a token budget -> model -> writer.
 
-    feeder ──work_q──> decode workers (threads: probe, decode, features, tokenize = encoder.prepare)
+    feeder ──work_q──> decode workers (threads: probe, decode, features, tokenize = encoder.prepare; media
+                        items are handed to spawn worker processes (prepare_pool) and the thread only waits,
+                        so decoding scales with cores and a stuck or crashing decoder is contained)
            ──ready_q──> batcher (BucketBatcher: similar lengths share a batch, B x longest <= budget)
            ──batch_q──> model thread(s) (embed_prepared; on CUDA each thread has its own stream, so one
                         batch's host->device copy and collation overlap the other's compute)
@@ -19,6 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,117 +29,32 @@ import numpy as np
 import torch
 
 from wave_rt.archive.journal import ErrorRecord
-from wave_rt.archive.shards import Row
-from wave_rt.archive.sources import AUDIO_EXTS, SourceItem
+from wave_rt.archive.prepare import (  # noqa: F401 - re-exported: the item functions' old home
+    WorkItem,
+    _probe_streams,
+    error_record,
+    prepare_one,
+    resolve_modality,
+    to_item,
+)
+from wave_rt.archive.prepare_pool import (
+    DEFAULT_ITEM_TIMEOUT,
+    PoolClosedError,
+    PreparePool,
+    default_processes,
+    picklable,
+    preparer_spec,
+)
+from wave_rt.archive.sources import VIDEO_EXTS, SourceItem
 from wave_rt.archive.writer import ArchiveWriter, RowBlock
 from wave_rt.embed.runner import ModelRunner
-from wave_rt.errors import InputError, MediaError, WaveRTError
 
 log = logging.getLogger(__name__)
 
 _DONE = object()
-
-
-# ---------------------------------------------------------------------------------------------- items
-def _probe_streams(path: str) -> tuple[bool, bool]:
-    """(has_audio, has_video) of a media file. Uses wave_rt.media.probe; raises MediaError subclasses."""
-    from wave_rt import media
-
-    info = media.probe(path)
-    return bool(info.has_audio), bool(info.has_video)
-
-
-def resolve_modality(src: SourceItem, probe: Callable[[str], tuple[bool, bool]] = _probe_streams) -> str:
-    """The modality an item is embedded as. 'auto' on a file: audio extensions are audio; anything else
-    is probed: video with an audio track -> 'av', video alone -> 'video', audio alone -> 'audio'."""
-    if src.modality != "auto":
-        return src.modality
-    if src.path is None:
-        return "text"
-    if os.path.splitext(src.path)[1].lower() in AUDIO_EXTS:
-        return "audio"
-    has_audio, has_video = probe(src.path)
-    if has_video:
-        return "av" if has_audio else "video"
-    if has_audio:
-        return "audio"
-    raise MediaError(src.path, "has neither an audio nor a video stream")
-
-
-def to_item(src: SourceItem, modality: str) -> Any:
-    """The wave_rt item (str, Audio, Video, AudioVisual) for a source item."""
-    from wave_rt.items import Audio, AudioVisual, Video
-
-    if modality == "text":
-        if src.text is not None:
-            return src.text
-        try:
-            with open(src.path, encoding="utf-8") as f:  # type: ignore[arg-type]
-                return f.read()
-        except UnicodeDecodeError as exc:
-            raise InputError(src.path, f"not UTF-8 text: {exc.reason}") from None
-    if modality == "audio":
-        return Audio(src.path)
-    if modality == "video":
-        return Video(src.path)
-    if modality == "av":
-        return AudioVisual(src.path)
-    raise InputError(src.id, f"unknown modality {modality!r}")
-
-
-@dataclass
-class WorkItem:
-    key: int
-    src: SourceItem
-    modality: str
-    instruction: str | None  # what the item was embedded with (None: the model's default / text target)
-    prepared: Any  # PreparedItem
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.prepared.num_tokens)
-
-    def row(self) -> Row:
-        return Row(id=self.src.id, path=self.src.path, modality=self.modality,
-                   duration=None if self.prepared.duration is None else float(self.prepared.duration),
-                   text=self.src.text, instruction=self.instruction)
-
-
-def error_record(src: SourceItem, stage: str, exc: BaseException, retryable: bool) -> ErrorRecord:
-    message = str(exc) or type(exc).__name__
-    return ErrorRecord(id=src.id, path=src.path, stage=stage, error=type(exc).__name__, message=message,
-                       retryable=retryable)
-
-
-_unexpected_logged = 0
-
-
-def prepare_one(encoder: Any, src: SourceItem, key: int, instruction: str | None,
-                probe: Callable[[str], tuple[bool, bool]] = _probe_streams) -> WorkItem | ErrorRecord:
-    """Decode + preprocess one item; failures become error records (typed media/input errors are
-    permanent, anything else is marked retryable so that a fixed bug or a flaky disk gets a second try)."""
-    global _unexpected_logged
-    stage = "decode"
-    try:
-        modality = resolve_modality(src, probe)
-        item = to_item(src, modality)
-        stage = "preprocess"
-        instr = None if modality == "text" else (src.instruction if src.instruction is not None else instruction)
-        prepared = encoder.prepare(item, instr)
-        return WorkItem(key, src, modality, instr, prepared)
-    except MediaError as exc:
-        return error_record(src, "decode", exc, retryable=False)
-    except InputError as exc:
-        return error_record(src, stage, exc, retryable=False)
-    except WaveRTError as exc:
-        return error_record(src, stage, exc, retryable=False)
-    except FileNotFoundError as exc:
-        return error_record(src, "decode", exc, retryable=False)
-    except Exception as exc:  # noqa: BLE001 - one bad item must not stop a million-item job
-        if _unexpected_logged < 3:
-            _unexpected_logged += 1
-            log.warning("unexpected error preparing %s (%s)", src.id, src.path, exc_info=True)
-        return error_record(src, stage, exc, retryable=True)
+# Where media items are decoded: "processes" (spawn workers, per-item timeout), "threads" (in this process,
+# no timeout), "auto" (processes when the encoder can be sent to them).
+DECODE_MODES = ("auto", "processes", "threads")
 
 
 def embed_work_items(runner: ModelRunner, items: list[WorkItem]) -> tuple[RowBlock | None, list[ErrorRecord]]:
@@ -161,6 +79,8 @@ class PipelineStats:
     oom_splits: int = 0
     interrupted: bool = False
     workers: int = 0  # Ray engine: distinct actors that returned results (0: not reported)
+    worker_crashes: int = 0  # decode worker processes that died holding an item (each item retried once)
+    item_timeouts: int = 0  # items stopped by the per-item timeout (reported as DecodeTimeoutError)
 
 
 class LocalPipeline:
@@ -169,7 +89,8 @@ class LocalPipeline:
     def __init__(self, encoder: Any, writer: ArchiveWriter, *, instruction: str | None, max_batch_tokens: int,
                  workers: int, normalize: bool = True, model_threads: int | None = None,
                  max_pending_tokens: int | None = None, idle_flush_seconds: float = 1.0,
-                 probe: Callable[[str], tuple[bool, bool]] = _probe_streams) -> None:
+                 probe: Callable[[str], tuple[bool, bool]] = _probe_streams, decode: str = "auto",
+                 item_timeout: float | None = DEFAULT_ITEM_TIMEOUT) -> None:
         self.encoder = encoder
         self.writer = writer
         self.progress = writer.progress
@@ -182,6 +103,18 @@ class LocalPipeline:
         self.max_pending_tokens = max_pending_tokens or 4 * self.budget
         self.idle_flush_seconds = idle_flush_seconds
         self.probe = probe
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+        self.decode = decode
+        self.item_timeout = item_timeout
+        self.pool: PreparePool | None = None
+        self._pool_lock = threading.Lock()
+        self._pool_spec: Any = None
+        self._gpu_video: bool | None = None
+        # A batch goes to an idle model thread early once it holds this many tokens (see _batch).
+        self.early_batch_tokens = max(1, self.budget // 8)
+        self._busy_models = 0
+        self._busy_lock = threading.Lock()
         self.runner = ModelRunner(encoder, self.budget, normalize)
         self._stop = threading.Event()
         self._failure: BaseException | None = None
@@ -218,6 +151,41 @@ class LocalPipeline:
                 self._fail(exc)
         return run
 
+    def _in_process(self, src: SourceItem) -> bool:
+        """Text is tokenized here (cheaper than a hop to a process). With DALI and a GPU, video files are
+        decoded here too: DALI's NVDEC pipelines belong to the process that owns the GPU, run off the GIL, and
+        hand the frames to GPU features; codecs DALI lacks fall back to PyAV inside the same call."""
+        if src.path is None or src.modality == "text":
+            return True
+        if self._gpu_video is None:
+            from wave_rt.media.backends import resolve_backend
+
+            self._gpu_video = self.cuda and resolve_backend("auto") == "dali"
+        return self._gpu_video and os.path.splitext(src.path)[1].lower() in VIDEO_EXTS
+
+    def _model_idle(self) -> bool:
+        with self._busy_lock:
+            return self._batch_q.empty() and self._busy_models < self.model_threads
+
+    def _media_pool(self) -> PreparePool | None:
+        """The worker processes that decode media, started on the first media item (a text-only job never
+        pays their start-up); None where decoding stays in threads."""
+        if self.decode == "threads":
+            return None
+        with self._pool_lock:
+            if self.pool is None and self._pool_spec is None:
+                probe = None if self.probe is _probe_streams else self.probe
+                self._pool_spec = (preparer_spec(self.encoder) if picklable(probe) else None) or False
+                if self._pool_spec is False:
+                    if self.decode == "processes":
+                        raise ValueError("decode='processes' needs an encoder that can be sent to worker processes")
+                    log.info("the encoder cannot be sent to worker processes: media is decoded in threads")
+                else:
+                    self.pool = PreparePool(self._pool_spec, self.instruction, default_processes(self.workers),
+                                            item_timeout=self.item_timeout,
+                                            probe=probe)
+            return self.pool
+
     # ------------------------------------------------------------------ stages
     def _feed(self, pending: Iterable[SourceItem]) -> None:
         try:
@@ -239,7 +207,14 @@ class LocalPipeline:
                 return
             key, src = msg  # type: ignore[misc]
             t0 = time.perf_counter()
-            out = prepare_one(self.encoder, src, key, self.instruction, self.probe)
+            pool = None if self._in_process(src) else self._media_pool()
+            if pool is not None:
+                try:
+                    out = pool.submit(key, src).result()  # this thread only waits: the work runs in a process
+                except (CancelledError, PoolClosedError):  # the pool was closed: the job is stopping
+                    return
+            else:
+                out = prepare_one(self.encoder, src, key, self.instruction, self.probe)
             self.progress.add_stage("prepare", time.perf_counter() - t0)
             if isinstance(out, ErrorRecord):
                 self.writer.put_error(out)
@@ -286,6 +261,11 @@ class LocalPipeline:
                 return
             if pending_tokens > self.max_pending_tokens and not emit(batcher.flush()):
                 return
+            # Work-conserving: a model thread with nothing to do gets what is waiting once it is worth a
+            # forward, instead of idling until a bucket fills (a job smaller than one budget, e.g. 512 captions
+            # under 32k tokens, would otherwise prepare every item before the first forward).
+            if pending_tokens >= self.early_batch_tokens and self._model_idle() and not emit(batcher.flush()):
+                return
         for _ in range(self.model_threads):
             if not self._put(self._batch_q, _DONE):
                 break
@@ -302,8 +282,14 @@ class LocalPipeline:
                     continue
                 if msg is _DONE:
                     return
+                with self._busy_lock:
+                    self._busy_models += 1
                 t0 = time.perf_counter()
-                block, errors = embed_work_items(self.runner, msg)  # type: ignore[arg-type]
+                try:
+                    block, errors = embed_work_items(self.runner, msg)  # type: ignore[arg-type]
+                finally:
+                    with self._busy_lock:
+                        self._busy_models -= 1
                 self.progress.add_stage("model", time.perf_counter() - t0)
                 for rec in errors:
                     self.writer.put_error(rec)
@@ -338,8 +324,12 @@ class LocalPipeline:
             stats.interrupted = True
             self._stop.set()
         self._stop.set()
+        if self.pool is not None:
+            self.pool.close()  # wakes decode threads waiting on a result (their futures are cancelled)
         for t in threads:
             t.join(timeout=30.0)
+        if self.pool is not None:
+            stats.worker_crashes, stats.item_timeouts = self.pool.stats.crashes, self.pool.stats.timeouts
         stats.batches = self.runner.batches
         stats.oom_splits = self.runner.oom_splits
         if self._failure is not None:

@@ -11,6 +11,7 @@ from wave_rt.media.audiovisual import AVClip, load_av
 from wave_rt.media.backends import resolve_backend
 from wave_rt.media.errors import (
     CorruptMediaError,
+    DecodeTimeoutError,
     EmptyMediaError,
     MediaError,
     MediaTooLargeError,
@@ -31,4 +32,5 @@ __all__ = [
     "probe", "MediaInfo", "whisper_log_mel", "beats_fbank", "patchify_video", "VideoFeatures", "smart_resize",
     "MediaLimits", "resolve_backend", "MediaError", "EmptyMediaError", "CorruptMediaError", "TruncatedMediaError",
     "UnsupportedCodecError", "MissingStreamError", "MediaTooLongError", "MediaTooLargeError", "MediaNotFoundError",
+    "DecodeTimeoutError",
 ]

@@ -16,6 +16,7 @@ __all__ = [
     "MissingStreamError",
     "MediaTooLongError",
     "MediaTooLargeError",
+    "DecodeTimeoutError",
 ]
 
 
@@ -45,3 +46,8 @@ class MediaTooLongError(MediaError):
 
 class MediaTooLargeError(MediaError):
     """The file or its decoded frames exceed a size limit of MediaLimits."""
+
+
+class DecodeTimeoutError(MediaError):
+    """Decoding one item ran past its wall-clock budget (MediaLimits.max_decode_seconds, or the archive job's
+    per-item timeout): a corrupt stream that keeps the decoder busy, or a decoder that blocks."""

@@ -171,14 +171,18 @@ def _povey_window(device: torch.device) -> torch.Tensor:
     return torch.hann_window(KALDI_FRAME, periodic=False, dtype=torch.float64, device=device).pow(0.85)
 
 
-def _fbank_one(x: torch.Tensor) -> torch.Tensor:
-    """Kaldi fbank of one 1-D float64 signal already scaled to int16 range -> [frames, 128] float64."""
-    n = x.shape[0]
-    if n < KALDI_FRAME:
-        return torch.zeros(0, N_MELS, dtype=torch.float64, device=x.device)
-    frames = x.unfold(0, KALDI_FRAME, KALDI_SHIFT)  # snip_edges: only whole frames
-    frames = frames - frames.mean(dim=1, keepdim=True)  # remove_dc_offset
-    prev = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)  # preemphasis replicates the first sample
+def kaldi_frames(n: int) -> int:
+    """Frames Kaldi's fbank gives `n` samples with snip_edges (whole 25 ms frames only)."""
+    return 0 if n < KALDI_FRAME else 1 + (n - KALDI_FRAME) // KALDI_SHIFT
+
+
+def _fbank_rows(x: torch.Tensor) -> torch.Tensor:
+    """Kaldi fbank of [B, samples] float64 signals already scaled to int16 range -> [B, frames, 128] float64,
+    one unfold and one FFT for the whole batch. Every step is per frame, so a frame of a zero-padded row
+    equals that row's own frame as long as it lies inside the row: callers cut each row to kaldi_frames."""
+    frames = x.unfold(1, KALDI_FRAME, KALDI_SHIFT)  # [B, T, 400]
+    frames = frames - frames.mean(dim=2, keepdim=True)  # remove_dc_offset
+    prev = torch.cat([frames[..., :1], frames[..., :-1]], dim=2)  # preemphasis replicates the first sample
     frames = (frames - KALDI_PREEMPH * prev) * _povey_window(x.device)
     spec = torch.fft.rfft(frames, n=KALDI_FFT).abs().pow(2.0)
     energies = spec @ kaldi_mel_banks(x.device).T
@@ -187,12 +191,24 @@ def _fbank_one(x: torch.Tensor) -> torch.Tensor:
 
 def beats_fbank(waveform: object) -> torch.Tensor | list[torch.Tensor]:
     """BEATs' normalized Kaldi fbank of 16 kHz audio in [-1, 1]: float32 [frames, 128] for a 1-D waveform,
-    [B, frames, 128] for a [B, samples] tensor, a list for a list. Frames = 1 + (samples - 400) // 160."""
+    [B, frames, 128] for a [B, samples] tensor, a list for a list. Frames = 1 + (samples - 400) // 160.
+
+    Computed in float64 (Kaldi's and the reference's precision: float32 FFTs lose quiet mel bands next to loud
+    ones), on the input's device, the whole batch at once (rows of a list zero-padded to the longest)."""
     rows, batched = _as_batch(waveform)
-    outs = [((_fbank_one(r.to(torch.float64) * 32768.0) - FBANK_MEAN) / (2.0 * FBANK_STD)).to(torch.float32)
-            for r in rows]
+    device = rows[0].device
+    counts = [kaldi_frames(int(r.shape[0])) for r in rows]
+    longest = max(int(r.shape[0]) for r in rows)
+    if max(counts) == 0:
+        feats = torch.zeros(len(rows), 0, N_MELS, dtype=torch.float32, device=device)
+    else:
+        x = torch.zeros(len(rows), longest, dtype=torch.float64, device=device)
+        for i, r in enumerate(rows):
+            x[i, : r.shape[0]] = r.to(device=device, dtype=torch.float64)
+        feats = ((_fbank_rows(x * 32768.0) - FBANK_MEAN) / (2.0 * FBANK_STD)).to(torch.float32)
+    outs = [feats[i, :c] for i, c in enumerate(counts)]
     if not batched:
-        return outs[0]
+        return outs[0].contiguous()
     if isinstance(waveform, (torch.Tensor, np.ndarray)):
-        return torch.stack(outs)
-    return outs
+        return feats  # equal lengths: every row has the same frame count
+    return [o.contiguous() for o in outs]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -25,8 +26,18 @@ from wave_rt.media.errors import (
     TruncatedMediaError,
     UnsupportedCodecError,
 )
-from wave_rt.media.limits import MediaLimits
+from wave_rt.media.limits import (
+    AUDIO_BUDGET_FACTOR,
+    FRAME_BUDGET_FACTOR,
+    FRAME_BUDGET_SLACK,
+    Deadline,
+    MediaLimits,
+)
 from wave_rt.media.source import Source
+
+# FFmpeg's video decoder threads per clip; 0 lets FFmpeg pick (one per core). Worker processes that each
+# decode one clip set 1: with a process per core, FFmpeg's threads would only oversubscribe the cores.
+DECODER_THREADS = 0
 
 
 def _av() -> Any:
@@ -161,10 +172,16 @@ def decode_audio(source: Source, limits: MediaLimits) -> DecodedAudio:
         sr, channels = check_audio_stream(source, stream, limits)
         declared = declared_seconds(container, stream)
         cap = None if limits.max_seconds is None else int(limits.max_seconds * sr)
+        # Decoding past what an exact-duration header declares means the data lies about itself.
+        budget = None
+        if declared is not None and _exact_duration(container.format.name):
+            budget = int((AUDIO_BUDGET_FACTOR * declared + 1.0) * sr)
+        deadline = Deadline(limits.max_decode_seconds)
         chunks: list[np.ndarray] = []
         total = 0
         try:
             for frame in container.decode(stream):
+                deadline.check(source.label, "decoding audio")
                 if frame.sample_rate and frame.sample_rate != sr:
                     raise CorruptMediaError(source.label, f"sample rate changes mid-stream ({sr} -> {frame.sample_rate} Hz)")
                 fmt = frame.format
@@ -172,6 +189,10 @@ def decode_audio(source: Source, limits: MediaLimits) -> DecodedAudio:
                 total += chunk.shape[0]
                 if cap is not None and total > cap:
                     raise MediaTooLongError(source.label, f"audio is longer than MediaLimits.max_seconds={limits.max_seconds}")
+                if budget is not None and total > budget:
+                    raise CorruptMediaError(
+                        source.label, f"audio decodes to more than {AUDIO_BUDGET_FACTOR:g}x the {declared:.2f} s "
+                                      "its headers declare")
                 chunks.append(chunk)
         except MediaError:
             raise
@@ -193,9 +214,13 @@ def decode_audio(source: Source, limits: MediaLimits) -> DecodedAudio:
 _EXACT_DURATION = ("wav", "mov", "mp4", "matroska", "webm", "flac", "aiff", "w64")
 
 
+def _exact_duration(container_format: str) -> bool:
+    return any(f in container_format.split(",") for f in _EXACT_DURATION)
+
+
 def check_complete(source: Source, container_format: str, got: float, declared: float | None, what: str) -> None:
     """A file whose headers promise much more than the decoder delivered was cut off."""
-    if declared is None or not any(f in container_format.split(",") for f in _EXACT_DURATION):
+    if declared is None or not _exact_duration(container_format):
         return
     if got < 0.9 * declared - 0.5:
         raise TruncatedMediaError(
@@ -225,6 +250,14 @@ class VideoIndex:
     def duration(self) -> float:
         """WAVE's clip length: frame count / average frame rate (what decord reports)."""
         return self.num_frames / self.avg_fps
+
+    def frame_budget(self) -> int:
+        """Frames the decoder may produce for this clip: a multiple of what the container and stream declare
+        (declared duration x frame rate, or the packet count when that is larger) plus a little slack."""
+        declared = self.num_frames
+        if self.declared_seconds is not None and self.declared_seconds > 0:
+            declared = max(declared, math.ceil(self.declared_seconds * self.avg_fps))
+        return int(FRAME_BUDGET_FACTOR * declared) + FRAME_BUDGET_SLACK
 
 
 def check_video_stream(source: Source, stream: Any, limits: MediaLimits) -> None:
@@ -258,8 +291,10 @@ def video_index(source: Source, limits: MediaLimits) -> VideoIndex:
         pts: list[int] = []
         keys: list[int] = []
         max_frames = None if limits.max_seconds is None else int(limits.max_seconds * fps) + 1
+        deadline = Deadline(limits.max_decode_seconds)
         try:
             for packet in container.demux(stream):
+                deadline.check(source.label, "reading video packets")
                 if packet.size == 0:  # the flush packet at the end
                     continue
                 if packet.pts is None:
@@ -298,9 +333,13 @@ def decode_video_frames(source: Source, index: VideoIndex, frame_ids: np.ndarray
     filled = 0
     decoded = 0
     cap = limits.max_frames_decoded
+    budget = index.frame_budget()
+    deadline = Deadline(limits.max_decode_seconds)
     with open_container(source) as container:
         stream = video_streams(container)[0]
         stream.thread_type = "AUTO"
+        if DECODER_THREADS:
+            stream.codec_context.thread_count = DECODER_THREADS
         k = 0  # next target (position in target_pts)
         last_pts: int | None = None
         frames = None
@@ -316,6 +355,13 @@ def decode_video_frames(source: Source, index: VideoIndex, frame_ids: np.ndarray
                     if cap is not None and decoded > cap:
                         raise MediaTooLargeError(
                             source.label, f"decoding needs more than MediaLimits.max_frames_decoded={cap} frames")
+                    if decoded > budget:
+                        raise CorruptMediaError(
+                            source.label, f"decoding ran through {budget} frames, {FRAME_BUDGET_FACTOR:g}x what the "
+                                          f"stream declares ({index.num_frames} packets, "
+                                          f"{index.declared_seconds or 0:.2f} s at {index.avg_fps:.3g} fps), "
+                                          f"and reached {filled} of the {len(wanted)} frames sampled")
+                    deadline.check(source.label, "decoding video")
                     fpts = frame.pts
                     if fpts is None:
                         raise CorruptMediaError(source.label, "decoded frames carry no timestamps")

@@ -1,0 +1,214 @@
+"""Decode in spawn worker processes: the same items in the same order as the thread path, a SIGKILLed
+worker loses no item and is reported once, a blocking decoder is stopped by the per-item timeout and lands
+in errors.jsonl as a DecodeTimeoutError."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from archive_helpers import CrashingEncoder, FakeEncoder, read_archive, write_wavs
+
+from wave_rt.archive.job import embed_archive
+from wave_rt.archive.journal import ErrorRecord
+from wave_rt.archive.prepare import WorkItem, prepare_one
+from wave_rt.archive.prepare_pool import PreparePool, preparer_spec
+from wave_rt.archive.sources import SourceItem
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _items(paths: list[Path], texts: list[str] = ()) -> list[tuple[int, SourceItem]]:
+    srcs = [SourceItem(id=p.stem, path=str(p)) for p in paths] + [SourceItem(id=f"t{i}", text=t)
+                                                                  for i, t in enumerate(texts)]
+    return list(enumerate(srcs))
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if hasattr(a, "__dataclass_fields__"):
+        return type(a) is type(b) and all(_same(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
+    return a == b
+
+
+def test_pool_prepares_what_the_thread_path_prepares_in_order(tmp_path: Path) -> None:
+    from wave_rt.embed.encoder import WaveEncoder
+
+    enc = WaveEncoder.from_pretrained("demo", device="cpu")
+    paths = write_wavs(tmp_path, [f"a{i}.wav" for i in range(5)], seconds=1.3)
+    (tmp_path / "bad.wav").write_bytes(b"RIFF0000WAVEjunk" * 8)
+    items = _items(paths + [tmp_path / "bad.wav"], texts=["a dog barks", "rain on a roof"])
+    threads = [prepare_one(enc, src, key, None) for key, src in items]
+    with PreparePool(preparer_spec(enc), None, 2) as pool:
+        procs = list(pool.imap(items))
+    assert [type(o) for o in procs] == [type(o) for o in threads]
+    assert isinstance(threads[-3], ErrorRecord) and threads[-3].error == procs[-3].error == "CorruptMediaError"
+    for t, p in zip(threads, procs):
+        if isinstance(t, WorkItem):
+            assert (t.key, t.src, t.modality) == (p.key, p.src, p.modality)
+            assert _same(t.prepared, p.prepared), t.src.id
+
+
+def test_sigkilled_worker_loses_no_item_and_is_reported_once(tmp_path: Path, caplog) -> None:
+    paths = write_wavs(tmp_path, ["a.wav", "kill-me.wav", "b.wav", "c.wav"])
+    items = _items(paths)
+    with caplog.at_level(logging.WARNING, logger="wave_rt.archive.prepare_pool"):
+        with PreparePool(CrashingEncoder(once=True), None, 2) as pool:
+            out = list(pool.imap(items))
+            stats = pool.stats
+    assert all(isinstance(o, WorkItem) for o in out)
+    assert [o.src.id for o in out] == ["a", "kill-me", "b", "c"]
+    ref = [prepare_one(FakeEncoder(), src, key, None) for key, src in items]
+    assert all(np.array_equal(o.prepared.vector, r.prepared.vector) for o, r in zip(out, ref))
+    assert stats.crashes == 1 and stats.crashed_ids == ["kill-me"]
+    died = [r for r in caplog.records if "died" in r.getMessage()]
+    assert len(died) == 1 and "kill-me" in died[0].getMessage() and "signal 9" in died[0].getMessage()
+
+
+def test_item_that_kills_every_worker_becomes_one_error(tmp_path: Path) -> None:
+    paths = write_wavs(tmp_path, ["a.wav", "kill-always.wav", "b.wav"])
+    with PreparePool(CrashingEncoder(once=False), None, 2) as pool:
+        out = list(pool.imap(_items(paths)))
+        assert pool.stats.crashes == 2
+    assert isinstance(out[0], WorkItem) and isinstance(out[2], WorkItem)
+    assert isinstance(out[1], ErrorRecord) and out[1].error == "DecodeWorkerCrashError" and out[1].retryable
+
+
+def test_blocking_decoder_is_stopped_by_the_item_timeout(tmp_path: Path) -> None:
+    media = tmp_path / "media"
+    write_wavs(media, ["a.wav", "block.wav", "b.wav", "kill.wav", "c.wav"])
+    out = tmp_path / "out"
+    summary = embed_archive(media, out, model=CrashingEncoder(once=True), workers=2, item_timeout=3.0,
+                            progress=False)
+    rows = read_archive(out)
+    assert sorted(rows) == ["a.wav", "b.wav", "c.wav", "kill.wav"]
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [(e["id"], e["stage"], e["error"], e["retryable"]) for e in errors] == [
+        ("block.wav", "decode", "DecodeTimeoutError", False)]
+    assert "per-item timeout of 3 s" in errors[0]["message"]
+    assert summary.failed == 1
+
+
+def test_thread_and_process_jobs_write_the_same_archive(tmp_path: Path) -> None:
+    media = tmp_path / "media"
+    write_wavs(media, [f"x{i}.wav" for i in range(6)])
+    (media / "gone.wav").symlink_to(media / "missing-target.wav")  # FakeEncoder fails on it: FileNotFoundError
+    for mode in ("threads", "processes"):
+        embed_archive(media, tmp_path / mode, model=FakeEncoder(), workers=2, decode=mode, progress=False)
+    a, b = read_archive(tmp_path / "threads"), read_archive(tmp_path / "processes")
+    assert a.keys() == b.keys() and len(a) == 6
+    assert all(np.array_equal(a[k]["embedding"], b[k]["embedding"]) for k in a)
+    errors = (tmp_path / "threads/errors.jsonl").read_text()
+    assert '"gone.wav"' in errors and errors == (tmp_path / "processes/errors.jsonl").read_text()
+
+
+def test_routing_text_in_process_media_to_workers_gpu_video_to_dali(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    import wave_rt.media.backends as backends
+    from wave_rt.archive.pipeline import LocalPipeline
+
+    pipe = LocalPipeline(FakeEncoder(), SimpleNamespace(progress=None), instruction=None, max_batch_tokens=64,
+                         workers=1)
+    text, audio, video = (SourceItem("t", text="x"), SourceItem("a", path="/x/a.flac"),
+                          SourceItem("v", path="/x/v.mp4"))
+    assert [pipe._in_process(s) for s in (text, audio, video)] == [True, False, False]
+    monkeypatch.setattr(backends, "resolve_backend", lambda name: "dali")
+    pipe.cuda, pipe._gpu_video = True, None  # a CUDA encoder with DALI installed
+    assert [pipe._in_process(s) for s in (text, audio, video)] == [True, False, True]
+    with pytest.raises(ValueError, match="decode must be one of"):
+        LocalPipeline(FakeEncoder(), SimpleNamespace(progress=None), instruction=None, max_batch_tokens=64,
+                      workers=1, decode="fork")
+
+
+def test_workers_that_cannot_start_break_the_pool_loudly(tmp_path: Path) -> None:
+    from archive_helpers import UnbuildableSpec
+
+    from wave_rt.archive.prepare_pool import PoolBrokenError
+
+    paths = write_wavs(tmp_path, ["a.wav", "b.wav"])
+    with PreparePool(UnbuildableSpec(), None, 1) as pool:
+        futures = [pool.submit(k, s) for k, s in _items(paths)]
+        for f in futures:
+            with pytest.raises(PoolBrokenError, match="before they could take an item"):
+                f.result(timeout=300)
+        with pytest.raises(PoolBrokenError):
+            pool.submit(9, SourceItem("late", path=str(paths[0])))
+
+
+def test_workers_exit_when_the_job_process_is_killed(tmp_path: Path) -> None:
+    # A SIGKILLed job (test_archive_crash does this) must not leave its decode workers behind.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        f"import sys, time; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+        "from archive_helpers import FakeEncoder\n"
+        "from wave_rt.archive.prepare_pool import PreparePool\n"
+        "pool = PreparePool(FakeEncoder(), None, 2)\n"
+        "while not all(w.ready for w in pool._workers): time.sleep(0.1)\n"
+        "print(*pool.pids(), flush=True)\n"
+        "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pids = [int(x) for x in proc.stdout.readline().split()]
+    assert len(pids) == 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 60
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.5)
+        alive = [p for p in alive if _running(p)]
+    assert alive == []
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_killed_at_random_moments_lose_nothing(tmp_path: Path) -> None:
+    # Kills land wherever the workers are: reading a task, preparing, halfway through sending a result. With a
+    # shared result queue a worker killed while holding its lock stalled every other worker for good.
+    import os
+    import signal
+    import threading
+    import time
+
+    paths = write_wavs(tmp_path, [f"w{i:02d}.wav" for i in range(40)], seconds=0.2)
+    items = _items(paths)
+    with PreparePool(FakeEncoder(prepare_delay=0.01), None, 2) as pool:
+        done = threading.Event()
+
+        def killer() -> None:
+            kills = 0
+            while kills < 3 and not done.is_set():
+                time.sleep(0.05 + 0.1 * kills)
+                busy = [w.process.pid for w in pool._workers if w.task is not None and w.process.is_alive()]
+                if busy:
+                    os.kill(busy[0], signal.SIGKILL)
+                    kills += 1
+
+        t = threading.Thread(target=killer)
+        t.start()
+        out = list(pool.imap(items * 5))
+        done.set()
+        t.join()
+        crashes = pool.stats.crashes
+    assert len(out) == 200 and all(isinstance(o, WorkItem) for o in out)
+    assert [o.src.id for o in out] == [s.id for _, s in items * 5]
+    assert crashes >= 1

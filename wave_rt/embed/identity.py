@@ -58,14 +58,16 @@ def encoder_fingerprint(weights_id: str, config: WaveConfig, dtype: torch.dtype)
 
 
 def read_wave_config(path: str | os.PathLike[str], recipe: str | None = None,
-                     beats_path: str | os.PathLike[str] | None = None) -> WaveConfig:
-    """The config load_wave_model builds, without its weights: when BEATs ships as its own file (no
-    beats.* tensors in the checkpoint), its config comes from that file."""
-    from wave_rt.model.loading import _find_beats_file, _TensorSource
+                     beats_path: str | os.PathLike[str] | None = None, preset: str | None = None) -> WaveConfig:
+    """The config load_wave_model builds, without its weights (the same preset detection, from the tensor
+    names only): when BEATs ships as its own file (no beats.* tensors in the checkpoint), its config comes
+    from that file."""
+    from wave_rt.model.loading import _apply_preset, _find_beats_file, _TensorSource
 
     root = Path(path)
-    config = WaveConfig.from_pretrained(root, recipe=recipe)
-    if config.use_beats and not any(k.startswith("beats.") for k in _TensorSource(root).index):
+    source = _TensorSource(root)
+    config = _apply_preset(root, WaveConfig.from_pretrained(root, recipe=recipe), source, preset, recipe)
+    if config.use_beats and not any(k.startswith("beats.") for k in source.index):
         beats_file = _find_beats_file(root, beats_path)
         if beats_file is not None:  # without one, loading fails later with the full message
             from wave_rt.model.beats import read_beats_config
@@ -75,7 +77,7 @@ def read_wave_config(path: str | os.PathLike[str], recipe: str | None = None,
 
 
 def read_identity(path: str | os.PathLike[str] | None, dtype: torch.dtype | str, recipe: str | None = None,
-                  beats_path: str | os.PathLike[str] | None = None) -> ModelIdentity:
+                  beats_path: str | os.PathLike[str] | None = None, preset: str | None = None) -> ModelIdentity:
     """The identity WaveEncoder.from_pretrained(path, dtype=dtype, ...) would report, from the files alone.
     path None or "demo": the bundled demo model."""
     demo = path is None or str(path) == DEMO_MODEL
@@ -83,7 +85,7 @@ def read_identity(path: str | os.PathLike[str] | None, dtype: torch.dtype | str,
         from wave_rt.model.demo import DEMO_MODEL_ID, demo_checkpoint
 
         path = demo_checkpoint()
-    config = read_wave_config(path, recipe, beats_path)
+    config = read_wave_config(path, recipe, beats_path, preset)
     dt = parse_dtype(dtype)
     model_id = DEMO_MODEL_ID if demo else Path(path).resolve().name
     return ModelIdentity(model_id=model_id, fingerprint=encoder_fingerprint(weights_fingerprint(path), config, dt),

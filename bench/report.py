@@ -31,10 +31,31 @@ def load_results(results: Path) -> list[tuple[str, dict[str, Any]]]:
     for path in sorted(results.glob("*.json")):
         with path.open(encoding="utf-8") as f:
             data = json.load(f)
+        if isinstance(data, dict) and "rows" not in data and isinstance(data.get("groups"), dict):
+            data = eval_as_results(data)
         if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
             raise SystemExit(f"bench/report.py: {path} is not a results file (no 'rows' list)")
         runs.append((path.stem, data))
     return sorted(runs, key=lambda r: (str(r[1].get("bench", "")), r[0]))
+
+
+def eval_as_results(report: dict[str, Any]) -> dict[str, Any]:
+    """A `wave-rt eval` report ({model, manifest, groups: {group: {metric: value}}}) viewed as result rows:
+    Recall@k against chance (k / number of targets in the group), mAP and QA accuracy as they are."""
+    rows = []
+    for group, metrics in report["groups"].items():
+        targets = metrics.get("targets")
+        for name, value in metrics.items():
+            if name in ("n", "targets") or not isinstance(value, (int, float)):
+                continue
+            row: dict[str, Any] = {"case": f"{group}: {name}", "value": value, "unit": ""}
+            if "R@" in name and targets:
+                k = int(name.split("R@")[1])
+                chance = min(1.0, k / targets)
+                row.update(baseline="chance", baseline_value=chance, ratio=value / chance)
+            rows.append(row)
+    return {"bench": "eval", "device": "", "command": f"wave-rt eval {report.get('manifest', '')} --model "
+            f"{report.get('model', '')}", "rows": rows}
 
 
 def is_partial(data: dict[str, Any]) -> bool:

@@ -12,7 +12,7 @@ from wave_rt.model.wave_model import WaveModel
 
 def example_inputs(model: WaveModel, device: str | torch.device = "cpu") -> dict[str, dict[str, torch.Tensor]]:
     """{stage: {input name: tensor}} through the stages' own host-side bookkeeping."""
-    from wave_rt.export.runtime import StageInputs
+    from wave_rt.export.stages import StageInputs
 
     from wave_rt.embed.processor import whisper_tokens
 

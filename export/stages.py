@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wave_rt.config import OMNI_THINKER
+from wave_rt.config import OMNI_THINKER, WaveConfig
 from wave_rt.model.batch import ModelBatch
 from wave_rt.model.wave_model import WaveModel
 
@@ -319,3 +319,34 @@ def stage_specs(model: WaveModel) -> list[StageSpec]:
     for spec in specs:
         spec.module.eval()
     return specs
+
+
+# ------------------------------------------------------------------------------ host-side bookkeeping
+class StageInputs:
+    """ModelBatch -> each stage graph's named inputs (integer bookkeeping on the host)."""
+
+    def __init__(self, config: WaveConfig, embed_table: torch.Tensor) -> None:
+        self.config = config
+        self.table = embed_table
+        hf = config.hf_config
+        self.n_window = int(hf.audio_config.n_window)
+        self.vision_config = getattr(hf, "vision_config", None)
+        beats = config.beats or {}
+        self.patch = int(beats.get("input_patch_size", 16))
+
+    def token_embeddings(self, batch: ModelBatch) -> torch.Tensor:
+        return self.table[batch.input_ids.to(self.table.device)]
+
+    def audio_tower(self, batch: ModelBatch) -> dict[str, torch.Tensor]:
+        return audio_tower_inputs(batch.mel.float().cpu(), batch.mel_lens.cpu(), self.n_window)
+
+    def beats(self, batch: ModelBatch) -> dict[str, torch.Tensor]:
+        fbank = batch.fbank.cpu()
+        return beats_inputs(fbank, batch.fbank_padding.cpu(), batch.audio_tokens.cpu(), self.patch,
+                            int(fbank.shape[-1]) // self.patch)
+
+    def vision(self, batch: ModelBatch) -> dict[str, torch.Tensor]:
+        return vision_inputs(batch.pixel_values.float().cpu(), batch.grid_thw.cpu(), self.vision_config)
+
+    def decoder(self, batch: ModelBatch, inputs_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        return decoder_inputs(batch, inputs_embeds)

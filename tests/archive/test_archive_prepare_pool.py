@@ -153,7 +153,8 @@ def test_workers_exit_when_the_job_process_is_killed(tmp_path: Path) -> None:
     import time
 
     code = (
-        f"import sys, time; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+        f"import sys, time; sys.path[:0] = [{str(Path(__file__).resolve().parent)!r}, "
+        f"{str(Path(__file__).resolve().parents[1])!r}]\n"
         "from archive_helpers import FakeEncoder\n"
         "from wave_rt.archive.prepare_pool import PreparePool\n"
         "pool = PreparePool(FakeEncoder(), None, 2)\n"

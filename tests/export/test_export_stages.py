@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from wave_rt.export.runtime import StageInputs
-from wave_rt.export.stages import stage_specs
+from wave_rt.export.stages import StageInputs, stage_specs
 
 from wave_rt.embed.processor import whisper_tokens
 from wave_rt.model.batch import AudioSegmentInputs, ItemInputs, collate

@@ -31,7 +31,11 @@ def long_text(ids: dict[str, int], n: int, use_head: bool) -> ItemInputs:
     return ItemInputs(t_ids, t_pos, use_head)
 
 
-@pytest.fixture(scope="module", params=OMNI_CASES, ids=[f"{r}{'+beats' if b else ''}" for r, b in OMNI_CASES])
+# every recipe the packed path runs: the WAVE-family cases and the last-token presets' recipes (issue 17)
+PACKED_CASES = OMNI_CASES + [("lco_omni", False), ("e5_omni", False)]
+
+
+@pytest.fixture(scope="module", params=PACKED_CASES, ids=[f"{r}{'+beats' if b else ''}" for r, b in PACKED_CASES])
 def omni(request, tiny_token_ids, whisper_fe):
     recipe, use_beats = request.param
     model = omni_model(tiny_token_ids, recipe, use_beats)
@@ -67,7 +71,7 @@ def test_packed_batch_invariance_and_batch_of_one(omni, tiny_token_ids):
 
 def test_qwen2_audio_packed_equals_padded(tiny_token_ids, whisper_fe):
     import transformers
-    from conftest import noise
+    from model_signals import noise
 
     from wave_rt.embed.processor import whisper_tokens
     from wave_rt.model.batch import AudioSegmentInputs
@@ -242,7 +246,7 @@ def _hf_towers(model: WaveModel):
 def test_varlen_encoders_equal_transformers_modules(tiny_token_ids, whisper_fe):
     """Our towers (registered varlen attention, host-side window tables) == transformers' sdpa towers on
     several segments / videos of different sizes."""
-    from conftest import noise
+    from model_signals import noise
 
     from wave_rt.model.tower_inputs import audio_tower_kwargs, vision_tower_kwargs
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import wave_reference as ref
-from conftest import noise
+from model_signals import noise
 
 from wave_rt.config import WaveConfig
 from wave_rt.embed.processor import whisper_tokens

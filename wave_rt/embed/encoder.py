@@ -108,9 +108,7 @@ class WaveEncoder:
         from wave_rt.model.loading import load_wave_model
 
         if backend != "torch":
-            from wave_rt.export.runtime import load_bundle_model  # engines live in wave_rt.export
-
-            engine, _ = load_bundle_model(path, backend, device=device)
+            engine, _ = _bundle_loader(backend)(path, backend, device=device)
             processor = WaveProcessor(engine.config, load_tokenizer(path), media_backend=media_backend)
             return cls(engine, processor, model_id=Path(path).resolve().name, weights_id=engine.weights_id,
                        num_workers=num_workers)
@@ -273,6 +271,19 @@ class WaveEncoder:
         scores = (query @ targets.T)[0]
         best = int(scores.argmax())
         return QAResult(best, letters[best], scores.tolist())
+
+
+def _bundle_loader(backend: str) -> Any:
+    """The loader of an engine backend, found through the `wave_rt.backends` entry points (wave_rt.export
+    registers onnxruntime, aoti and tensorrt): export sits above the encoder API in the data flow, so the
+    encoder finds its engines the way a plugin host does instead of importing them."""
+    from importlib.metadata import entry_points
+
+    found = {ep.name: ep for ep in entry_points(group="wave_rt.backends")}
+    if backend not in found:
+        raise ValueError(f"unknown backend {backend!r}: 'torch' or one of {sorted(found)} "
+                         "(registered by the installed wave-rt package; reinstall it if this list is empty)")
+    return found[backend].load()
 
 
 def similarity(a: Any, b: Any) -> Any:

@@ -107,12 +107,8 @@ LCO_OMNI_PROMPTS = PromptConfig(
 # e5-omni (arXiv 2601.03666, Haon-Chen/e5-omni-7B): an appended <|endoftext|>, last token, as issue 17 states (not
 # confirmed in the card/paper text we could read). Its instruction wording was not found either: no default
 # instruction, the caller's instruction is used as is.
-E5_OMNI_PROMPTS = PromptConfig(
-    media_template="{media}{instruction}<|endoftext|>",
-    text_target_template="{text}<|endoftext|>",
-    text_query_template="{instruction}{text}<|endoftext|>",
-    default_instructions={"audio": "", "video": "", "av": "", "text": ""},
-)
+# The same template as ALM2Vec's (appended end token, no default instruction).
+E5_OMNI_PROMPTS = ALM2VEC_PROMPTS
 
 # Omni-Embed-Nemotron (arXiv 2510.03458, nvidia/omni-embed-nemotron-3b): bidirectional attention, mean pooling, as
 # issue 17 states (not confirmed in the card text we could read). Its query/passage prefixes were not found: none.

@@ -124,7 +124,7 @@ def generate_corpus(root: str | Path, seed: int, n_per_class: int, speech: bool 
     """Write the corpus under root (clips/ and manifest.jsonl); returns the manifest path."""
     import soundfile as sf
 
-    from wave_rt.archive.demo_data import _write_video
+    from wave_rt.archive.demo_data import write_video
 
     root = Path(root)
     clips = root / "clips"
@@ -151,13 +151,13 @@ def generate_corpus(root: str | Path, seed: int, n_per_class: int, speech: bool 
                 elif family == "shapes":
                     path = clips / f"{name}.mp4"
                     frames = shape_frames(rng, attrs["colour"], attrs["shape"], attrs["direction"], seconds)
-                    _write_video(path, frames, FPS, "libx264")
+                    write_video(path, frames, FPS, "libx264")
                     modality = "video"
                 else:
                     path = clips / f"{name}.mp4"
                     frames = shape_frames(rng, attrs["colour"], "circle", attrs["direction"], seconds)
                     sound = tone_clip(rng, attrs["pitch"], "steady tone", frames.shape[0] / FPS)
-                    _write_video(path, frames, FPS, "libx264", audio=sound, audio_rate=SR)
+                    write_video(path, frames, FPS, "libx264", audio=sound, audio_rate=SR)
                     modality = "av"
                 rows.append({"id": name, "query_path": f"clips/{path.name}", "query_modality": modality,
                              "target_text": caption, "task": family})

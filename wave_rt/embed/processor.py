@@ -256,15 +256,13 @@ class WaveProcessor:
     def _clip(self, item: Video | AudioVisual) -> Any:
         from wave_rt import media
 
+        return media.load_video(_as_source(item, item.source), **self._video_options())
+
+    def _video_options(self) -> dict[str, Any]:
+        """The frame-sampling settings every video decode of this model uses (video and AV alike)."""
         m = self.config.media
-        return media.load_video(
-            _as_source(item, item.source),
-            fps=m.fps,
-            max_frames=m.max_frames,
-            max_pixels=m.max_pixels,
-            min_pixels=m.min_pixels,
-            backend=self.media_backend,
-        )
+        return {"fps": m.fps, "max_frames": m.max_frames, "max_pixels": m.max_pixels, "min_pixels": m.min_pixels,
+                "backend": self.media_backend}
 
     def _media_sequence(self, modality: str, instruction: str | None, emit_media) -> tuple[torch.Tensor, torch.Tensor]:
         instr = self._instruction(modality, instruction)
@@ -324,15 +322,7 @@ class WaveProcessor:
         from wave_rt import media
 
         self._require_vision(item)
-        m = self.config.media
-        av = media.load_av(
-            _as_source(item, item.source),
-            fps=m.fps,
-            max_frames=m.max_frames,
-            max_pixels=m.max_pixels,
-            min_pixels=m.min_pixels,
-            backend=self.media_backend,
-        )
+        av = media.load_av(_as_source(item, item.source), **self._video_options())
         if not av.has_audio:
             raise InputError(item, "has no audio track; encode it as wave_rt.Video")
         pixel_values, grid = self._video_features(av.video.frames, av.video.fps)

@@ -70,27 +70,14 @@ def test_packed_batch_invariance_and_batch_of_one(omni, tiny_token_ids):
 
 
 def test_qwen2_audio_packed_equals_padded(tiny_token_ids, whisper_fe):
-    import transformers
-    from model_signals import noise
+    from model_signals import qwen2_audio_item
 
-    from wave_rt.embed.processor import whisper_tokens
-    from wave_rt.model.batch import AudioSegmentInputs
     from wave_rt.model.tiny import tiny_qwen2_audio_config_dict
 
     ids = tiny_token_ids
     model = WaveModel.build(WaveConfig.from_dict(tiny_qwen2_audio_config_dict(ids)), seed=3)
-    fe30 = transformers.WhisperFeatureExtractor(feature_size=128, chunk_length=30)
     items = [long_text(ids, 40, False)]
-    for seconds, seed in ((2.7, 4), (6.1, 5)):
-        f = fe30(noise(seconds, seed), sampling_rate=16000, return_attention_mask=True, return_tensors="pt",
-                 padding="max_length")
-        L = int(f["attention_mask"].sum())
-        n = whisper_tokens(L)
-        sb = SequenceBuilder()
-        sb.audio(n, audio_id=ids["<|AUDIO|>"], bos_id=ids["<|audio_bos|>"], eos_id=ids["<|audio_eos|>"])
-        sb.text([90, 91, 92])
-        a_ids, a_pos = sb.build()
-        items.append(ItemInputs(a_ids, a_pos, True, audio=[AudioSegmentInputs(f["input_features"][0], L, n)]))
+    items += [qwen2_audio_item(ids, seconds, seed)[0] for seconds, seed in ((2.7, 4), (6.1, 5))]
     batch = packed(model, items)
     with torch.no_grad():
         padded = model(collate(items, ids["<|endoftext|>"], stack_mel=True))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import wave_reference as ref
-from model_signals import noise
+from model_signals import noise, qwen2_audio_item
 
 from wave_rt.config import WaveConfig
 from wave_rt.embed.processor import whisper_tokens
@@ -200,25 +200,17 @@ def test_reference_positions_are_what_transformers_computes(tiny_token_ids, whis
 
 def test_qwen2_audio_last_token_equals_reference(tiny_token_ids, whisper_fe):
     """Vela's recipe on the Qwen2-Audio backbone: final-layer last token of transformers' model."""
-    import transformers
 
     data = tiny_qwen2_audio_config_dict(tiny_token_ids)
     model = WaveModel.build(WaveConfig.from_dict(data), seed=3)
     hf = ref.hf_qwen2_audio(model)
-    fe30 = transformers.WhisperFeatureExtractor(feature_size=128, chunk_length=30)
     ids = tiny_token_ids
     pad = ids["<|endoftext|>"]
     items, expected = [], []
     for seconds, seed in ((2.7, 4), (6.1, 5)):
-        f = fe30(noise(seconds, seed), sampling_rate=16000, return_attention_mask=True, return_tensors="pt",
-                 padding="max_length")
-        L = int(f["attention_mask"].sum())
-        n = whisper_tokens(L)
-        sb = SequenceBuilder()
-        sb.audio(n, audio_id=ids["<|AUDIO|>"], bos_id=ids["<|audio_bos|>"], eos_id=ids["<|audio_eos|>"])
-        sb.text([90, 91, 92])
-        a_ids, a_pos = sb.build()
-        items.append(ItemInputs(a_ids, a_pos, True, audio=[AudioSegmentInputs(f["input_features"][0], L, n)]))
+        item, f = qwen2_audio_item(ids, seconds, seed)
+        a_ids = item.input_ids
+        items.append(item)
         with torch.no_grad():
             out = hf(input_ids=a_ids[None], attention_mask=torch.ones(1, len(a_ids), dtype=torch.long),
                      input_features=f["input_features"], feature_attention_mask=f["attention_mask"],

@@ -1,6 +1,11 @@
 """Our whole Dasheng path (front end + encoder) == golden outputs of the real dasheng package with its torchaudio
 front end, made on the GPU image by bench/make_dasheng_fixtures.py (stage `fixtures`). Skips until those files are
-committed under tests/model/fixtures/ (WAVE_RT_DASHENG_FIXTURES overrides the folder)."""
+committed under tests/model/fixtures/ (WAVE_RT_DASHENG_FIXTURES overrides the folder).
+
+What only these fixtures add: the real torchaudio. The encoder already runs against the real dasheng code on every
+CPU run (test_dasheng_encoder, test_dasheng_midashenglm: the pinned dasheng wheel on the same log-mel input), and the
+front end against transformers' audio_utils and a float64 restatement (test_dasheng_frontend); here the front end
+is torchaudio's own MelSpectrogram + AmplitudeToDB, and the encoder is fed from the waveform by dasheng itself."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from torch import nn
 from wave_rt.config import OMNI_THINKER, QWEN2_AUDIO, WaveConfig
 from wave_rt.model.batch import ModelBatch, PackedBatch
 from wave_rt.model.midashenglm import MIDASHENGLM
-from wave_rt.model.packed_decoder import packed_last_token_states
+from wave_rt.model.packed_decoder import packed_pooled_states
 
 BEATS_WIDTH = 768
 
@@ -236,12 +236,13 @@ class WaveModel(nn.Module):
     # ------------------------------------------------------------------ packed batches (the hot path)
     @property
     def supports_packed(self) -> bool:
-        """The packed path covers last-token pooling under causal attention on the Omni thinker and
-        Qwen2-Audio backbones; anything else (other backbones, mean pooling, bidirectional recipes) keeps the
+        """Every backbone and recipe has a packed path: the Omni thinker, Qwen2-Audio and MiDashengLM decoders
+        (transformers' Qwen2-family layers), last-token or mean pooling, causal or bidirectional attention. A
+        subclass or a future backbone whose decoder the packed path cannot run says False here and keeps the
         padded forward."""
         recipe = self.config.recipe
-        return (self.config.backbone in (OMNI_THINKER, QWEN2_AUDIO)
-                and getattr(recipe, "pooling", "last") == "last" and getattr(recipe, "attention", "causal") == "causal")
+        return (self.config.backbone in (OMNI_THINKER, QWEN2_AUDIO, MIDASHENGLM)
+                and recipe.pooling in ("last", "mean") and recipe.attention in ("causal", "bidirectional"))
 
     def tower_inputs(self, batch: PackedBatch) -> None:
         """Host side, at collation: the window tables the Omni towers would otherwise derive on the device
@@ -274,9 +275,10 @@ class WaveModel(nn.Module):
             raise NotImplementedError(f"no packed path for backbone {self.config.backbone!r} with recipe "
                                       f"{self.config.recipe.name!r}; collate a padded ModelBatch instead")
         embeds = self.embed_packed(batch)
-        rows = packed_last_token_states(self.model, embeds, batch.position_ids, batch.cu_seqlens, batch.last_index,
-                                        batch.lengths, self.config.uses_mrope)
         recipe = self.config.recipe
+        rows = packed_pooled_states(self.model, embeds, batch.position_ids, batch.cu_seqlens, batch.last_index,
+                                    batch.lengths, self.config.uses_mrope, pooling=recipe.pooling,
+                                    attention=recipe.attention)
         if batch.head_mode == "head":
             return self.apply_head(recipe.head, rows)
         if batch.head_mode == "target":

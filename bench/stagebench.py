@@ -137,7 +137,8 @@ def bench_archive(source: Any, model: Any = None, sample: int = 64, instruction:
                   workers: int | None = None, encoder: Any = None, items: list[SourceItem] | None = None,
                   run_pipeline: bool = True) -> StageReport:
     """Measure the stages on the first `sample` items of `source` (or on `items`)."""
-    from wave_rt.archive.job import default_workers, load_encoder
+    from wave_rt.archive.job import load_encoder
+    from wave_rt.archive.options import JobOptions
     from wave_rt.embed.batching import plan_batches
 
     if sample <= 0:
@@ -145,9 +146,11 @@ def bench_archive(source: Any, model: Any = None, sample: int = 64, instruction:
     chosen = items if items is not None else sample_items(source, sample, modality)
     if not chosen:
         raise ValueError(f"{source}: no items to benchmark")
-    enc = encoder if encoder is not None else load_encoder(model, device, dtype, "local", None)
-    budget = int(max_batch_tokens or enc.default_max_batch_tokens)
-    n_workers = int(workers or default_workers())
+    opts = JobOptions(instruction=instruction, modality=modality, device=device, dtype=dtype,
+                      max_batch_tokens=max_batch_tokens, workers=workers)
+    enc = encoder if encoder is not None else load_encoder(model, opts)
+    budget = opts.batch_budget(enc)
+    n_workers = opts.decode_workers()
     report = StageReport(source=str(source), model_id=str(enc.model_id), device=str(enc.device),
                          dtype=str(enc.dtype).replace("torch.", ""), sample=len(chosen), failed=0,
                          max_batch_tokens=budget, workers=n_workers)

@@ -115,19 +115,19 @@ def test_routing_text_in_process_media_to_workers_gpu_video_to_dali(monkeypatch)
     from types import SimpleNamespace
 
     import wave_rt.media.backends as backends
+    from wave_rt.archive.errors import JobOptionsError
+    from wave_rt.archive.options import JobOptions
     from wave_rt.archive.pipeline import LocalPipeline
 
-    pipe = LocalPipeline(FakeEncoder(), SimpleNamespace(progress=None), instruction=None, max_batch_tokens=64,
-                         workers=1)
+    pipe = LocalPipeline(FakeEncoder(), SimpleNamespace(progress=None), JobOptions(max_batch_tokens=64, workers=1))
     text, audio, video = (SourceItem("t", text="x"), SourceItem("a", path="/x/a.flac"),
                           SourceItem("v", path="/x/v.mp4"))
     assert [pipe._in_process(s) for s in (text, audio, video)] == [True, False, False]
     monkeypatch.setattr(backends, "resolve_backend", lambda name: "dali")
     pipe.cuda, pipe._gpu_video = True, None  # a CUDA encoder with DALI installed
     assert [pipe._in_process(s) for s in (text, audio, video)] == [True, False, True]
-    with pytest.raises(ValueError, match="decode must be one of"):
-        LocalPipeline(FakeEncoder(), SimpleNamespace(progress=None), instruction=None, max_batch_tokens=64,
-                      workers=1, decode="fork")
+    with pytest.raises(JobOptionsError, match="decode='fork': must be one of"):
+        JobOptions(max_batch_tokens=64, workers=1, decode="fork")
 
 
 def test_workers_that_cannot_start_break_the_pool_loudly(tmp_path: Path) -> None:

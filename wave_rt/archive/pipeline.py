@@ -37,8 +37,8 @@ from wave_rt.archive.prepare import (  # noqa: F401 - re-exported: the item func
     resolve_modality,
     to_item,
 )
+from wave_rt.archive.options import JobOptions
 from wave_rt.archive.prepare_pool import (
-    DEFAULT_ITEM_TIMEOUT,
     PoolClosedError,
     PreparePool,
     default_processes,
@@ -52,9 +52,6 @@ from wave_rt.embed.runner import ModelRunner
 log = logging.getLogger(__name__)
 
 _DONE = object()
-# Where media items are decoded: "processes" (spawn workers, per-item timeout), "threads" (in this process,
-# no timeout), "auto" (processes when the encoder can be sent to them).
-DECODE_MODES = ("auto", "processes", "threads")
 
 
 def embed_work_items(runner: ModelRunner, items: list[WorkItem]) -> tuple[RowBlock | None, list[ErrorRecord]]:
@@ -84,29 +81,32 @@ class PipelineStats:
 
 
 class LocalPipeline:
-    """Runs the threads above over an iterable of pending SourceItems; the caller owns the writer."""
+    """Runs the threads above over an iterable of pending SourceItems; the caller owns the writer.
 
-    def __init__(self, encoder: Any, writer: ArchiveWriter, *, instruction: str | None, max_batch_tokens: int,
-                 workers: int, normalize: bool = True, model_threads: int | None = None,
-                 max_pending_tokens: int | None = None, idle_flush_seconds: float = 1.0,
-                 probe: Callable[[str], tuple[bool, bool]] = _probe_streams, decode: str = "auto",
-                 item_timeout: float | None = DEFAULT_ITEM_TIMEOUT) -> None:
+    The job's settings come from `options` (instruction, max_batch_tokens, workers, normalize, decode,
+    item_timeout); the keyword arguments are the engine's own tuning knobs, not job settings."""
+
+    def __init__(self, encoder: Any, writer: ArchiveWriter, options: JobOptions, *,
+                 model_threads: int | None = None, max_pending_tokens: int | None = None,
+                 idle_flush_seconds: float = 1.0,
+                 probe: Callable[[str], tuple[bool, bool]] = _probe_streams) -> None:
+        if options.engine != "local":
+            raise ValueError(f"LocalPipeline runs engine='local' jobs, not engine={options.engine!r}")
+        self.options = options
         self.encoder = encoder
         self.writer = writer
         self.progress = writer.progress
-        self.instruction = instruction
-        self.budget = int(max_batch_tokens)
-        self.workers = max(1, int(workers))
+        self.instruction = options.instruction
+        self.budget = options.batch_budget(encoder)
+        self.workers = options.decode_workers()
         device = getattr(encoder, "device", torch.device("cpu"))
         self.cuda = torch.device(device).type == "cuda"
         self.model_threads = model_threads or (2 if self.cuda else 1)
         self.max_pending_tokens = max_pending_tokens or 4 * self.budget
         self.idle_flush_seconds = idle_flush_seconds
         self.probe = probe
-        if decode not in DECODE_MODES:
-            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
-        self.decode = decode
-        self.item_timeout = item_timeout
+        self.decode = options.decode
+        self.item_timeout = options.item_timeout
         self.pool: PreparePool | None = None
         self._pool_lock = threading.Lock()
         self._pool_spec: Any = None
@@ -115,7 +115,7 @@ class LocalPipeline:
         self.early_batch_tokens = max(1, self.budget // 8)
         self._busy_models = 0
         self._busy_lock = threading.Lock()
-        self.runner = ModelRunner(encoder, self.budget, normalize)
+        self.runner = ModelRunner(encoder, self.budget, options.normalize)
         self._stop = threading.Event()
         self._failure: BaseException | None = None
         self._work_q: queue.Queue = queue.Queue(maxsize=4 * self.workers)

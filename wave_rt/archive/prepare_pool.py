@@ -26,12 +26,12 @@ from typing import Any
 
 from wave_rt.archive.errors import DecodeWorkerCrashError
 from wave_rt.archive.journal import ErrorRecord
+from wave_rt.archive.options import DEFAULT_ITEM_TIMEOUT
 from wave_rt.archive.sources import SourceItem
 from wave_rt.media.errors import DecodeTimeoutError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ITEM_TIMEOUT = 120.0  # seconds one item may take in a worker; MediaLimits.max_decode_seconds is 60
 MAX_ATTEMPTS = 2  # an item is given to a second worker after the first one died holding it
 _READY = "ready"  # a worker's first message: it has imported everything and built its preparer
 

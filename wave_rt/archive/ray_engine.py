@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from wave_rt.archive.journal import ErrorRecord
+from wave_rt.archive.options import JobOptions
 from wave_rt.archive.pipeline import PipelineStats, WorkItem, error_record, prepare_one
 from wave_rt.archive.shards import Row
 from wave_rt.archive.sources import SourceItem
@@ -118,20 +119,19 @@ class EmbedActor:
     """One model replica. Called by Ray Data with a pyarrow batch of work rows; returns one output row per
     input row: the embedding (zeros on failure) plus the error columns."""
 
-    def __init__(self, model: str | None, device: str | None, dtype: str, instruction: str | None,
-                 max_batch_tokens: int | None, normalize: bool, decode_threads: int, torch_threads: int) -> None:
+    def __init__(self, model: str | None, options: JobOptions, decode_threads: int, torch_threads: int) -> None:
         import torch
 
         from wave_rt.embed.encoder import WaveEncoder
 
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.encoder = WaveEncoder.from_pretrained(model, device=device, dtype=dtype)
-        self.instruction = instruction
-        self.budget = int(max_batch_tokens or self.encoder.default_max_batch_tokens)
-        self.runner = ModelRunner(self.encoder, self.budget, normalize)
+        device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.options = options
+        self.encoder = WaveEncoder.from_pretrained(model, device=device, dtype=options.dtype)
+        self.instruction = options.instruction
+        self.budget = options.batch_budget(self.encoder)
+        self.runner = ModelRunner(self.encoder, self.budget, options.normalize)
         self.decode_threads = max(1, decode_threads)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -239,20 +239,22 @@ class EmbedActor:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def run_ray(pending: Iterator[SourceItem], writer: ArchiveWriter, *, model: Any, device: Any, dtype: Any,
-            instruction: str | None, max_batch_tokens: int | None, workers: int | None, normalize: bool,
-            address: str | None = None, rows_per_call: int | None = None) -> PipelineStats:
+def run_ray(pending: Iterator[SourceItem], writer: ArchiveWriter, model: Any, options: JobOptions, *,
+            rows_per_call: int | None = None) -> PipelineStats:
     """Embed `pending` on a pool of Ray actors and hand the results to `writer` (which owns the directory).
 
-    rows_per_call: rows per actor call (default: up to 64, fewer for a short work list so that every
-    actor gets a share)."""
-    ray = ensure_ray(address)
+    The actors get `options` as they are (instruction, dtype, max_batch_tokens, normalize; replicas and
+    ray_address are the driver's). rows_per_call: rows per actor call (default: up to 64, fewer for a short
+    work list so that every actor gets a share)."""
+    if options.engine != "ray":
+        raise ValueError(f"run_ray runs engine='ray' jobs, not engine={options.engine!r}")
+    ray = ensure_ray(options.ray_address)
     rdata = _require_ray_data()
     progress = writer.progress
     stats = PipelineStats()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = float(ray.cluster_resources().get("CPU", 1))
-    n_actors = int(workers or (gpus if gpus > 0 else max(1, int(cpus) // 2)))
+    n_actors = int(options.replicas or (gpus if gpus > 0 else max(1, int(cpus) // 2)))
     if gpus > 0 and n_actors > gpus:
         log.warning("%d Ray workers asked for but the cluster has %d GPUs: using %d", n_actors, gpus, gpus)
         n_actors = gpus
@@ -261,12 +263,10 @@ def run_ray(pending: Iterator[SourceItem], writer: ArchiveWriter, *, model: Any,
     if total == 0:
         shutil.rmtree(root, ignore_errors=True)
         return stats
-    dtype_name = str(dtype).replace("torch.", "")
     # Ray Data's file listing and read tasks each ask for a whole logical CPU: actors that reserve every
     # CPU of the cluster would leave them unschedulable and the job would wait forever. Keep one free.
     cpus_per_actor = max(0.05, min(1.0, (cpus - 1.0) / n_actors))
-    ctor = dict(model=None if model is None else os.fspath(model), device=None if device is None else str(device),
-                dtype=dtype_name, instruction=instruction, max_batch_tokens=max_batch_tokens, normalize=normalize,
+    ctor = dict(model=None if model is None else os.fspath(model), options=options,
                 decode_threads=max(1, int(cpus) // max(1, n_actors)) if gpus == 0 else 4,
                 torch_threads=max(1, int(cpus) // max(1, n_actors)) if gpus == 0 else 0)
     if not progress.enabled:

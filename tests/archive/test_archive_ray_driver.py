@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_checkpoints import make_tiny_checkpoint
 
 from wave_rt.archive import job
 from wave_rt.archive.options import JobOptions
 from wave_rt.embed.encoder import WaveEncoder
 from wave_rt.embed.identity import ModelIdentity, read_identity
 from wave_rt.model import beats, loading
-from wave_rt.model.tiny import make_tiny_checkpoint
 from wave_rt.model.wave_model import WaveModel
 
 CHECKPOINTS = {

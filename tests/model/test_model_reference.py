@@ -8,12 +8,12 @@ import pytest
 import torch
 import wave_reference as ref
 from model_signals import noise, qwen2_audio_item
+from tiny_checkpoints import tiny_qwen2_audio_config_dict, tiny_thinker_config_dict
 
 from wave_rt.config import WaveConfig
 from wave_rt.embed.processor import whisper_tokens
 from wave_rt.model.batch import AudioSegmentInputs, ItemInputs, collate
 from wave_rt.model.positions import SequenceBuilder, VideoGrid
-from wave_rt.model.tiny import tiny_qwen2_audio_config_dict, tiny_thinker_config_dict
 from wave_rt.model.wave_model import WaveModel
 
 TOL = 1e-5

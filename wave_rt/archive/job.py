@@ -43,7 +43,7 @@ from wave_rt.archive.manifest import (
 from wave_rt.archive.options import JobOptions
 from wave_rt.archive.progress import JobSummary, Progress
 from wave_rt.archive.shards import list_shards
-from wave_rt.archive.sources import ArchiveSource, SourceItem, open_source
+from wave_rt.archive.sources import ArchiveSource, SourceEntry, open_source
 from wave_rt.dtypes import dtype_name
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class ScanCounts:
     problems: int = 0
 
 
-def _classify(source: ArchiveSource, done: IdSet, reported_duplicates: IdSet) -> Iterator[tuple[str, SourceItem]]:
+def _classify(source: ArchiveSource, done: IdSet, reported_duplicates: IdSet) -> Iterator[tuple[str, SourceEntry]]:
     """('pending' | 'done' | 'duplicate' | 'problem' | 'reported', item) for every source item, in order.
     Only the first item with a given id is embedded; later ones are duplicates (reported once, ever)."""
     seen = IdSet()
@@ -125,7 +125,7 @@ def _scan(source: ArchiveSource, done: IdSet, reported: IdSet) -> ScanCounts:
     return c
 
 
-def pending_items(source: ArchiveSource, done: IdSet, reported: IdSet, report: Any) -> Iterator[SourceItem]:
+def pending_items(source: ArchiveSource, done: IdSet, reported: IdSet, report: Any) -> Iterator[SourceEntry]:
     """The items still to embed; malformed rows and duplicate ids are handed to `report` as error records."""
     for kind, item in _classify(source, done, reported):
         if kind == "pending":

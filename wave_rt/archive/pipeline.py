@@ -29,15 +29,15 @@ import numpy as np
 import torch
 
 from wave_rt.archive.journal import ErrorRecord
+from wave_rt.archive.options import JobOptions
 from wave_rt.archive.prepare import (  # noqa: F401 - re-exported: the item functions' old home
-    WorkItem,
+    PreparedEntry,
     _probe_streams,
     error_record,
     prepare_one,
     resolve_modality,
     to_item,
 )
-from wave_rt.archive.options import JobOptions
 from wave_rt.archive.prepare_pool import (
     PoolClosedError,
     PreparePool,
@@ -45,8 +45,8 @@ from wave_rt.archive.prepare_pool import (
     picklable,
     preparer_spec,
 )
-from wave_rt.archive.sources import VIDEO_EXTS, SourceItem
-from wave_rt.archive.writer import ArchiveWriter, RowBlock
+from wave_rt.archive.sources import VIDEO_EXTS, SourceEntry
+from wave_rt.archive.writer import ArchiveWriter, EmbeddedRows
 from wave_rt.embed.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,8 @@ log = logging.getLogger(__name__)
 _DONE = object()
 
 
-def embed_work_items(runner: ModelRunner, items: list[WorkItem]) -> tuple[RowBlock | None, list[ErrorRecord]]:
-    """One batch of work items -> (rows for the writer, error records)."""
+def embed_prepared_entries(runner: ModelRunner, items: list[PreparedEntry]) -> tuple[EmbeddedRows | None, list[ErrorRecord]]:
+    """One batch of prepared entries -> (embedded rows for the writer, error records)."""
     ok, failed = runner.run([w.prepared for w in items])
     errors = [error_record(items[i].src, "model", exc, retryable=True) for i, exc in sorted(failed.items())]
     good = [i for i in range(len(items)) if i in ok]
@@ -66,7 +66,7 @@ def embed_work_items(runner: ModelRunner, items: list[WorkItem]) -> tuple[RowBlo
     tokens = sum(items[i].num_tokens for i in good)
     audio = sum(float(items[i].prepared.duration or 0.0) for i in good if items[i].modality in ("audio", "av"))
     video = sum(float(items[i].prepared.duration or 0.0) for i in good if items[i].modality in ("video", "av"))
-    return RowBlock(rows, emb, tokens, audio, video), errors
+    return EmbeddedRows(rows, emb, tokens, audio, video), errors
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -81,7 +81,7 @@ class PipelineStats:
 
 
 class LocalPipeline:
-    """Runs the threads above over an iterable of pending SourceItems; the caller owns the writer.
+    """Runs the threads above over an iterable of pending SourceEntries; the caller owns the writer.
 
     The job's settings come from `options` (instruction, max_batch_tokens, workers, normalize, decode,
     item_timeout); the keyword arguments are the engine's own tuning knobs, not job settings."""
@@ -151,7 +151,7 @@ class LocalPipeline:
                 self._fail(exc)
         return run
 
-    def _in_process(self, src: SourceItem) -> bool:
+    def _in_process(self, src: SourceEntry) -> bool:
         """Text is tokenized here (cheaper than a hop to a process). With DALI and a GPU, video files are
         decoded here too: DALI's NVDEC pipelines belong to the process that owns the GPU, run off the GIL, and
         hand the frames to GPU features; codecs DALI lacks fall back to PyAV inside the same call."""
@@ -187,7 +187,7 @@ class LocalPipeline:
             return self.pool
 
     # ------------------------------------------------------------------ stages
-    def _feed(self, pending: Iterable[SourceItem]) -> None:
+    def _feed(self, pending: Iterable[SourceEntry]) -> None:
         try:
             for key, src in enumerate(pending):
                 if not self._put(self._work_q, (key, src)):
@@ -225,7 +225,7 @@ class LocalPipeline:
         from wave_rt.embed.batching import BucketBatcher
 
         batcher = BucketBatcher(self.budget, max_pending=4096)
-        waiting: dict[int, WorkItem] = {}
+        waiting: dict[int, PreparedEntry] = {}
         pending_tokens = 0
         finished = 0
         last_item = time.monotonic()
@@ -253,7 +253,7 @@ class LocalPipeline:
                     emit(batcher.flush())
                     break
                 continue
-            w: WorkItem = msg  # type: ignore[assignment]
+            w: PreparedEntry = msg  # type: ignore[assignment]
             last_item = time.monotonic()
             waiting[w.key] = w
             pending_tokens += w.num_tokens
@@ -286,7 +286,7 @@ class LocalPipeline:
                     self._busy_models += 1
                 t0 = time.perf_counter()
                 try:
-                    block, errors = embed_work_items(self.runner, msg)  # type: ignore[arg-type]
+                    block, errors = embed_prepared_entries(self.runner, msg)  # type: ignore[arg-type]
                 finally:
                     with self._busy_lock:
                         self._busy_models -= 1
@@ -300,7 +300,7 @@ class LocalPipeline:
                 stream_ctx.__exit__(None, None, None)
 
     # ------------------------------------------------------------------ run
-    def run(self, pending: Iterable[SourceItem] | Iterator[SourceItem]) -> PipelineStats:
+    def run(self, pending: Iterable[SourceEntry] | Iterator[SourceEntry]) -> PipelineStats:
         """Process every pending item. KeyboardInterrupt stops the threads cleanly (what the writer holds
         is still committed by the caller's writer.close()) and is reported as interrupted."""
         threads = [threading.Thread(target=self._guard(lambda: self._feed(pending)), name="wave-rt-feed", daemon=True)]

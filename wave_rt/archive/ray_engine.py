@@ -27,10 +27,10 @@ import numpy as np
 
 from wave_rt.archive.journal import ErrorRecord
 from wave_rt.archive.options import JobOptions
-from wave_rt.archive.pipeline import PipelineStats, WorkItem, error_record, prepare_one
-from wave_rt.archive.shards import Row
-from wave_rt.archive.sources import SourceItem
-from wave_rt.archive.writer import ArchiveWriter, RowBlock
+from wave_rt.archive.pipeline import PipelineStats, PreparedEntry, error_record, prepare_one
+from wave_rt.archive.shards import ShardRow
+from wave_rt.archive.sources import SourceEntry
+from wave_rt.archive.writer import ArchiveWriter, EmbeddedRows
 from wave_rt.embed.batching import plan_batches
 from wave_rt.embed.runner import ModelRunner
 
@@ -84,7 +84,7 @@ def worker_dtype(dtype: Any, address: str | None = None) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- work list
-def _write_worklist(pending: Iterator[SourceItem], root: Path) -> int:
+def _write_worklist(pending: Iterator[SourceEntry], root: Path) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -95,7 +95,7 @@ def _write_worklist(pending: Iterator[SourceItem], root: Path) -> int:
     schema = pa.schema([pa.field(n, pa.string()) for n in names])
     total = 0
     part = 0
-    chunk: list[SourceItem] = []
+    chunk: list[SourceEntry] = []
 
     def flush() -> None:
         nonlocal part
@@ -139,14 +139,14 @@ class EmbedActor:
         from concurrent.futures import ThreadPoolExecutor
 
         rows = batch.to_pylist()
-        srcs = [SourceItem(id=r["id"], path=r["path"], text=r["text"], modality=r["modality"] or "auto",
+        srcs = [SourceEntry(id=r["id"], path=r["path"], text=r["text"], modality=r["modality"] or "auto",
                            instruction=r["instruction"]) for r in rows]
         emb = np.zeros((len(rows), int(self.encoder.dim)), np.float32)
-        done: dict[int, WorkItem] = {}
+        done: dict[int, PreparedEntry] = {}
         failures: dict[int, ErrorRecord] = {}
         batches_before, splits_before = self.runner.batches, self.runner.oom_splits
         t_prep = t_model = 0.0
-        waiting: list[WorkItem] = []
+        waiting: list[PreparedEntry] = []
         waiting_tokens = 0
 
         def flush() -> None:
@@ -187,7 +187,7 @@ class EmbedActor:
             "prepare_s": t_prep, "model_s": t_model, "batches": self.runner.batches - batches_before,
             "oom_splits": self.runner.oom_splits - splits_before})
 
-    def _table(self, srcs: list[SourceItem], emb: np.ndarray, done: dict[int, WorkItem],
+    def _table(self, srcs: list[SourceEntry], emb: np.ndarray, done: dict[int, PreparedEntry],
                failures: dict[int, ErrorRecord], stats: dict[str, float]) -> Any:
         import pyarrow as pa
 
@@ -239,7 +239,7 @@ class EmbedActor:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def run_ray(pending: Iterator[SourceItem], writer: ArchiveWriter, model: Any, options: JobOptions, *,
+def run_ray(pending: Iterator[SourceEntry], writer: ArchiveWriter, model: Any, options: JobOptions, *,
             rows_per_call: int | None = None) -> PipelineStats:
     """Embed `pending` on a pool of Ray actors and hand the results to `writer` (which owns the directory).
 
@@ -321,11 +321,11 @@ def _consume(table: Any, writer: ArchiveWriter, progress: Any, stats: PipelineSt
             writer.put_error(ErrorRecord(cols["id"][i], cols["path"][i], cols["error_stage"][i], cols["error_type"][i],
                                          cols["error_message"][i], bool(cols["retryable"][i])))
     if good:
-        rows = [Row(cols["id"][i], cols["path"][i], cols["modality"][i], cols["duration"][i], cols["text"][i],
+        rows = [ShardRow(cols["id"][i], cols["path"][i], cols["modality"][i], cols["duration"][i], cols["text"][i],
                     cols["instruction"][i]) for i in good]
         mods = cols["modality"]
         dur = cols["duration"]
-        writer.put_rows(RowBlock(
+        writer.put_rows(EmbeddedRows(
             rows, emb[good], int(sum(cols["num_tokens"][i] for i in good)),
             float(sum(dur[i] or 0.0 for i in good if mods[i] in ("audio", "av"))),
             float(sum(dur[i] or 0.0 for i in good if mods[i] in ("video", "av"))),

@@ -8,7 +8,7 @@ What the packed (varlen) hot path must do to give the same numbers, per item of 
   causal=False in varlen flash attention; a document-only mask in FlexAttention);
 - mean pooling: the final norm applied to every token of the item, then the plain mean over the item's
   tokens (a segment mean over cu_seqlens), not only the last row;
-- heads then read the pooled row where they read the last-token row today (`rows[:, -1]`).
+- heads then read the pooled state where they read the last-token state today (`layer_states[:, -1]`).
 Left padding here is harmless for both: padding keys are masked for every query and padding rows are
 excluded from the mean, so an item alone equals the same item in any mixed batch.
 """

@@ -145,7 +145,7 @@ def test_the_ray_engine_runs_on_the_jobs_options(monkeypatch, tmp_path):
 @pytest.mark.parametrize("field,value", [
     ("engine", "spark"), ("modality", "smell"), ("embedding_dtype", "int8"), ("decode", "fork"),
     ("dtype", "fp8"), ("device", "gpu9"), ("max_batch_tokens", 0), ("max_batch_tokens", 2.5),
-    ("workers", -1), ("workers", True), ("shard_rows", 0), ("commit_seconds", 0), ("log_every", float("nan")),
+    ("workers", -1), ("workers", True), ("shard_rows", 0), ("commit_seconds", -1), ("log_every", float("nan")),
     ("item_timeout", -1.0), ("instruction", 3), ("replicas", 2), ("ray_address", "auto"),
 ])
 def test_bad_values_are_one_typed_error(tmp_path, field, value):
@@ -156,6 +156,12 @@ def test_bad_values_are_one_typed_error(tmp_path, field, value):
     with pytest.raises(JobOptionsError, match=f"option {field}="):
         job.embed_archive(_source(tmp_path), out, model=FakeEncoder(), **{field: value})
     assert not out.exists()  # refused before anything was written
+
+
+def test_zero_seconds_mean_every_chance():
+    assert (JobOptions(commit_seconds=0).commit_seconds, JobOptions(log_every=0).log_every) == (0, 0)
+    with pytest.raises(JobOptionsError, match="item_timeout=0: must be a positive number"):
+        JobOptions(item_timeout=0)
 
 
 def test_unknown_and_conflicting_options(tmp_path):

@@ -43,7 +43,7 @@ class JobOptions:
     embedding_dtype: type of the stored vectors, "float32" or "float16".
     normalize: L2-normalize the stored vectors.
     shard_rows: rows per Parquet shard (default: about 64 MiB of vectors).
-    commit_seconds: commit a shard at least this often (bounds the work a kill loses).
+    commit_seconds: commit a shard at least this often (bounds the work a kill loses; 0: whenever rows wait).
     retry_errors: try the items of errors.jsonl again.
     progress, log_every: show progress; seconds between progress lines when stderr is not a terminal.
     decode: where the local engine decodes media: "auto"/"processes" (spawn worker processes) or "threads".
@@ -79,8 +79,9 @@ class JobOptions:
             raise JobOptionsError("instruction", self.instruction, "must be a string or None")
         for name in ("max_batch_tokens", "workers", "replicas", "shard_rows"):
             _positive(self, name, integer=True)
-        for name in ("commit_seconds", "log_every", "item_timeout"):
-            _positive(self, name, integer=False)
+        _positive(self, "item_timeout", integer=False)
+        for name in ("commit_seconds", "log_every"):  # 0: commit / log at every chance
+            _positive(self, name, integer=False, zero=True)
         if self.dtype is not None:
             from wave_rt.dtypes import dtype_name
 
@@ -153,10 +154,11 @@ def _choice(opts: JobOptions, name: str, allowed: tuple[str, ...]) -> None:
         raise JobOptionsError(name, value, f"must be one of {', '.join(allowed)}")
 
 
-def _positive(opts: JobOptions, name: str, *, integer: bool) -> None:
+def _positive(opts: JobOptions, name: str, *, integer: bool, zero: bool = False) -> None:
     value = getattr(opts, name)
     if value is None:
         return
     kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:
-        raise JobOptionsError(name, value, f"must be a positive {'whole number' if integer else 'number'}")
+    if isinstance(value, bool) or not isinstance(value, kinds) or not (value >= 0 if zero else value > 0):
+        what = "whole number" if integer else "number"
+        raise JobOptionsError(name, value, f"must be a {'non-negative' if zero else 'positive'} {what}")

@@ -27,15 +27,18 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the tests' tiny MiDashengLM config (a test helper: the package has no MiDashengLM demo)
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))
 from harness import RESULTS, dry_run_report, row, time_it, write_result  # noqa: E402
+from tiny_checkpoints import tiny_midashenglm_config_dict  # noqa: E402
 
 from wave_rt import Audio  # noqa: E402
 from wave_rt.config import WaveConfig  # noqa: E402
 from wave_rt.embed.batching import plan_batches  # noqa: E402
 from wave_rt.embed.encoder import WaveEncoder  # noqa: E402
 from wave_rt.embed.processor import WaveProcessor, load_tokenizer  # noqa: E402
+from wave_rt.model.demo_architecture import demo_thinker_config_dict, write_demo_tokenizer  # noqa: E402
 from wave_rt.model.embedder_presets import get_preset  # noqa: E402
-from wave_rt.model.tiny import build_tiny_tokenizer, tiny_midashenglm_config_dict, tiny_thinker_config_dict  # noqa: E402
 from wave_rt.model.wave_model import WaveModel  # noqa: E402
 
 PRESETS = ("lco-omni", "e5-omni", "omni-embed-nemotron", "alm2vec")
@@ -65,7 +68,7 @@ def _config(preset: str, size: str, ids: dict[str, int]) -> WaveConfig:
             data[key] = ids[tok]  # the tiny tokenizer's ids (no Qwen tokenizer is downloadable here)
         data["text_config"]["pad_token_id"] = ids["<|endoftext|>"]
     else:
-        data = tiny_thinker_config_dict(ids, vocab_size=152064, hidden=256, layers=8, heads=8, kv_heads=2,
+        data = demo_thinker_config_dict(ids, vocab_size=152064, hidden=256, layers=8, heads=8, kv_heads=2,
                                         audio_layers=4, vision_depth=2)
     ours = dict(data.pop("wave_rt", None) or {})
     ours.pop("recipe", None)
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     suffix = f"{args.config}_{'cuda' if cuda else 'cpu'}"
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        ids = build_tiny_tokenizer(tmp)
+        ids = write_demo_tokenizer(tmp)
         tokenizer = load_tokenizer(tmp)
         for preset in presets:
             cfg = _config(preset, args.config, ids)

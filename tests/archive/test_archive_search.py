@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from archive_helpers import FakeEncoder, read_archive
+from tiny_checkpoints import make_tiny_checkpoint
 
 import wave_rt
 from wave_rt.archive.demo_data import CAPTIONS, demo_dir
@@ -17,7 +18,6 @@ from wave_rt.archive.errors import ArchiveFormatError
 from wave_rt.archive.index import Index
 from wave_rt.archive.job import embed_archive
 from wave_rt.cli import run
-from wave_rt.model.tiny import make_tiny_checkpoint
 
 pytest.importorskip("faiss", reason="needs faiss: pip install faiss-cpu")
 

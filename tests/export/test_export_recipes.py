@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tiny_checkpoints import make_tiny_checkpoint
 from wave_rt.export.bundle import export_bundle
 
 import wave_rt
 from wave_rt.embed.encoder import WaveEncoder
 from wave_rt.errors import CheckpointError
-from wave_rt.model.tiny import make_tiny_checkpoint
 
 BATCHES = (["a dog barks"], [wave_rt.Text("find rain", side="query"), "rain on a roof at night"],
            ["x", wave_rt.Text("q", side="query"), "a violin solo in a large hall", wave_rt.Text("more words here", side="query")])

@@ -72,8 +72,7 @@ def test_packed_batch_invariance_and_batch_of_one(omni, tiny_token_ids):
 
 def test_qwen2_audio_packed_equals_padded(tiny_token_ids, whisper_fe):
     from model_signals import qwen2_audio_item
-
-    from wave_rt.model.tiny import tiny_qwen2_audio_config_dict
+    from tiny_checkpoints import tiny_qwen2_audio_config_dict
 
     ids = tiny_token_ids
     model = WaveModel.build(WaveConfig.from_dict(tiny_qwen2_audio_config_dict(ids)), seed=3)

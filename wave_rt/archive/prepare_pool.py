@@ -26,12 +26,12 @@ from typing import Any
 
 from wave_rt.archive.errors import DecodeWorkerCrashError
 from wave_rt.archive.journal import ErrorRecord
-from wave_rt.archive.sources import SourceItem
+from wave_rt.archive.options import DEFAULT_ITEM_TIMEOUT
+from wave_rt.archive.sources import SourceEntry
 from wave_rt.media.errors import DecodeTimeoutError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ITEM_TIMEOUT = 120.0  # seconds one item may take in a worker; MediaLimits.max_decode_seconds is 60
 MAX_ATTEMPTS = 2  # an item is given to a second worker after the first one died holding it
 _READY = "ready"  # a worker's first message: it has imported everything and built its preparer
 
@@ -114,7 +114,7 @@ def _worker_main(spec: Any, instruction: str | None, probe: Callable[[str], tupl
 @dataclass
 class _Task:
     key: int
-    src: SourceItem
+    src: SourceEntry
     future: Future
     attempts: int = 0
 
@@ -140,7 +140,7 @@ class PoolStats:
 
 
 class PreparePool:
-    """`processes` spawn workers running pipeline.prepare_one; submit() returns a Future of a WorkItem or an
+    """`processes` spawn workers running pipeline.prepare_one; submit() returns a Future of a PreparedEntry or an
     ErrorRecord, imap() yields them in input order."""
 
     def __init__(self, spec: Any, instruction: str | None, processes: int, *,
@@ -192,7 +192,7 @@ class PreparePool:
         return _Worker(slot, self._generation, proc, task_w, result_r)
 
     # ------------------------------------------------------------------ API
-    def submit(self, key: int, src: SourceItem) -> Future:
+    def submit(self, key: int, src: SourceEntry) -> Future:
         fut: Future = Future()
         with self._lock:
             if self._broken is not None:
@@ -203,7 +203,7 @@ class PreparePool:
         self._wake.set()
         return fut
 
-    def imap(self, items: Iterable[tuple[int, SourceItem]], window: int | None = None) -> Iterator[Any]:
+    def imap(self, items: Iterable[tuple[int, SourceEntry]], window: int | None = None) -> Iterator[Any]:
         """Results in input order, at most `window` (default 2 x processes) items submitted ahead."""
         window = window or 2 * self.processes
         ahead: collections.deque[Future] = collections.deque()
@@ -372,7 +372,7 @@ def _close(w: _Worker) -> None:
             pass
 
 
-def _record(src: SourceItem, exc: BaseException, retryable: bool) -> ErrorRecord:
+def _record(src: SourceEntry, exc: BaseException, retryable: bool) -> ErrorRecord:
     from wave_rt.archive.prepare import error_record
 
     return error_record(src, "decode", exc, retryable=retryable)

@@ -176,8 +176,8 @@ def kaldi_frames(n: int) -> int:
     return 0 if n < KALDI_FRAME else 1 + (n - KALDI_FRAME) // KALDI_SHIFT
 
 
-def _fbank_rows(x: torch.Tensor) -> torch.Tensor:
-    """Kaldi fbank of [B, samples] float64 signals already scaled to int16 range -> [B, frames, 128] float64,
+def kaldi_fbank_rows(x: torch.Tensor, n_mels: int = N_MELS) -> torch.Tensor:
+    """Kaldi fbank of [B, samples] float64 signals already scaled to int16 range -> [B, frames, n_mels] float64,
     one unfold and one FFT for the whole batch. Every step is per frame, so a frame of a zero-padded row
     equals that row's own frame as long as it lies inside the row: callers cut each row to kaldi_frames."""
     frames = x.unfold(1, KALDI_FRAME, KALDI_SHIFT)  # [B, T, 400]
@@ -185,7 +185,7 @@ def _fbank_rows(x: torch.Tensor) -> torch.Tensor:
     prev = torch.cat([frames[..., :1], frames[..., :-1]], dim=2)  # preemphasis replicates the first sample
     frames = (frames - KALDI_PREEMPH * prev) * _povey_window(x.device)
     spec = torch.fft.rfft(frames, n=KALDI_FFT).abs().pow(2.0)
-    energies = spec @ kaldi_mel_banks(x.device).T
+    energies = spec @ kaldi_mel_banks(x.device, n_mels).T
     return torch.clamp(energies, min=FLOAT32_EPS).log()
 
 
@@ -205,7 +205,7 @@ def beats_fbank(waveform: object) -> torch.Tensor | list[torch.Tensor]:
         x = torch.zeros(len(rows), longest, dtype=torch.float64, device=device)
         for i, r in enumerate(rows):
             x[i, : r.shape[0]] = r.to(device=device, dtype=torch.float64)
-        feats = ((_fbank_rows(x * 32768.0) - FBANK_MEAN) / (2.0 * FBANK_STD)).to(torch.float32)
+        feats = ((kaldi_fbank_rows(x * 32768.0) - FBANK_MEAN) / (2.0 * FBANK_STD)).to(torch.float32)
     outs = [feats[i, :c] for i, c in enumerate(counts)]
     if not batched:
         return outs[0].contiguous()

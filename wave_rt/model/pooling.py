@@ -5,7 +5,7 @@ Used by WaveModel.forward when a recipe asks for `pooling="mean"` or `attention=
 
 The packed hot path (wave_rt.model.packed_decoder.packed_pooled_states) gives the same numbers per item of a
 packed stream: varlen attention with causal=False within each item's cu_seqlens segment, the final norm on
-every token, a segment mean over cu_seqlens; heads read the pooled row as `rows[:, -1]` in both.
+every token, a segment mean over cu_seqlens; heads read the pooled row as `layer_states[:, -1]` in both.
 Left padding here is harmless for both: padding keys are masked for every query and padding rows are
 excluded from the mean, so an item alone equals the same item in any mixed batch.
 """

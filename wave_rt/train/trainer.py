@@ -99,7 +99,7 @@ def enable_activation_checkpointing(model: Any) -> None:
 
 def _model_path(config: TrainConfig, rank: int) -> Path:
     if config.model.init_tiny:
-        from wave_rt.model.tiny import make_tiny_checkpoint
+        from wave_rt.model.demo_architecture import random_demo_checkpoint as make_tiny_checkpoint
 
         recipe = get_train_recipe(config.recipe["name"], _overrides(config))
         init = Path(config.run.out_dir) / "init"

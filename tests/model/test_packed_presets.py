@@ -20,7 +20,7 @@ from wave_rt import Audio, Text, Video
 from wave_rt.embed.encoder import WaveEncoder
 from wave_rt.model.batch import ModelBatch, PackedBatch
 from wave_rt.model.embedder_presets import PRESETS, get_preset
-from wave_rt.model.tiny import make_tiny_checkpoint
+from tiny_checkpoints import make_tiny_checkpoint
 
 TOL = 1e-5
 

@@ -84,6 +84,19 @@ def test_fsdp2_two_gloo_ranks_equal_one_process(runs, variant):
         assert (a[name] - b[name]).abs().max() <= 1e-4 * max(1.0, float(b[name].abs().max())), name
 
 
+def test_fsdp2_one_process_without_torchrun(runs):
+    """`wave-rt train` with distributed = "fsdp2" and no torchrun: a one-rank group and mesh of its own; the
+    same losses and parameters as the unsharded process."""
+    one = runs.reference()
+    sections = _fsdp_sections("gradcache")
+    sections["data"]["batch_size"] = 8
+    alone = runs("alone", 1, sections)
+    for a, b in zip(alone["losses"], one["losses"]):
+        assert abs(a - b) <= 1e-5 * abs(b), (alone["losses"], one["losses"])
+    for name in one["params"]:
+        assert rel(alone["params"][name], one["params"][name]) <= 1e-4, name
+
+
 def test_fsdp2_checkpoint_resumes_exactly(runs):
     """Two FSDP2 ranks stop right after step 2's checkpoint; a new pair of ranks resumes from it; step 3 and
     the parameters after it equal the uninterrupted FSDP2 run's (optimizer state, scheduler and positions

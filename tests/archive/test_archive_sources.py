@@ -122,9 +122,11 @@ def test_archive_sources_csv_tsv_parquet(tmp_path: Path) -> None:
 def test_archive_sources_demo_resolves_to_the_bundled_manifest() -> None:
     src = open_source("demo")
     items = list(src)
-    assert src.kind == "manifest" and len(items) == 12
+    assert src.kind == "manifest" and len(items) == 16
     assert {i.id for i in items if i.path} == {"audio/tone_a440.wav", "audio/chirp.flac", "audio/rain_noise.ogg",
-                                              "audio/beeps.wav", "video/square.webm", "video/ball.mp4"}
+                                              "audio/beeps.wav", "video/square.webm", "video/ball.mp4",
+                                              "video/red_circle_left.mp4", "video/red_circle_right.mp4",
+                                              "video/blue_circle_left.mp4", "video/red_bar_left.mp4"}
     assert all(os.path.exists(i.path) for i in items if i.path)
 
 

@@ -115,12 +115,12 @@ def enable_activation_checkpointing(model: Any) -> None:
 
 def _model_path(config: TrainConfig, rank: int) -> Path:
     if config.model.init_tiny:
-        from wave_rt.model.demo_architecture import random_demo_checkpoint as make_tiny_checkpoint
+        from wave_rt.model.demo_architecture import random_demo_checkpoint
 
         recipe = get_train_recipe(config.recipe["name"], _overrides(config))
         init = Path(config.run.out_dir) / "init"
         if rank == 0 and not (init / "config.json").exists():
-            make_tiny_checkpoint(init, recipe=recipe.pooling, use_beats=recipe.pooling in ("all_layer", "last_layer"),
+            random_demo_checkpoint(init, recipe=recipe.pooling, use_beats=recipe.pooling in ("all_layer", "last_layer"),
                                  seed=config.model.tiny_seed)
         if dist.is_initialized():
             dist.barrier()

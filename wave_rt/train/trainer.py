@@ -121,7 +121,7 @@ def _model_path(config: TrainConfig, rank: int) -> Path:
         init = Path(config.run.out_dir) / "init"
         if rank == 0 and not (init / "config.json").exists():
             random_demo_checkpoint(init, recipe=recipe.pooling, use_beats=recipe.pooling in ("all_layer", "last_layer"),
-                                 seed=config.model.tiny_seed)
+                                   seed=config.model.tiny_seed)
         if dist.is_initialized():
             dist.barrier()
         return init

@@ -141,6 +141,9 @@ def check_parity(enc: WaveEncoder, items: list, device: str) -> None:
     assert all(d.deferred for d in deferred if d.audio or d.grid_thw), "featurize_batch must not modify its input"
     for e, d in zip(eager, done):
         assert_same_features(e, d)
+    if device == "cpu":  # the batched torch video path too (what the GPU runs), not only the native kernel
+        for e, d in zip(eager, featurize_batch(deferred, enc.config, device, cpu_native=False)):
+            assert_same_features(e, d)
     cfg = enc.config
     stack = cfg.backbone == "qwen2_audio"
     assert_batches_equal(collate(eager, enc.pad_token_id, stack_mel=stack), collate(done, enc.pad_token_id, stack_mel=stack))

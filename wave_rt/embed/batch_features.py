@@ -37,14 +37,16 @@ LENGTH_SPREAD = 4.0  # longest / shortest row of one audio call: bounds the zero
 RESIZE_CHUNK = {"cpu": 8, "cuda": 32}  # frames per resize pass: bounds the int32 intermediates
 
 
-def featurize_batch(items: Sequence[ItemInputs], config: WaveConfig,
-                    device: torch.device | str = "cpu") -> list[ItemInputs]:
+def featurize_batch(items: Sequence[ItemInputs], config: WaveConfig, device: torch.device | str = "cpu",
+                    cpu_native: bool = True) -> list[ItemInputs]:
     """Items with every deferred feature computed on `device` (float32 there; items without deferred parts are
-    returned as they are). The result collates (collate / collate_packed) to the tensors of the eager path."""
+    returned as they are). The result collates (collate / collate_packed) to the tensors of the eager path.
+    `cpu_native`: on the CPU, videos go through the native fused kernel per video (the eager path's, much faster
+    there than the torch resize) when it is built; False runs the batched torch path the GPU runs."""
     device = torch.device(device)
     out = [replace(it, audio=list(it.audio)) for it in items]
     _featurize_audio(out, config, device)
-    _featurize_video(out, device)
+    _featurize_video(out, device, cpu_native and device.type == "cpu" and fv.has_native())
     return out
 
 
@@ -94,9 +96,16 @@ def _featurize_audio(items: list[ItemInputs], config: WaveConfig, device: torch.
         items[i].audio[k] = AudioSegmentInputs(mel, seg.mel_len, seg.tokens, fbank)
 
 
-def _featurize_video(items: list[ItemInputs], device: torch.device) -> None:
+def _featurize_video(items: list[ItemInputs], device: torch.device, native: bool) -> None:
     videos = [i for i, it in enumerate(items) if it.frames is not None]
     if not videos:
+        return
+    if native:
+        for i in videos:
+            it = items[i]
+            t, (h, w) = fv.pad_temporal(it.frames).shape[0], it.frame_size
+            out = torch.empty(t // fv.TEMPORAL * (h // fv.PATCH) * (w // fv.PATCH), fv.PATCH_DIM)
+            items[i] = replace(it, pixel_values=fv.patchify_native(it.frames, h, w, out), frames=None, frame_size=None)
         return
     frames = _to_device([fv.pad_temporal(items[i].frames) for i in videos], device)
     # Resize: one call per (decoded size, target size); normalize + patchify: one call per target size.

@@ -198,6 +198,11 @@ def _native():
     return _native if hasattr(_native, "resize_normalize_patchify") else None
 
 
+def has_native() -> bool:
+    """Whether the fused native kernel (wave_rt._native) is built."""
+    return _native() is not None
+
+
 def patchify_native(frames: torch.Tensor, height: int, width: int, out: torch.Tensor, order: str = "classic",
                     threads: int | None = None) -> torch.Tensor:
     """The fused native kernel: same result as patchify_reference, written into `out` (float32 [N, 1176])."""
@@ -249,7 +254,7 @@ def patchify_video(frames: torch.Tensor | np.ndarray, *, max_pixels: int = 17640
     if out is not None and (tuple(out.shape) != (n, PATCH_DIM) or out.dtype != torch.float32
                             or out.device.type != "cpu" or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous CPU float32 tensor of shape ({n}, {PATCH_DIM})")
-    if frames.device.type == "cpu" and _native() is not None:
+    if frames.device.type == "cpu" and has_native():
         pixels = patchify_native(frames, height, width, out if out is not None else torch.empty((n, PATCH_DIM)))
     else:
         pixels = patchify_reference(frames, height, width)

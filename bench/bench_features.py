@@ -88,12 +88,12 @@ def feature_diffs(eager: list, done: list) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", choices=["small", "7b"], default="small")
+    ap.add_argument("--config", choices=sorted(WORKLOADS), default="small")
+    ap.add_argument("--modalities", default=",".join(MODALITIES), help="comma-separated subset of audio,video")
     ap.add_argument("--device", default=None)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--max-batch-tokens", type=int, default=None)
-    ap.add_argument("--modalities", default=",".join(MODALITIES), help="comma-separated subset of audio,video")
     ap.add_argument("--dry-run", action="store_true", help="check the arguments and output path, run nothing")
+    ap.add_argument("--max-batch-tokens", type=int, default=None, help="default: the encoder's for the device")
     args = ap.parse_args(argv)
     wanted = [m.strip() for m in args.modalities.split(",") if m.strip()]
     if not wanted or set(wanted) - set(MODALITIES):
@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         e_cpu, e_gpu = run_ours(encoder, eager, budget), run_ours(encoder, deferred, budget)
         cosine = float((torch.nn.functional.normalize(e_cpu, dim=-1)
                         * torch.nn.functional.normalize(e_gpu, dim=-1)).sum(-1).min())
-        t_cpu = time_it(lambda: run_ours(encoder, eager, budget), warmup=1, repeats=args.repeats)["median"]
-        t_gpu = time_it(lambda: run_ours(encoder, deferred, budget), warmup=1, repeats=args.repeats)["median"]
+        t_cpu = time_it(lambda b=eager: run_ours(encoder, b, budget), warmup=1, repeats=args.repeats)["median"]
+        t_gpu = time_it(lambda b=deferred: run_ours(encoder, b, budget), warmup=1, repeats=args.repeats)["median"]
 
         def featurize_all(batch=deferred) -> None:
             featurize_batch([p.inputs for p in batch], cfg, encoder.feature_device)

@@ -54,12 +54,13 @@ class ProcessorSpec:
 
     config: Any
     tokenizer: Any
+    defer_features: bool = False  # the encoder's: items carry raw samples/frames, featurized in the model stage
 
     def build(self) -> Any:
         from wave_rt.embed.processor import WaveProcessor
 
         # Worker processes decode on the CPU: GPU decoding (DALI) stays in the parent, which owns the device.
-        return WaveProcessor(self.config, self.tokenizer, media_backend="cpu")
+        return WaveProcessor(self.config, self.tokenizer, media_backend="cpu", defer_features=self.defer_features)
 
 
 def preparer_spec(encoder: Any) -> Any | None:
@@ -67,7 +68,7 @@ def preparer_spec(encoder: Any) -> Any | None:
     None when the encoder cannot be sent to another process (the pipeline then prepares in threads)."""
     processor = getattr(encoder, "processor", None)
     if processor is not None and type(processor).__name__ == "WaveProcessor":
-        spec: Any = ProcessorSpec(processor.config, processor.tokenizer)
+        spec: Any = ProcessorSpec(processor.config, processor.tokenizer, bool(getattr(encoder, "defer_features", False)))
     else:
         spec = encoder
     return spec if picklable(spec) else None

@@ -86,6 +86,19 @@ def _as_batch(waveform: object) -> tuple[list[torch.Tensor], bool]:
     raise TypeError(f"waveform must be a tensor, array or a list of them, got {type(waveform).__name__}")
 
 
+def whisper_frames(num_samples: int) -> int:
+    """Valid log-mel frames of a waveform of `num_samples` (truncated to 300 s): what whisper_log_mel's mask
+    counts, known from the sample count alone (token counts never wait for the features)."""
+    return math.ceil(min(int(num_samples), N_SAMPLES) / HOP)
+
+
+def whisper_full_chunk(num_samples: int) -> bool:
+    """Whether a waveform's last relevant frame reaches the end of the 300 s chunk, where whisper_log_mel has to
+    compute the whole padded chunk (a batch holding such a row computes every row that way)."""
+    needed = min(MAX_FRAMES, (min(int(num_samples), N_SAMPLES) + N_FFT // 2 - 1) // HOP + 1)
+    return (needed - 1) * HOP + N_FFT // 2 >= N_SAMPLES
+
+
 def _log_mel_rows(x: torch.Tensor, window: torch.Tensor, filters: torch.Tensor, center: bool) -> torch.Tensor:
     stft = torch.stft(x, N_FFT, HOP, window=window, center=center, return_complex=True)
     power = stft.abs() ** 2
@@ -105,12 +118,12 @@ def whisper_log_mel(waveform: object) -> tuple[torch.Tensor, torch.Tensor]:
     device = rows[0].device
     rows = [r.to(device)[:N_SAMPLES] for r in rows]
     lengths = [int(r.shape[0]) for r in rows]
-    valid = [math.ceil(n / HOP) for n in lengths]
+    valid = [whisper_frames(n) for n in lengths]
     t_out = max(valid)
     window, filters = _whisper_consts(device)
     # Frames whose window (center +- 200 samples) overlaps the signal: they can hold the global maximum.
     needed = max(t_out, max(min(MAX_FRAMES, (n + N_FFT // 2 - 1) // HOP + 1) for n in lengths))
-    if (needed - 1) * HOP + N_FFT // 2 >= N_SAMPLES:
+    if any(whisper_full_chunk(n) for n in lengths):
         # The last frames reach the end of the 300 s chunk, where the extractor's reflect padding applies:
         # compute exactly what it computes.
         x = torch.stack([torch.nn.functional.pad(r, (0, N_SAMPLES - r.shape[0])) for r in rows])

@@ -15,12 +15,17 @@ import torch
 
 @dataclass
 class AudioSegmentInputs:
-    """One <= 300 s audio segment: Whisper log-mel, its valid length, and (WAVE) BEATs fbank."""
+    """One <= 300 s audio segment: Whisper log-mel, its valid length, and (WAVE) BEATs fbank.
 
-    mel: torch.Tensor  # [128, frames] float32 (valid frames only, or padded for Qwen2-Audio)
+    Deferred (features computed later, in batch, on the model's device: wave_rt.embed.batch_features): `mel`
+    and `fbank` are None and `waveform` holds the segment's 16 kHz samples; `mel_len` and `tokens` are
+    already exact, since they follow from the sample count alone."""
+
+    mel: torch.Tensor | None  # [128, frames] float32 (valid frames only, or padded for Qwen2-Audio)
     mel_len: int  # valid mel frames
     tokens: int  # LLM audio tokens from the Whisper tower for this segment
     fbank: torch.Tensor | None = None  # [fbank_frames, 128] float32, BEATs input
+    waveform: torch.Tensor | None = None  # deferred: float32 [samples], the features' only input
 
 
 @dataclass
@@ -32,10 +37,18 @@ class ItemInputs:
     pixel_values: torch.Tensor | None = None  # [patches, 1176]
     grid_thw: tuple[int, int, int] | None = None
     second_per_grid: float | None = None  # seconds per temporal patch (already folded into position_ids)
+    # deferred video: uint8 [T, H, W, 3] frames at their decoded size, and the size they are resized to
+    frames: torch.Tensor | None = None
+    frame_size: tuple[int, int] | None = None
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.numel())
+
+    @property
+    def deferred(self) -> bool:
+        """Whether some features still have to be computed from raw samples or frames before collation."""
+        return self.frames is not None or any(s.waveform is not None for s in self.audio)
 
 
 @dataclass
@@ -61,7 +74,7 @@ class ModelBatch:
         return _move(self, lambda name, v: _to(name, v, device, dtype, non_blocking))
 
     def pin_memory(self) -> ModelBatch:
-        return _move(self, lambda name, v: v.pin_memory())
+        return _move(self, _pin)
 
 
 # Floating inputs cast to the model dtype on the way to the device (fbank stays fp32, see ModelBatch.to).
@@ -74,6 +87,11 @@ def _to(name: str, v: torch.Tensor, device: torch.device | str, dtype: torch.dty
     if dtype is not None and v.is_floating_point() and name in _CAST_TO_MODEL_DTYPE:
         v = v.to(dtype)
     return v
+
+
+def _pin(name: str, v: torch.Tensor) -> torch.Tensor:
+    # Features computed on the device (deferred items) are already there: only host tensors are pinned.
+    return v.pin_memory() if v.device.type == "cpu" else v
 
 
 def _move(batch: Any, fn: Any) -> Any:
@@ -130,7 +148,7 @@ class PackedBatch:
         return _move(self, lambda name, v: _to(name, v, device, dtype, non_blocking))
 
     def pin_memory(self) -> PackedBatch:
-        return _move(self, lambda name, v: v.pin_memory())
+        return _move(self, _pin)
 
 
 def collate_packed(
@@ -207,6 +225,9 @@ def collate(items: list[ItemInputs], pad_token_id: int, stack_mel: bool = False)
 
 def _collate_media(batch: ModelBatch | PackedBatch, items: list[ItemInputs], stack_mel: bool) -> None:
     """Concatenate every item's audio segments and video patches in item order (shared by both layouts)."""
+    if any(it.deferred for it in items):
+        raise ValueError("deferred items carry raw samples/frames, not features: run "
+                         "wave_rt.embed.batch_features.featurize_batch on them before collating")
     segments = [seg for it in items for seg in it.audio]
     if segments:
         if stack_mel:
@@ -217,8 +238,10 @@ def _collate_media(batch: ModelBatch | PackedBatch, items: list[ItemInputs], sta
         batch.audio_tokens = torch.tensor([s.tokens for s in segments], dtype=torch.long)
         if segments[0].fbank is not None:
             f_max = max(s.fbank.shape[0] for s in segments)
-            fbank = torch.zeros((len(segments), f_max, segments[0].fbank.shape[1]), dtype=torch.float32)
-            pad = torch.ones((len(segments), f_max), dtype=torch.bool)
+            # On the features' device: deferred features computed on the GPU are padded there.
+            dev = segments[0].fbank.device
+            fbank = torch.zeros((len(segments), f_max, segments[0].fbank.shape[1]), dtype=torch.float32, device=dev)
+            pad = torch.ones((len(segments), f_max), dtype=torch.bool, device=dev)
             for k, s in enumerate(segments):
                 fbank[k, : s.fbank.shape[0]] = s.fbank
                 pad[k, : s.fbank.shape[0]] = False

@@ -4,7 +4,4 @@
 stage_model() {
   step 240 -- $PY bench/bench_model.py --config 7b --repeats 2 --modalities text,audio
   step 330 -- $PY bench/bench_model.py --config 7b --repeats 1 --modalities video,av
-  # (b2) the 7B model stage with deferred features computed in batch on the GPU vs features precomputed per item
-  # on the CPU (bench_features.py): 64 x 10 s audio and 8 x 30 s 480p video; parity of features and embeddings.
-  step 300 -- $PY bench/bench_features.py --config 7b --repeats 2
 }

@@ -13,7 +13,7 @@ from archive_helpers import make_media_archive, read_archive
 
 from wave_rt.archive.job import embed_archive
 from wave_rt.embed.encoder import WaveEncoder
-from wave_rt.model.tiny import make_tiny_checkpoint
+from tiny_checkpoints import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

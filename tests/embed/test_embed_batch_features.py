@@ -20,7 +20,7 @@ from wave_rt.embed.batch_features import featurize_batch
 from wave_rt.embed.encoder import WaveEncoder
 from wave_rt.media import features_audio as fa
 from wave_rt.model.batch import AudioSegmentInputs, ItemInputs, collate, collate_packed
-from wave_rt.model.tiny import make_tiny_checkpoint
+from tiny_checkpoints import make_tiny_checkpoint
 
 AUDIO_TOL = 1e-4
 PIXEL_TOL = 1e-5

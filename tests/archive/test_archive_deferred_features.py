@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from archive_helpers import make_media_archive, read_archive
+from tiny_checkpoints import make_tiny_checkpoint
 
 from wave_rt.archive.job import embed_archive
 from wave_rt.embed.encoder import WaveEncoder
-from tiny_checkpoints import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 from media_factory import pattern_frames, write_video
+from tiny_checkpoints import make_tiny_checkpoint
 
 import wave_rt
 from wave_rt.config import MediaConfig
@@ -20,7 +21,6 @@ from wave_rt.embed.batch_features import featurize_batch
 from wave_rt.embed.encoder import WaveEncoder
 from wave_rt.media import features_audio as fa
 from wave_rt.model.batch import AudioSegmentInputs, ItemInputs, collate, collate_packed
-from tiny_checkpoints import make_tiny_checkpoint
 
 AUDIO_TOL = 1e-4
 PIXEL_TOL = 1e-5

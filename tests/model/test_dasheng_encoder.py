@@ -99,4 +99,4 @@ def test_torchaudio_shim_fails_loudly():
         ref(wav)  # dasheng's waveform entry point goes through the front end
     models = __import__(type(ref).__mro__[1].__module__, fromlist=["audio_transforms"])
     with pytest.raises(RuntimeError, match="torchaudio shim"):
-        models.audio_transforms.Spectrogram  # any other torchaudio use is loud too
+        _ = models.audio_transforms.Spectrogram  # any other torchaudio use is loud too

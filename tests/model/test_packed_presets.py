@@ -14,13 +14,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny_checkpoints import make_tiny_checkpoint
 from torch.overrides import TorchFunctionMode
 
 from wave_rt import Audio, Text, Video
 from wave_rt.embed.encoder import WaveEncoder
-from wave_rt.model.batch import ModelBatch, PackedBatch
+from wave_rt.model.batch import PackedBatch, PaddedBatch
 from wave_rt.model.embedder_presets import PRESETS, get_preset
-from tiny_checkpoints import make_tiny_checkpoint
 
 TOL = 1e-5
 
@@ -72,7 +72,7 @@ class _Counter:
 
         def spy(this, batch):
             self.seen.append("packed" if isinstance(batch, PackedBatch) else "padded")
-            assert isinstance(batch, (PackedBatch, ModelBatch))
+            assert isinstance(batch, (PackedBatch, PaddedBatch))
             return forward(this, batch)
 
         monkeypatch.setattr(type(model), "forward", spy)

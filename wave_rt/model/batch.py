@@ -1,4 +1,4 @@
-"""Model-ready inputs: one item's tensors (ItemInputs), a collated left-padded batch (ModelBatch, the
+"""Model-ready inputs: one item's tensors (ItemInputs), a collated left-padded batch (PaddedBatch, the
 reference and export layout) and a packed batch (PackedBatch, the hot path: no padding at all).
 
 Everything here is CPU-side bookkeeping done before the forward, so that the forward itself only
@@ -52,7 +52,7 @@ class ItemInputs:
 
 
 @dataclass
-class ModelBatch:
+class PaddedBatch:
     input_ids: torch.Tensor  # [B, T], left-padded
     attention_mask: torch.Tensor  # [B, T] long, 1 = real token
     position_ids: torch.Tensor  # [3, B, T]
@@ -68,16 +68,16 @@ class ModelBatch:
     pixel_values: torch.Tensor | None = None  # [sum patches, 1176]
     grid_thw: torch.Tensor | None = None  # [n_video, 3]
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None, non_blocking: bool = False) -> ModelBatch:
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None, non_blocking: bool = False) -> PaddedBatch:
         """Move tensors to device; floating tensors other than fbank also to dtype (fbank is kept fp32
         until the BEATs module casts it, since it was computed in float64 for precision)."""
         return _move(self, lambda name, v: _to(name, v, device, dtype, non_blocking))
 
-    def pin_memory(self) -> ModelBatch:
+    def pin_memory(self) -> PaddedBatch:
         return _move(self, _pin)
 
 
-# Floating inputs cast to the model dtype on the way to the device (fbank stays fp32, see ModelBatch.to).
+# Floating inputs cast to the model dtype on the way to the device (fbank stays fp32, see PaddedBatch.to).
 _CAST_TO_MODEL_DTYPE = ("mel", "pixel_values", "padded_feature")
 
 
@@ -196,7 +196,7 @@ def collate_packed(
     return batch
 
 
-def collate(items: list[ItemInputs], pad_token_id: int, stack_mel: bool = False) -> ModelBatch:
+def collate(items: list[ItemInputs], pad_token_id: int, stack_mel: bool = False) -> PaddedBatch:
     """Left-pad token rows (so the last position is every row's final token) and concatenate media."""
     if not items:
         raise ValueError("cannot collate an empty batch")
@@ -212,7 +212,7 @@ def collate(items: list[ItemInputs], pad_token_id: int, stack_mel: bool = False)
         input_ids[i, T - n :] = it.input_ids
         attention_mask[i, T - n :] = 1
         position_ids[:, i, T - n :] = it.position_ids
-    batch = ModelBatch(
+    batch = PaddedBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
@@ -223,7 +223,7 @@ def collate(items: list[ItemInputs], pad_token_id: int, stack_mel: bool = False)
     return batch
 
 
-def _collate_media(batch: ModelBatch | PackedBatch, items: list[ItemInputs], stack_mel: bool) -> None:
+def _collate_media(batch: PaddedBatch | PackedBatch, items: list[ItemInputs], stack_mel: bool) -> None:
     """Concatenate every item's audio segments and video patches in item order (shared by both layouts)."""
     if any(it.deferred for it in items):
         raise ValueError("deferred items carry raw samples/frames, not features: run "

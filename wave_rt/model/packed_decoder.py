@@ -115,10 +115,10 @@ def packed_pooled_states(
             h = packed_layer(layer, h, cos, sin, cu_seqlens, lengths, causal=causal)
         return segment_mean(lm.norm(h), cu_seqlens).unsqueeze(1)
     cu_last = torch.arange(B + 1, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
-    rows = inputs_embeds.new_empty(B, len(layers), D)
+    layer_states = inputs_embeds.new_empty(B, len(layers), D)
     for i, layer in enumerate(layers[:-1]):
         h = packed_layer(layer, h, cos, sin, cu_seqlens, lengths, causal=causal)
-        rows[:, i] = h.index_select(0, last_index)
+        layer_states[:, i] = h.index_select(0, last_index)
     last = packed_layer(layers[-1], h, cos, sin, cu_seqlens, lengths, last_index=last_index, cu_last=cu_last)
-    rows[:, -1] = lm.norm(last)
-    return rows
+    layer_states[:, -1] = lm.norm(last)
+    return layer_states

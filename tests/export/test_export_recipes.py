@@ -1,4 +1,4 @@
-"""Every recipe's heads through the exported decoder: last_layer (fusion_last), eos_projection (ALM2Vec),
+"""Every recipe's heads through the exported decoder: last_layer (its last_layer head), eos_projection (ALM2Vec),
 last_token (no head) as decoder-only bundles on ONNX Runtime CPU and AOTInductor CPU, text targets and
 text queries at three batch sizes (all_layer is covered with every stage in test_export_parity.py)."""
 

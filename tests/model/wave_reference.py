@@ -60,9 +60,9 @@ def apply_reference_head(model, head: str, layer_states: torch.Tensor) -> torch.
         return layer_states[:, -1]
     if head == "eos_projection":
         return model.eos_proj(layer_states[:, -1])
-    if head == "fusion_last":
+    if head == "last_layer":
         return model.classify_linear(layer_states[:, -1])
-    if head == "fusion_all":
+    if head == "all_layer":
         return model.classify_linear(torch.cat([layer_states[:, i] for i in range(layer_states.shape[1])], dim=-1))
     raise ValueError(head)
 

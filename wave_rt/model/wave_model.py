@@ -101,9 +101,9 @@ class WaveModel(nn.Module):
 
         d, n_layers = config.hidden_size, config.num_layers
         heads = {config.recipe.head, config.recipe.text_target_head}
-        if "fusion_all" in heads:
+        if "all_layer" in heads:
             self.classify_linear = nn.Sequential(nn.Linear(d * n_layers, d), nn.GELU(), nn.Linear(d, d))
-        elif "fusion_last" in heads:
+        elif "last_layer" in heads:
             self.classify_linear = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
         if "eos_projection" in heads:
             self.eos_proj = nn.Linear(d, config.embedding_dim)
@@ -318,9 +318,9 @@ class WaveModel(nn.Module):
             return layer_states[:, -1]
         if head == "eos_projection":
             return self.eos_proj(layer_states[:, -1])
-        if head == "fusion_last":
+        if head == "last_layer":
             return self.classify_linear(layer_states[:, -1])
-        if head == "fusion_all":
+        if head == "all_layer":
             first, act, second = self.classify_linear
             hidden = _fused_first_layer(layer_states, first.weight, first.bias)
             if hidden is None:

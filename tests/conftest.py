@@ -32,7 +32,7 @@ def _optional_checks() -> list[tuple[str, bool, str]]:
     return [
         ("torchaudio (no build for the CPU torch we pin)", importlib.util.find_spec("torchaudio") is not None,
          "tests/media/test_media_audio_features.py::test_beats_fbank_matches_torchaudio "
-         "(kaldi-native-fbank is the reference that always runs)"),
+         "(kaldi-native-fbank and committed torchaudio golden outputs always run)"),
         ("espeak-ng (apt-get install espeak-ng)", shutil.which("espeak-ng") is not None,
          "tests/train/test_demo_model.py::test_spoken_words_are_in_the_heldout_corpus"),
     ]

@@ -5,7 +5,9 @@ and torchaudio where it installs."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from wave_rt.media.features_audio import (
     FBANK_MEAN,
     FBANK_STD,
     kaldi_fbank_rows,
+    kaldi_frames,
     kaldi_mel_banks,
     whisper_mel_filters,
 )
@@ -167,6 +170,24 @@ def test_beats_fbank_on_a_file_and_batches(media):
     listed = beats_fbank([wav[:8000], wav])
     assert [t.shape[0] for t in listed] == [1 + (8000 - 400) // 160, ref.shape[0]]
     assert beats_fbank(wav[:399]).shape == (0, 128)
+
+
+# BEATs' own call at its own 128 bins (kaldi-native-fbank refuses 128 at a 512-point FFT), from golden outputs of
+# torchaudio 2.11 made by bench/make_fbank_fixtures.py in a torch 2.11 + torchaudio 2.11 environment and committed.
+FBANK_FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_beats_fbank_matches_torchaudio_golden():
+    from safetensors.torch import load_file
+
+    meta = json.loads((FBANK_FIXTURES / "beats_fbank_torchaudio.json").read_text())
+    golden = load_file(str(FBANK_FIXTURES / meta["file"]))
+    for i, n in enumerate(meta["lengths"]):
+        wav, ref = golden[f"wav.{i}"], golden[f"fbank.{i}"].double()
+        assert wav.shape == (n,) and ref.shape == (kaldi_frames(n), 128)
+        got = beats_fbank(wav).double()
+        assert got.shape == ref.shape
+        assert (got - ref).abs().max() <= 1e-4, (n, (got - ref).abs().max())
 
 
 # BEATs' own call, where torchaudio installs (it has no build for the torch we pin, so a fresh test venv does not

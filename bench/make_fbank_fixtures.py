@@ -12,29 +12,20 @@ tests/media/test_media_audio_features.py reads them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import sys
-import tempfile
 import time
-from pathlib import Path
+
+from fixture_cli import parse_fixture_args
 
 LENGTHS = (32000, 80123, 401, 48077)  # samples: 2 s, an odd 5 s, one frame, 3 s
 FILE = "beats_fbank_torchaudio.safetensors"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="output folder (created)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dry-run", action="store_true", help="check arguments and the output folder, compute nothing")
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out):  # writable?
-        pass
+    args, out = parse_fixture_args(__doc__, argv)
     if args.dry_run:
         print(f"dry run: waveforms {LENGTHS} seed {args.seed} -> {out / FILE}")
         return 0

@@ -203,9 +203,9 @@ def small_config_dict() -> dict[str, Any]:
     from presets import QWEN_TOKEN_IDS
 
     from wave_rt.model.beats import BEATsConfig
-    from wave_rt.model.tiny import tiny_thinker_config_dict
+    from wave_rt.model.demo_architecture import demo_thinker_config_dict
 
-    data = tiny_thinker_config_dict(QWEN_TOKEN_IDS, vocab_size=152064, hidden=256, layers=8, heads=8, kv_heads=2,
+    data = demo_thinker_config_dict(QWEN_TOKEN_IDS, vocab_size=152064, hidden=256, layers=8, heads=8, kv_heads=2,
                                     audio_layers=4, vision_depth=4)
     data.update(train_classify=True, classify_type="all_layer")
     data["audio_config"]["beats_path"] = "BEATs_iter3_plus_AS2M.pt"
@@ -402,7 +402,7 @@ def stage_scaling(kind: str, manifest: Path, encoder: Any, procs: list[int], rep
     with 1..N worker processes on the same items: items/s, per core, and the ratio to one process."""
     from stagebench import sample_items
 
-    from wave_rt.archive.prepare import WorkItem
+    from wave_rt.archive.prepare import PreparedEntry
     from wave_rt.archive.prepare_pool import PreparePool, preparer_spec
 
     items = list(enumerate(sample_items(manifest, 10**9)))
@@ -424,7 +424,7 @@ def stage_scaling(kind: str, manifest: Path, encoder: Any, procs: list[int], rep
                 w1, p1 = _cpu_seconds(pool.pids()), time.process_time()
                 worker_cpu.append(None if w0 is None or w1 is None else w1 - w0)
                 parent_cpu.append(p1 - p0)
-                bad = [o for o in outs if not isinstance(o, WorkItem)]
+                bad = [o for o in outs if not isinstance(o, PreparedEntry)]
                 if bad:
                     raise RuntimeError(f"{kind}: {len(bad)} items failed: {bad[0]}")
         runs[k] = times

@@ -42,8 +42,8 @@ from wave_rt.embed.prepared import PreparedItem  # noqa: E402
 from wave_rt.embed.processor import whisper_tokens  # noqa: E402
 from wave_rt.model import flops as fl  # noqa: E402
 from wave_rt.model.batch import AudioSegmentInputs, ItemInputs  # noqa: E402
+from wave_rt.model.demo_architecture import demo_thinker_config_dict  # noqa: E402
 from wave_rt.model.positions import SequenceBuilder, VideoGrid  # noqa: E402
-from wave_rt.model.tiny import tiny_thinker_config_dict  # noqa: E402
 from wave_rt.model.wave_model import WaveModel  # noqa: E402
 
 MODALITIES = ("text", "audio", "video", "av")
@@ -70,7 +70,7 @@ WORKLOADS = {
 def small_config() -> WaveConfig:
     from wave_rt.model.beats import BEATsConfig
 
-    data = tiny_thinker_config_dict(QWEN_TOKEN_IDS, vocab_size=152064, hidden=256, layers=8, heads=8, kv_heads=2,
+    data = demo_thinker_config_dict(QWEN_TOKEN_IDS, vocab_size=152064, hidden=256, layers=8, heads=8, kv_heads=2,
                                     audio_layers=4, vision_depth=4)
     data.update(train_classify=True, classify_type="all_layer")
     data["audio_config"]["beats_path"] = "BEATs_iter3_plus_AS2M.pt"

@@ -5,9 +5,11 @@ output_hidden_states=True (every layer's full hidden states kept), then the pres
 hidden_states[-1][:, -1]; Omni-Embed-Nemotron: the language model under a 4-D all-visible mask and the mean of
 hidden_states[-1]; ALM2Vec: transformers' Qwen2Model, state at the appended EOS, projection; MiDashengLM's audio
 encoder and projector are our modules on both sides, as no reference implementation runs without torchaudio).
-Ours = WaveEncoder.embed_prepared over length-sorted batches under the token budget (the padded reference forward:
-mean/bidirectional recipes do not run on a packed path yet). Preprocessing (mel, prompts) is done once, outside the
-timings. Ratios come from the same run; on a CPU the models are small and only the ratios mean anything.
+Ours = WaveEncoder.embed_prepared over batches planned as encode() plans them (the packed hot path, every preset:
+the token budget counts real tokens). A second row per preset and modality times the same encoder with packed=False
+(the left-padded forward, budget = batch x longest) against the packed one: what packing buys per recipe, mean +
+bidirectional included. Preprocessing (mel, prompts) is done once, outside the timings. Ratios come from the same
+run; on a CPU the models are small and only the ratios mean anything.
 
     python bench/bench_presets.py --config small      # CPU, a few minutes
     python bench/bench_presets.py --config 7b         # GPU: 7B thinkers / MiDashengLM-7B widths, bf16, random weights
@@ -25,15 +27,18 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the tests' tiny MiDashengLM config (a test helper: the package has no MiDashengLM demo)
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))
 from harness import RESULTS, dry_run_report, row, time_it, write_result  # noqa: E402
+from tiny_checkpoints import tiny_midashenglm_config_dict  # noqa: E402
 
 from wave_rt import Audio  # noqa: E402
 from wave_rt.config import WaveConfig  # noqa: E402
 from wave_rt.embed.batching import plan_batches  # noqa: E402
 from wave_rt.embed.encoder import WaveEncoder  # noqa: E402
 from wave_rt.embed.processor import WaveProcessor, load_tokenizer  # noqa: E402
+from wave_rt.model.demo_architecture import demo_thinker_config_dict, write_demo_tokenizer  # noqa: E402
 from wave_rt.model.embedder_presets import get_preset  # noqa: E402
-from wave_rt.model.tiny import build_tiny_tokenizer, tiny_midashenglm_config_dict, tiny_thinker_config_dict  # noqa: E402
 from wave_rt.model.wave_model import WaveModel  # noqa: E402
 
 PRESETS = ("lco-omni", "e5-omni", "omni-embed-nemotron", "alm2vec")
@@ -63,7 +68,7 @@ def _config(preset: str, size: str, ids: dict[str, int]) -> WaveConfig:
             data[key] = ids[tok]  # the tiny tokenizer's ids (no Qwen tokenizer is downloadable here)
         data["text_config"]["pad_token_id"] = ids["<|endoftext|>"]
     else:
-        data = tiny_thinker_config_dict(ids, vocab_size=152064, hidden=256, layers=8, heads=8, kv_heads=2,
+        data = demo_thinker_config_dict(ids, vocab_size=152064, hidden=256, layers=8, heads=8, kv_heads=2,
                                         audio_layers=4, vision_depth=2)
     ours = dict(data.pop("wave_rt", None) or {})
     ours.pop("recipe", None)
@@ -126,6 +131,20 @@ class Reference:
         return F.normalize(pooled.float(), dim=-1)
 
 
+def _runner(encoder: WaveEncoder, prepared: list):
+    """Embed `prepared` as encode() would: batches planned for this encoder's layout under its token budget."""
+    budget = encoder.default_max_batch_tokens
+    groups = plan_batches([p.num_tokens for p in prepared], budget, None, packed=encoder.packed)
+
+    def run() -> torch.Tensor:
+        out = torch.empty(len(prepared), encoder.dim)
+        for group in groups:
+            out[group] = encoder.embed_prepared([prepared[i] for i in group])
+        return out
+
+    return run
+
+
 def _items(processor: WaveProcessor, w: dict, seed: int = 0) -> dict[str, list]:
     rng = np.random.default_rng(seed)
     words = "sound dog rain engine bird music voice crowd wind street piano siren".split()
@@ -155,40 +174,44 @@ def main(argv: list[str] | None = None) -> int:
     suffix = f"{args.config}_{'cuda' if cuda else 'cpu'}"
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        ids = build_tiny_tokenizer(tmp)
+        ids = write_demo_tokenizer(tmp)
         tokenizer = load_tokenizer(tmp)
         for preset in presets:
             cfg = _config(preset, args.config, ids)
             model = WaveModel.build(cfg, device=device, dtype=dtype, seed=0)
             encoder = WaveEncoder(model, WaveProcessor(cfg, tokenizer), model_id=preset)
+            padded_encoder = WaveEncoder(model, encoder.processor, model_id=preset, packed=False)
+            if not encoder.packed:
+                raise RuntimeError(f"{preset}: the encoder did not take the packed path")
             ref = Reference(model, preset)
             items = _items(encoder.processor, WORKLOADS[args.config])
             for modality, prepared in items.items():
                 if modality not in get_preset(preset).modalities:
                     continue
-                budget = encoder.default_max_batch_tokens
-
-                def ours(prepared=prepared, budget=budget, encoder=encoder):
-                    out = torch.empty(len(prepared), encoder.dim)
-                    for group in plan_batches([p.num_tokens for p in prepared], budget, None):
-                        out[group] = encoder.embed_prepared([prepared[i] for i in group])
-                    return out
+                ours = _runner(encoder, prepared)
+                padded = _runner(padded_encoder, prepared)
 
                 def reference(prepared=prepared, ref=ref):
                     return torch.cat([ref.embed(p).cpu() for p in prepared])
 
-                a, b = ours(), reference()
+                a, b, c = ours(), reference(), padded()
                 agree = float(F.cosine_similarity(a, b, dim=-1).min())
-                # the agreement run above was the warm-up
+                agree_padded = float(F.cosine_similarity(a, c, dim=-1).min())
+                # the agreement runs above were the warm-up
                 t_ours = time_it(ours, warmup=0, repeats=args.repeats)["median"]
                 t_ref = time_it(reference, warmup=0, repeats=args.repeats)["median"]
+                t_pad = time_it(padded, warmup=0, repeats=args.repeats)["median"]
                 n = len(prepared)
+                tokens = sum(p.num_tokens for p in prepared)
                 rows.append(row(f"{preset}/{modality} x{n}", "reference bs1 output_hidden_states=True",
-                                n / t_ref, n / t_ours, "items/s", min_cosine_vs_reference=agree,
-                                tokens=sum(p.num_tokens for p in prepared)))
+                                n / t_ref, n / t_ours, "items/s", min_cosine_vs_reference=agree, tokens=tokens,
+                                packed=encoder.packed))
+                print(rows[-1], flush=True)
+                rows.append(row(f"{preset}/{modality} x{n} packed", "padded forward (packed=False), same encoder",
+                                n / t_pad, n / t_ours, "items/s", min_cosine_vs_padded=agree_padded, tokens=tokens))
                 print(rows[-1], flush=True)
                 write_result("presets", rows, command, suffix=suffix, extra={"partial": True})
-            del model, encoder, ref
+            del model, encoder, padded_encoder, ref
     path = write_result("presets", rows, command, suffix=suffix, extra={"partial": False})
     print("wrote", path)
     return 0

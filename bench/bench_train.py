@@ -57,11 +57,11 @@ def build_model(config: str, device: torch.device, lora_r: int) -> tuple[Any, An
     else:
         import tempfile
 
-        from wave_rt.model.tiny import build_tiny_tokenizer, tiny_thinker_config_dict
+        from wave_rt.model.demo_architecture import demo_thinker_config_dict, write_demo_tokenizer
 
         with tempfile.TemporaryDirectory() as tmp:
-            ids = build_tiny_tokenizer(tmp)
-        data = tiny_thinker_config_dict(ids)
+            ids = write_demo_tokenizer(tmp)
+        data = demo_thinker_config_dict(ids)
         data.update(train_classify=True, classify_type="all_layer", sim_temperature=0.01,
                     wave_rt={"recipe": "all_layer"})
         cfg = WaveConfig.from_dict(data)

@@ -25,7 +25,7 @@ for a in "$@"; do
     *) stages+=("$a") ;;
   esac
 done
-ORDER=(tests model kernels archive export train dali presets fixtures)
+ORDER=(tests model features kernels archive export train dali presets fixtures)
 [ ${#stages[@]} -eq 0 ] && stages=("${ORDER[@]}")
 OUT=${OUT:-$(mktemp -d)}
 WORK=${WORK:-$(mktemp -d)}

@@ -14,14 +14,14 @@ marked partial until the file is complete. tests/model/test_dasheng_golden.py re
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from fixture_cli import parse_fixture_args
 
 LENGTHS = (16000, 43210, 27777, 4500, 6719)  # samples; several chunks, and lengths with a masked last patch
 TINY = dict(embed_dim=32, depth=2, num_heads=4, mlp_ratio=4.0, qkv_bias=True, init_values=0.5,
@@ -36,15 +36,7 @@ def _write_manifest(out: Path, data: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="output folder (created)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dry-run", action="store_true", help="check arguments and the output folder, compute nothing")
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out):  # writable?
-        pass
+    args, out = parse_fixture_args(__doc__, argv)
     plan = f"tiny Dasheng {TINY} seed {args.seed}; waveforms {LENGTHS}; -> {out / FILE}"
     if args.dry_run:
         print("dry run:", plan)

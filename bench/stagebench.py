@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from wave_rt.archive.pipeline import resolve_modality, to_item
-from wave_rt.archive.shards import Row, write_shard
-from wave_rt.archive.sources import SourceItem, open_source
+from wave_rt.archive.shards import ShardRow, write_shard
+from wave_rt.archive.sources import SourceEntry, open_source
 
 
 @dataclass
@@ -98,7 +98,7 @@ def _sync(encoder: Any) -> None:
         torch.cuda.synchronize()
 
 
-def _decode_only(encoder: Any, src: SourceItem, modality: str) -> None:
+def _decode_only(encoder: Any, src: SourceEntry, modality: str) -> None:
     """The media decode that prepare() does first, with the model's own settings."""
     if modality == "text":
         to_item(src, modality)
@@ -121,9 +121,9 @@ def _decode_only(encoder: Any, src: SourceItem, modality: str) -> None:
         media.load_av(src.path, **kwargs)
 
 
-def sample_items(source: Any, n: int, modality: str = "auto") -> list[SourceItem]:
+def sample_items(source: Any, n: int, modality: str = "auto") -> list[SourceEntry]:
     src = open_source(source, modality)
-    out: list[SourceItem] = []
+    out: list[SourceEntry] = []
     for item in src:
         if item.problem is None:
             out.append(item)
@@ -134,10 +134,11 @@ def sample_items(source: Any, n: int, modality: str = "auto") -> list[SourceItem
 
 def bench_archive(source: Any, model: Any = None, sample: int = 64, instruction: str | None = None,
                   modality: str = "auto", device: Any = None, dtype: Any = None, max_batch_tokens: int | None = None,
-                  workers: int | None = None, encoder: Any = None, items: list[SourceItem] | None = None,
+                  workers: int | None = None, encoder: Any = None, items: list[SourceEntry] | None = None,
                   run_pipeline: bool = True) -> StageReport:
     """Measure the stages on the first `sample` items of `source` (or on `items`)."""
-    from wave_rt.archive.job import default_workers, load_encoder
+    from wave_rt.archive.job import load_encoder
+    from wave_rt.archive.options import JobOptions
     from wave_rt.embed.batching import plan_batches
 
     if sample <= 0:
@@ -145,9 +146,11 @@ def bench_archive(source: Any, model: Any = None, sample: int = 64, instruction:
     chosen = items if items is not None else sample_items(source, sample, modality)
     if not chosen:
         raise ValueError(f"{source}: no items to benchmark")
-    enc = encoder if encoder is not None else load_encoder(model, device, dtype, "local", None)
-    budget = int(max_batch_tokens or enc.default_max_batch_tokens)
-    n_workers = int(workers or default_workers())
+    opts = JobOptions(instruction=instruction, modality=modality, device=device, dtype=dtype,
+                      max_batch_tokens=max_batch_tokens, workers=workers)
+    enc = encoder if encoder is not None else load_encoder(model, opts)
+    budget = opts.batch_budget(enc)
+    n_workers = opts.decode_workers()
     report = StageReport(source=str(source), model_id=str(enc.model_id), device=str(enc.device),
                          dtype=str(enc.dtype).replace("torch.", ""), sample=len(chosen), failed=0,
                          max_batch_tokens=budget, workers=n_workers)
@@ -169,7 +172,7 @@ def bench_archive(source: Any, model: Any = None, sample: int = 64, instruction:
 
     t_decode = t_prep = 0.0
     prepared = []
-    kept: list[tuple[SourceItem, str]] = []
+    kept: list[tuple[SourceEntry, str]] = []
     for src in chosen:
         try:
             t0 = time.perf_counter()
@@ -206,7 +209,7 @@ def bench_archive(source: Any, model: Any = None, sample: int = 64, instruction:
     _sync(enc)
     report.stages["model"] = StageTime(time.perf_counter() - t0, n, 1)
 
-    rows = [Row(s.id, s.path, m, None if p.duration is None else float(p.duration), s.text, instruction)
+    rows = [ShardRow(s.id, s.path, m, None if p.duration is None else float(p.duration), s.text, instruction)
             for (s, m), p in zip(kept, prepared)]
     with tempfile.TemporaryDirectory(prefix="wave-rt-bench-") as tmp:
         write_shard(tmp, 99999, rows[:1], vectors[:1], int(enc.dim), "float32")  # warm-up: Parquet/zstd init

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from wave_rt.embed.prepared import PreparedItem
-from wave_rt.model.batch import ModelBatch, collate
+from wave_rt.model.batch import PaddedBatch, collate
 from wave_rt.model.wave_model import WaveModel
 
 ALL_BACKENDS = ("eager", "compile", "aoti", "onnxruntime", "tensorrt")
@@ -45,7 +45,7 @@ def machine_load() -> dict[str, Any]:
 
 
 def backend_model(backend: str, model: WaveModel, bundle: Path | None, device: torch.device,
-                  threads: int | None = None) -> Callable[[ModelBatch], torch.Tensor]:
+                  threads: int | None = None) -> Callable[[PaddedBatch], torch.Tensor]:
     from wave_rt.export.runtime import BundleModel, TorchStage, load_bundle_model
     from wave_rt.export.stages import stage_specs
 
@@ -63,14 +63,14 @@ def backend_model(backend: str, model: WaveModel, bundle: Path | None, device: t
     return engine
 
 
-def _batches(items: Sequence[PreparedItem], size: int, pad_id: int) -> list[ModelBatch]:
+def _batches(items: Sequence[PreparedItem], size: int, pad_id: int) -> list[PaddedBatch]:
     out = []
     for start in range(0, len(items) - size + 1, size):
         out.append(collate([p.inputs for p in items[start:start + size]], pad_id))
     return out or [collate([p.inputs for p in items[:size]], pad_id)]
 
 
-def measure(run: Callable[[ModelBatch], torch.Tensor], batches: list[ModelBatch], device: torch.device,
+def measure(run: Callable[[PaddedBatch], torch.Tensor], batches: list[PaddedBatch], device: torch.device,
             warmup: int, iters: int, dtype: torch.dtype) -> list[float]:
     """Seconds per call over `iters` calls cycling through batches, after `warmup` untimed calls."""
     moved = [b.to(device, dtype) for b in batches]

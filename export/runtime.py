@@ -2,7 +2,7 @@
 BundleModel, which does what WaveModel.forward does with the stage graphs in place of the modules.
 
 BundleModel quacks like WaveModel where WaveEncoder touches it (`config`, `device`, `dtype`, `__call__`
-on a collated ModelBatch), so `WaveEncoder.from_pretrained(bundle, backend=...)` runs the same encode(),
+on a collated PaddedBatch), so `WaveEncoder.from_pretrained(bundle, backend=...)` runs the same encode(),
 token-budget batching, prompts and heads on every backend: only the stage runner changes.
 """
 
@@ -20,7 +20,7 @@ from wave_rt.export.stages import STAGES, StageInputs  # noqa: F401 - StageInput
 
 from wave_rt.config import WaveConfig
 from wave_rt.errors import CheckpointError
-from wave_rt.model.batch import ModelBatch
+from wave_rt.model.batch import PaddedBatch
 
 StageRunner = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 BACKENDS = ("onnxruntime", "aoti", "tensorrt")
@@ -147,7 +147,7 @@ class BundleModel:
                  for k, v in inputs.items()}
         return runner(moved).to(self._device)
 
-    def encode_audio(self, batch: ModelBatch) -> torch.Tensor:
+    def encode_audio(self, batch: PaddedBatch) -> torch.Tensor:
         cfg = self.config
         whisper = None if cfg.beats_only else self._run("audio_tower", self.host.audio_tower(batch))
         if not cfg.use_beats:
@@ -157,7 +157,7 @@ class BundleModel:
             return beats
         return torch.stack([whisper, beats.to(whisper.dtype)], dim=1).reshape(-1, whisper.shape[-1])
 
-    def __call__(self, batch: ModelBatch) -> torch.Tensor:
+    def __call__(self, batch: PaddedBatch) -> torch.Tensor:
         from wave_rt.model.wave_model import _check_count
 
         embeds = self.host.token_embeddings(batch).to(self._device)

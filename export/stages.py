@@ -1,5 +1,5 @@
 """Stage graphs: one export-friendly nn.Module per stage the runtime has, and the host-side bookkeeping
-that turns a collated ModelBatch into each graph's tensors.
+that turns a collated PaddedBatch into each graph's tensors.
 
 Every graph takes tensors only and has no Python decision on data, so torch.export traces it once with
 symbolic batch/sequence axes and ONNX / AOTInductor / TensorRT all see the same program. Whatever
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wave_rt.config import OMNI_THINKER, WaveConfig
-from wave_rt.model.batch import ModelBatch
+from wave_rt.model.batch import PaddedBatch
 from wave_rt.model.wave_model import WaveModel
 
 STAGES = ("audio_tower", "beats", "vision", "decoder")
@@ -46,7 +46,7 @@ class DecoderStage(nn.Module):
         return self.model.forward_core(inputs_embeds, attention_mask, position_ids, use_head)
 
 
-def decoder_inputs(batch: ModelBatch, inputs_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+def decoder_inputs(batch: PaddedBatch, inputs_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
     # The graph always takes the mask: an unpadded batch gives an all-ones mask, which masks nothing.
     return {
         "inputs_embeds": inputs_embeds,
@@ -323,7 +323,7 @@ def stage_specs(model: WaveModel) -> list[StageSpec]:
 
 # ------------------------------------------------------------------------------ host-side bookkeeping
 class StageInputs:
-    """ModelBatch -> each stage graph's named inputs (integer bookkeeping on the host)."""
+    """PaddedBatch -> each stage graph's named inputs (integer bookkeeping on the host)."""
 
     def __init__(self, config: WaveConfig, embed_table: torch.Tensor) -> None:
         self.config = config
@@ -334,19 +334,19 @@ class StageInputs:
         beats = config.beats or {}
         self.patch = int(beats.get("input_patch_size", 16))
 
-    def token_embeddings(self, batch: ModelBatch) -> torch.Tensor:
+    def token_embeddings(self, batch: PaddedBatch) -> torch.Tensor:
         return self.table[batch.input_ids.to(self.table.device)]
 
-    def audio_tower(self, batch: ModelBatch) -> dict[str, torch.Tensor]:
+    def audio_tower(self, batch: PaddedBatch) -> dict[str, torch.Tensor]:
         return audio_tower_inputs(batch.mel.float().cpu(), batch.mel_lens.cpu(), self.n_window)
 
-    def beats(self, batch: ModelBatch) -> dict[str, torch.Tensor]:
+    def beats(self, batch: PaddedBatch) -> dict[str, torch.Tensor]:
         fbank = batch.fbank.cpu()
         return beats_inputs(fbank, batch.fbank_padding.cpu(), batch.audio_tokens.cpu(), self.patch,
                             int(fbank.shape[-1]) // self.patch)
 
-    def vision(self, batch: ModelBatch) -> dict[str, torch.Tensor]:
+    def vision(self, batch: PaddedBatch) -> dict[str, torch.Tensor]:
         return vision_inputs(batch.pixel_values.float().cpu(), batch.grid_thw.cpu(), self.vision_config)
 
-    def decoder(self, batch: ModelBatch, inputs_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+    def decoder(self, batch: PaddedBatch, inputs_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
         return decoder_inputs(batch, inputs_embeds)

@@ -101,6 +101,26 @@ def _diag_kernel(x_ptr, y_ptr, diag_ptr, R, D, off, stride_xr, stride_xd, stride
 
 
 @triton.jit
+def _logsumexp_step(m, total, s_pos, s, keep, is_pos, inv_t, AXIS: tl.constexpr):
+    """One score tile into the running max m, total = sum exp((s - m) / t) over the kept entries and the
+    positive's score, reduced along AXIS (1: per row of the tile, 0: per column)."""
+    s_kept = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s_kept, axis=AXIS))
+    total = total * tl.exp((m - m_new) * inv_t) + tl.sum(tl.exp((s_kept - tl.expand_dims(m_new, AXIS)) * inv_t),
+                                                          axis=AXIS)
+    return m_new, total, s_pos + tl.sum(tl.where(is_pos, s, 0.0), axis=AXIS)
+
+
+@triton.jit
+def _store_stats(m, total, s_pos, inv_t, offs, mask, max_ptr, logsum_ptr, loss_ptr):
+    # Entries past the end have total = 0; log(1) keeps them finite (they are not stored).
+    log_l = tl.log(tl.where(mask, total, 1.0))
+    tl.store(max_ptr + offs, m, mask=mask)
+    tl.store(logsum_ptr + offs, log_l, mask=mask)
+    tl.store(loss_ptr + offs, (m - s_pos) * inv_t + log_l, mask=mask)
+
+
+@triton.jit
 def _row_stats_kernel(
     x_ptr, y_ptr, t_ptr, diag_ptr, max_ptr, logsum_ptr, loss_ptr,
     R, N, D, off, margin,
@@ -132,16 +152,8 @@ def _row_stats_kernel(
         keep = mask_n[None, :]
         if MASK:  # the positive is never dropped, whatever its score
             keep = keep & ((s <= threshold[:, None]) | is_pos)
-        s_kept = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s_kept, axis=1))
-        l_i = l_i * tl.exp((m_i - m_new) * inv_t) + tl.sum(tl.exp((s_kept - m_new[:, None]) * inv_t), axis=1)
-        m_i = m_new
-        s_pos += tl.sum(tl.where(is_pos, s, 0.0), axis=1)
-    # Rows past R have l_i = 0; log(1) keeps them finite (they are not stored).
-    log_l = tl.log(tl.where(mask_r, l_i, 1.0))
-    tl.store(max_ptr + offs_r, m_i, mask=mask_r)
-    tl.store(logsum_ptr + offs_r, log_l, mask=mask_r)
-    tl.store(loss_ptr + offs_r, (m_i - s_pos) * inv_t + log_l, mask=mask_r)
+        m_i, l_i, s_pos = _logsumexp_step(m_i, l_i, s_pos, s, keep, is_pos, inv_t, 1)
+    _store_stats(m_i, l_i, s_pos, inv_t, offs_r, mask_r, max_ptr, logsum_ptr, loss_ptr)
 
 
 @triton.jit
@@ -172,15 +184,8 @@ def _col_stats_kernel(
         keep = mask_r[:, None]
         if MASK:
             keep = keep & ((s <= threshold[None, :]) | is_pos)
-        s_kept = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_j, tl.max(s_kept, axis=0))
-        l_j = l_j * tl.exp((m_j - m_new) * inv_t) + tl.sum(tl.exp((s_kept - m_new[None, :]) * inv_t), axis=0)
-        m_j = m_new
-        s_pos += tl.sum(tl.where(is_pos, s, 0.0), axis=0)
-    log_l = tl.log(tl.where(mask_n, l_j, 1.0))
-    tl.store(max_ptr + offs_n, m_j, mask=mask_n)
-    tl.store(logsum_ptr + offs_n, log_l, mask=mask_n)
-    tl.store(loss_ptr + offs_n, (m_j - s_pos) * inv_t + log_l, mask=mask_n)
+        m_j, l_j, s_pos = _logsumexp_step(m_j, l_j, s_pos, s, keep, is_pos, inv_t, 0)
+    _store_stats(m_j, l_j, s_pos, inv_t, offs_n, mask_n, max_ptr, logsum_ptr, loss_ptr)
 
 
 @triton.jit

@@ -115,6 +115,17 @@ def _gelu_grad_kernel(dy_ptr, z_ptr, dz_ptr, db_ptr, B, H, stride_dyb, stride_dy
 
 
 @triton.jit
+def _layer_tile(M, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The backward kernels' tile: grid axis 0 enumerates blocks of M rows, axis 1 (layer, d-block) pairs of
+    the [L, D] layer slices. Returns (row offsets, row mask, layer, d offsets, d mask)."""
+    n_dblocks = tl.cdiv(D, BLOCK_N)
+    pid_n = tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = (pid_n % n_dblocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_m < M, pid_n // n_dblocks, offs_d, offs_d < D
+
+
+@triton.jit
 def _fusion_dhidden_kernel(
     dz_ptr, w_ptr, dh_ptr,
     B, H, D,
@@ -123,15 +134,8 @@ def _fusion_dhidden_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """d hidden[:, l, d-block] = dz @ W1[:, l*D + d-block]; axis 1 of the grid enumerates (layer, d-block)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    n_dblocks = tl.cdiv(D, BLOCK_N)
-    layer = pid_n // n_dblocks
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = (pid_n % n_dblocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, mask_m, layer, offs_d, mask_d = _layer_tile(B, D, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < B
-    mask_d = offs_d < D
     w_cols = w_ptr + (layer * D + offs_d[None, :]).to(tl.int64) * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
@@ -154,15 +158,8 @@ def _fusion_dw_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dW1[h-block, l*D + d-block] = dz[:, h-block]^T @ hidden[:, l, d-block] (reduction over the batch)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    n_dblocks = tl.cdiv(D, BLOCK_N)
-    layer = pid_n // n_dblocks
-    offs_h = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = (pid_n % n_dblocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_h, mask_h, layer, offs_d, mask_d = _layer_tile(H, D, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_h = offs_h < H
-    mask_d = offs_d < D
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, B, BLOCK_K):
         bk = k0 + offs_k

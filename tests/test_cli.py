@@ -32,24 +32,59 @@ def _assert_one_line_error(code: int, err: str, command: str) -> None:
     assert "Traceback" not in err
 
 
-def test_every_subcommand_has_help(capsys):
-    subs = _subparsers(build_parser())
-    assert {"embed", "index", "search"} <= set(subs)
-    for name in subs:
-        assert run([name, "--help"]) == 0
-        printed = capsys.readouterr().out
-        assert printed.startswith(f"usage: wave-rt {name}"), printed
+def _commands() -> list[tuple[list[str], argparse.ArgumentParser]]:
+    """Every (nested) subcommand that runs something: ["embed"], ..., ["export", "bundle"], ..."""
+    found = []
+
+    def walk(path: list[str], parser: argparse.ArgumentParser) -> None:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if path and not subs:
+            found.append((path, parser))
+        for action in subs:
+            for name, child in action.choices.items():
+                walk([*path, name], child)
+
+    walk([], build_parser())
+    return found
+
+
+def _minimal_args(parser: argparse.ArgumentParser) -> list[str]:
+    """Positionals and required options filled with placeholders: enough for parse_args."""
+    argv: list[str] = []
+    grouped = {id(a) for g in parser._mutually_exclusive_groups for a in g._group_actions}
+    for action in parser._actions:
+        if not action.option_strings and not isinstance(action, argparse._SubParsersAction):
+            argv.append("X")
+        elif action.required and id(action) not in grouped:
+            argv += [action.option_strings[0], "X"]
+    for group in parser._mutually_exclusive_groups:
+        if group.required:
+            argv += [group._group_actions[0].option_strings[0], "X"]
+    return argv
+
+
+COMMAND_PATHS = [" ".join(path) for path, _ in _commands()]
+
+
+def test_the_walk_finds_nested_subcommands():
+    assert {"embed", "index", "search", "export bundle", "export tensorrt", "export triton-repo"} <= set(COMMAND_PATHS)
+
+
+@pytest.mark.parametrize("command", COMMAND_PATHS + ["export"])
+def test_every_subcommand_has_help(capsys, command):
+    assert run([*command.split(), "--help"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"usage: wave-rt {command}"), printed
 
 
 def test_every_option_has_help():
-    parser = build_parser()
     missing = []
-    for name, sub in [("wave-rt", parser), *_subparsers(parser).items()]:
-        for action in sub._actions:
+    for parser in cli.subcommand_parsers(build_parser()):
+        for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
                 continue
             if not action.help or action.help == argparse.SUPPRESS:
-                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+                missing.append(f"{parser.prog} {'/'.join(action.option_strings) or action.dest}")
     assert missing == []
 
 
@@ -80,6 +115,18 @@ def test_version(capsys):
 def test_verbose_anywhere(argv):
     assert build_parser().parse_args(argv).verbose is True
     assert build_parser().parse_args(["index", "X"]).verbose is False
+
+
+@pytest.mark.parametrize("command", COMMAND_PATHS)
+def test_verbose_at_every_place_of_every_subcommand(command):
+    path = command.split()
+    parser = dict((" ".join(p), sub) for p, sub in _commands())[command]
+    args = _minimal_args(parser)
+    assert build_parser().parse_args([*path, *args]).verbose is False
+    for argv in ([*path, *args, "-v"], ["-v", *path, *args], [*path, "-v", *args], [*path, *args, "--verbose"]):
+        assert build_parser().parse_args(argv).verbose is True, argv
+    if len(path) > 1:  # between the command and its subcommand: `wave-rt export -v bundle ...`
+        assert build_parser().parse_args([path[0], "-v", *path[1:], *args]).verbose is True
 
 
 def test_verbose_after_the_subcommand_logs_and_shows_tracebacks(tmp_path, monkeypatch):

@@ -22,6 +22,8 @@ _LAZY: dict[str, str] = {
     "Video": "wave_rt.items",
     "AudioVisual": "wave_rt.items",
     "embed_archive": "wave_rt.archive.job",
+    "JobOptions": "wave_rt.archive.options",
+    "JobOptionsError": "wave_rt.archive.errors",
     "Index": "wave_rt.archive.index",
     "WaveRTError": "wave_rt.errors",
     "CheckpointError": "wave_rt.errors",
@@ -48,8 +50,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from wave_rt.archive.errors import JobOptionsError
     from wave_rt.archive.index import Index
     from wave_rt.archive.job import embed_archive
+    from wave_rt.archive.options import JobOptions
     from wave_rt.config import WaveConfig
     from wave_rt.embed.encoder import WaveEncoder, similarity
     from wave_rt.errors import (

@@ -3,7 +3,7 @@
     wave-rt [-v] [--version] COMMAND ...      (-v/--verbose also works after COMMAND)
     wave-rt embed SOURCE --out DIR [--model PATH] [--device DEV] [--dtype fp32|fp16|bf16] [--max-batch-tokens N]
                   [--instruction TEXT] [--modality auto|text|audio|video|av] [--engine local|ray]
-                  [--workers N (local: decode threads)] [--replicas N (ray: model replicas)] ...
+                  [--workers N (local: decode workers)] [--replicas N (ray: model replicas)] ...
     wave-rt index DIR [--kind auto|flat|flat-gpu|ivf|hnsw]
     wave-rt search DIR (--text TEXT | --audio FILE | --video FILE | --av FILE) [-k 10] [--instruction TEXT]
                   [--model PATH] [--device DEV] [--dtype ...]
@@ -30,8 +30,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TextIO
 
+from wave_rt.archive.sources import MODALITIES
+
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
-MODALITIES = ["auto", "text", "audio", "video", "av"]
 DTYPES = ["fp32", "fp16", "bf16", "float32", "float16", "bfloat16"]
 
 log = logging.getLogger("wave_rt.cli")
@@ -60,13 +61,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, metavar="DEV", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="model compute dtype (default: bf16 on CUDA, fp32 on CPU)")
-
-
-def _add_batch_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
-                   help="token budget per batch: batch size x longest sequence (default: the model's)")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="decode threads of the local engine (default: CPU count, at most 8)")
 
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
@@ -99,23 +93,34 @@ def _add_embed(sub: Any) -> argparse.ArgumentParser:
                    help='a directory (media by extension, recursive), a glob, a .jsonl/.csv/.tsv/.parquet manifest '
                         '(path or text; optional id, modality, instruction), a media file, or "demo"')
     e.add_argument("--out", required=True, metavar="DIR", help="archive directory (created if missing)")
+    # every option below is a field of wave_rt.archive.options.JobOptions (see job_options), which checks them
+    from wave_rt.archive.options import DECODE_MODES, ENGINES, JobOptions
+
     _add_model_args(e)
-    _add_batch_args(e)
+    e.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
+                   help="token budget per batch: batch size x longest sequence (default: the model's)")
     _add_source_args(e)
-    e.add_argument("--engine", default="local", choices=["local", "ray"],
-                   help="local: one process, decode threads + model; ray: a pool of model replicas on a Ray cluster")
+    e.add_argument("--engine", default="local", choices=ENGINES,
+                   help="local: one process, decode workers + model; ray: a pool of model replicas on a Ray cluster")
+    e.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="decode workers of the local engine (default: one per CPU core but one)")
+    e.add_argument("--decode", default=JobOptions.decode, choices=DECODE_MODES,
+                   help="where the local engine decodes media: processes (one per worker, per-item timeout) or "
+                        "threads (auto: processes when the model can be sent to them)")
+    e.add_argument("--item-timeout", type=float, default=JobOptions.item_timeout, metavar="SECONDS",
+                   help="seconds one media item may take in a decode process before it is reported as failed")
     e.add_argument("--replicas", type=int, default=None, metavar="N",
                    help="model replicas of the ray engine (default: one per GPU, or CPUs / 2)")
     e.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
-    e.add_argument("--embedding-dtype", default="float32", choices=["float32", "float16"],
+    e.add_argument("--embedding-dtype", default=JobOptions.embedding_dtype, choices=["float32", "float16"],
                    help="type of the stored vectors")
     e.add_argument("--shard-rows", type=int, default=None, metavar="N", help="rows per Parquet shard")
-    e.add_argument("--commit-every", type=float, default=60.0, metavar="SECONDS",
+    e.add_argument("--commit-every", type=float, default=JobOptions.commit_seconds, metavar="SECONDS",
                    help="commit a shard at least this often (bounds the work a kill loses)")
     e.add_argument("--retry-errors", action="store_true", help="try the items of errors.jsonl again")
     e.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
-    e.add_argument("--log-every", type=float, default=30.0, metavar="SECONDS",
+    e.add_argument("--log-every", type=float, default=JobOptions.log_every, metavar="SECONDS",
                    help="progress line interval when stderr is not a terminal")
     e.set_defaults(func=_cmd_embed)
     return e
@@ -173,23 +178,26 @@ def _add_export(sub: Any) -> argparse.ArgumentParser:
     xs.required = True
     xb = xs.add_parser("bundle", help="stage graphs + tokenizer + manifest from a checkpoint")
     xb.add_argument("checkpoint", metavar="CHECKPOINT", help='checkpoint directory or "demo"')
-    xb.add_argument("--out", required=True, metavar="DIR")
+    xb.add_argument("--out", required=True, metavar="DIR", help="bundle directory (created if missing)")
     xb.add_argument("--formats", default="onnx,aoti", help="comma list of onnx, aoti (default: both)")
     xb.add_argument("--stages", default=None, help="comma list (default: every stage the model has)")
-    xb.add_argument("--recipe", default=None)
-    xb.add_argument("--device", default="cpu", help="device the AOTInductor packages are compiled for")
-    xb.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    xb.add_argument("--recipe", default=None, help="embedding recipe the bundle serves (default: the checkpoint's)")
+    xb.add_argument("--device", default="cpu", metavar="DEV", help="device the AOTInductor packages are compiled for")
+    xb.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype of the exported graphs")
     xt = xs.add_parser("tensorrt", help="TensorRT engines from a bundle's ONNX graphs (needs TensorRT)")
-    xt.add_argument("bundle", metavar="BUNDLE")
-    xt.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
+    xt.add_argument("bundle", metavar="BUNDLE", help="a bundle directory written by `wave-rt export bundle`")
+    xt.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"],
+                    help="precision TensorRT may build the engines in")
     xt.add_argument("--max-batch-tokens", type=int, default=32768, metavar="N",
                     help="token budget the decoder's optimization profiles cover")
     xt.add_argument("--timing-cache", default=None, metavar="FILE", help="default: BUNDLE/tensorrt/timing.cache")
-    xt.add_argument("--no-version-compatible", action="store_true")
+    xt.add_argument("--no-version-compatible", action="store_true",
+                    help="engines tied to this TensorRT version (default: version-compatible engines)")
     xr = xs.add_parser("triton-repo", help="a Triton Inference Server model repository from a bundle")
-    xr.add_argument("bundle", metavar="BUNDLE")
-    xr.add_argument("--out", required=True, metavar="DIR")
-    xr.add_argument("--platform", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    xr.add_argument("bundle", metavar="BUNDLE", help="a bundle directory written by `wave-rt export bundle`")
+    xr.add_argument("--out", required=True, metavar="DIR", help="model repository directory (created if missing)")
+    xr.add_argument("--platform", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+                    help="backend of the stage models")
     xr.add_argument("--cpu", action="store_true", help="stage models on KIND_CPU instances")
     xr.add_argument("--max-batch", type=int, default=64, help="dynamic batching limit of the front model")
     xr.add_argument("--server-bundle-path", default=None, help="where the server sees BUNDLE (default: its path here)")
@@ -215,25 +223,28 @@ def _add_bench_latency(sub: Any) -> argparse.ArgumentParser:
     return bl
 
 
+def job_options(args: argparse.Namespace) -> Any:
+    """The JobOptions of `wave-rt embed` (the same object the Python API builds from its keywords)."""
+    from wave_rt.archive.options import JobOptions
+
+    if args.engine == "ray" and args.workers is not None:
+        raise UsageError("--workers sets the local engine's decode workers; with --engine ray use --replicas")
+    return JobOptions(
+        instruction=args.instruction, modality=args.modality, device=args.device, dtype=args.dtype,
+        max_batch_tokens=args.max_batch_tokens, engine=args.engine, workers=args.workers, replicas=args.replicas,
+        ray_address=args.ray_address, embedding_dtype=args.embedding_dtype, shard_rows=args.shard_rows,
+        commit_seconds=args.commit_every, retry_errors=args.retry_errors, progress=not args.no_progress,
+        log_every=args.log_every, decode=args.decode, item_timeout=args.item_timeout,
+    )
+
+
 def _cmd_embed(args: argparse.Namespace, out: TextIO) -> int:
     from wave_rt.archive.job import embed_archive
 
-    if args.engine == "ray" and args.workers is not None:
-        raise UsageError("--workers sets the local engine's decode threads; with --engine ray use --replicas")
-    if args.engine == "local" and args.replicas is not None:
-        raise UsageError("--replicas is for --engine ray; the local engine takes --workers (decode threads)")
-    if args.engine == "local" and args.ray_address is not None:
-        raise UsageError("--ray-address is for --engine ray")
-    if args.engine == "local":  # Ray workers may run where this driver has no GPU
-        _check_device(args.device)
-    summary = embed_archive(
-        args.source, args.out, model=args.model, instruction=args.instruction, modality=args.modality,
-        device=args.device, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens,
-        workers=args.replicas if args.engine == "ray" else args.workers,
-        engine=args.engine, embedding_dtype=args.embedding_dtype, shard_rows=args.shard_rows,
-        commit_seconds=args.commit_every, retry_errors=args.retry_errors, progress=not args.no_progress,
-        log_every=args.log_every, ray_address=args.ray_address,
-    )
+    options = job_options(args)
+    if options.engine == "local":  # Ray workers may run where this driver has no GPU
+        _check_device(options.device)
+    summary = embed_archive(args.source, args.out, model=args.model, options=options)
     if summary.nothing_to_do:
         out.write(f"nothing to do: {args.out} already holds every item of {args.source} "
                   f"({summary.rows_total:,} rows, {summary.errors_total:,} errors)\n")
@@ -398,8 +409,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for add in COMMANDS:
-        _global_options(add(sub), top=False)
+        for parser in subcommand_parsers(add(sub)):
+            _global_options(parser, top=False)
     return ap
+
+
+def subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """`parser` and every parser nested under it (`export` -> `export bundle`, ...), depth first."""
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                found += subcommand_parsers(child)
+    return found
 
 
 def _one_line(exc: BaseException) -> str:

@@ -148,8 +148,8 @@ class WaveConfig:
             from wave_rt.model.recipes import ALM2VEC_PROMPTS
 
             rec = rec.with_prompts(ALM2VEC_PROMPTS)
-        if rec.pooling == "mean" and "fusion_all" in (rec.head, rec.text_target_head):
-            raise CheckpointError(source, f"recipe {rec.name!r}: mean pooling has no per-layer rows for fusion_all")
+        if rec.pooling == "mean" and "all_layer" in (rec.head, rec.text_target_head):
+            raise CheckpointError(source, f"recipe {rec.name!r}: mean pooling has no per-layer rows for the all_layer head")
         if use_beats and model_type != OMNI_THINKER:
             raise CheckpointError(source, "BEATs dual-audio is only defined for the Qwen2.5-Omni thinker backbone")
         return cls(

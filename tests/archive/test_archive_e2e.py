@@ -102,7 +102,7 @@ def test_archive_e2e_refuses_other_settings(dir_run, media: Path, tmp_path: Path
         embed_archive(media, out, dtype="fp16", progress=False)
     with pytest.raises(ArchiveMismatchError, match="modality"):
         embed_archive(media, out, modality="audio", progress=False)
-    from wave_rt.model.tiny import make_tiny_checkpoint
+    from tiny_checkpoints import make_tiny_checkpoint
 
     other = tmp_path / "other-model"
     make_tiny_checkpoint(other, recipe="all_layer", use_beats=True, seed=99)

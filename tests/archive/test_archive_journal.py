@@ -13,11 +13,11 @@ import pytest
 from wave_rt.archive.errors import ArchiveFormatError, ArchiveMismatchError
 from wave_rt.archive.journal import ErrorLog, ErrorRecord, IdSet, Journal, read_errors
 from wave_rt.archive.manifest import RunManifest, check_compatible, read_manifest, write_manifest
-from wave_rt.archive.shards import Row, list_shards, read_ids, shard_rows, write_shard
+from wave_rt.archive.shards import ShardRow, list_shards, read_ids, shard_rows, write_shard
 
 
-def _rows(ids: list[str]) -> tuple[list[Row], np.ndarray]:
-    rows = [Row(i, None, "text", None, f"text of {i}", None) for i in ids]
+def _rows(ids: list[str]) -> tuple[list[ShardRow], np.ndarray]:
+    rows = [ShardRow(i, None, "text", None, f"text of {i}", None) for i in ids]
     return rows, np.random.default_rng(0).standard_normal((len(ids), 8)).astype(np.float32)
 
 
@@ -54,9 +54,9 @@ def test_archive_journal_shard_roundtrip(tmp_path: Path) -> None:
     assert np.array_equal(got, emb)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
     with pytest.raises(ValueError, match="shape"):
-        from wave_rt.archive.shards import RowBuffer
+        from wave_rt.archive.shards import ShardBuffer
 
-        RowBuffer(8).add(rows, emb[:2])
+        ShardBuffer(8).add(rows, emb[:2])
 
 
 def test_archive_journal_recovery_after_kill(tmp_path: Path) -> None:

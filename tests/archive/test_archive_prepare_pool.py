@@ -15,15 +15,15 @@ from archive_helpers import CrashingEncoder, EnvEncoder, FakeEncoder, read_archi
 
 from wave_rt.archive.job import embed_archive
 from wave_rt.archive.journal import ErrorRecord
-from wave_rt.archive.prepare import WorkItem, prepare_one
+from wave_rt.archive.prepare import PreparedEntry, prepare_one
 from wave_rt.archive.prepare_pool import PreparePool, preparer_spec
-from wave_rt.archive.sources import SourceItem
+from wave_rt.archive.sources import SourceEntry
 
 pytestmark = pytest.mark.timeout(600)
 
 
-def _items(paths: list[Path], texts: list[str] = ()) -> list[tuple[int, SourceItem]]:
-    srcs = [SourceItem(id=p.stem, path=str(p)) for p in paths] + [SourceItem(id=f"t{i}", text=t)
+def _items(paths: list[Path], texts: list[str] = ()) -> list[tuple[int, SourceEntry]]:
+    srcs = [SourceEntry(id=p.stem, path=str(p)) for p in paths] + [SourceEntry(id=f"t{i}", text=t)
                                                                   for i, t in enumerate(texts)]
     return list(enumerate(srcs))
 
@@ -53,7 +53,7 @@ def test_pool_prepares_what_the_thread_path_prepares_in_order(tmp_path: Path) ->
     assert [type(o) for o in procs] == [type(o) for o in threads]
     assert isinstance(threads[-3], ErrorRecord) and threads[-3].error == procs[-3].error == "CorruptMediaError"
     for t, p in zip(threads, procs):
-        if isinstance(t, WorkItem):
+        if isinstance(t, PreparedEntry):
             assert (t.key, t.src, t.modality) == (p.key, p.src, p.modality)
             assert _same(t.prepared, p.prepared), t.src.id
 
@@ -65,7 +65,7 @@ def test_sigkilled_worker_loses_no_item_and_is_reported_once(tmp_path: Path, cap
         with PreparePool(CrashingEncoder(once=True), None, 2) as pool:
             out = list(pool.imap(items))
             stats = pool.stats
-    assert all(isinstance(o, WorkItem) for o in out)
+    assert all(isinstance(o, PreparedEntry) for o in out)
     assert [o.src.id for o in out] == ["a", "kill-me", "b", "c"]
     ref = [prepare_one(FakeEncoder(), src, key, None) for key, src in items]
     assert all(np.array_equal(o.prepared.vector, r.prepared.vector) for o, r in zip(out, ref))
@@ -79,7 +79,7 @@ def test_item_that_kills_every_worker_becomes_one_error(tmp_path: Path) -> None:
     with PreparePool(CrashingEncoder(once=False), None, 2) as pool:
         out = list(pool.imap(_items(paths)))
         assert pool.stats.crashes == 2
-    assert isinstance(out[0], WorkItem) and isinstance(out[2], WorkItem)
+    assert isinstance(out[0], PreparedEntry) and isinstance(out[2], PreparedEntry)
     assert isinstance(out[1], ErrorRecord) and out[1].error == "DecodeWorkerCrashError" and out[1].retryable
 
 
@@ -115,19 +115,19 @@ def test_routing_text_in_process_media_to_workers_gpu_video_to_dali(monkeypatch)
     from types import SimpleNamespace
 
     import wave_rt.media.backends as backends
+    from wave_rt.archive.errors import JobOptionsError
+    from wave_rt.archive.options import JobOptions
     from wave_rt.archive.pipeline import LocalPipeline
 
-    pipe = LocalPipeline(FakeEncoder(), SimpleNamespace(progress=None), instruction=None, max_batch_tokens=64,
-                         workers=1)
-    text, audio, video = (SourceItem("t", text="x"), SourceItem("a", path="/x/a.flac"),
-                          SourceItem("v", path="/x/v.mp4"))
+    pipe = LocalPipeline(FakeEncoder(), SimpleNamespace(progress=None), JobOptions(max_batch_tokens=64, workers=1))
+    text, audio, video = (SourceEntry("t", text="x"), SourceEntry("a", path="/x/a.flac"),
+                          SourceEntry("v", path="/x/v.mp4"))
     assert [pipe._in_process(s) for s in (text, audio, video)] == [True, False, False]
     monkeypatch.setattr(backends, "resolve_backend", lambda name: "dali")
     pipe.cuda, pipe._gpu_video = True, None  # a CUDA encoder with DALI installed
     assert [pipe._in_process(s) for s in (text, audio, video)] == [True, False, True]
-    with pytest.raises(ValueError, match="decode must be one of"):
-        LocalPipeline(FakeEncoder(), SimpleNamespace(progress=None), instruction=None, max_batch_tokens=64,
-                      workers=1, decode="fork")
+    with pytest.raises(JobOptionsError, match="decode='fork': must be one of"):
+        JobOptions(max_batch_tokens=64, workers=1, decode="fork")
 
 
 def test_workers_that_cannot_start_break_the_pool_loudly(tmp_path: Path) -> None:
@@ -142,7 +142,7 @@ def test_workers_that_cannot_start_break_the_pool_loudly(tmp_path: Path) -> None
             with pytest.raises(PoolBrokenError, match="before they could take an item"):
                 f.result(timeout=300)
         with pytest.raises(PoolBrokenError):
-            pool.submit(9, SourceItem("late", path=str(paths[0])))
+            pool.submit(9, SourceEntry("late", path=str(paths[0])))
 
 
 def test_workers_exit_when_the_job_process_is_killed(tmp_path: Path) -> None:
@@ -215,7 +215,7 @@ def test_workers_killed_at_random_moments_lose_nothing(tmp_path: Path) -> None:
         done.set()
         t.join()
         crashes = pool.stats.crashes
-    assert len(out) == 200 and all(isinstance(o, WorkItem) for o in out)
+    assert len(out) == 200 and all(isinstance(o, PreparedEntry) for o in out)
     assert [o.src.id for o in out] == [s.id for _, s in items * 5]
     assert crashes >= 1
 
@@ -230,9 +230,9 @@ def test_items_held_behind_a_dying_item_are_not_charged_for_its_crash(tmp_path: 
     with PreparePool(CrashingEncoder(once=False), None, 1) as pool:
         out = list(pool.imap(_items(paths), window=5))
         stats = pool.stats
-    assert [o.src.id if isinstance(o, WorkItem) else o.id for o in out] == ["a", "kill-always", "b", "c", "d"]
+    assert [o.src.id if isinstance(o, PreparedEntry) else o.id for o in out] == ["a", "kill-always", "b", "c", "d"]
     assert isinstance(out[1], ErrorRecord) and out[1].error == "DecodeWorkerCrashError"
-    assert all(isinstance(o, WorkItem) for i, o in enumerate(out) if i != 1)
+    assert all(isinstance(o, PreparedEntry) for i, o in enumerate(out) if i != 1)
     assert stats.crashes == 2 and stats.crashed_ids == ["kill-always", "kill-always"]
 
 
@@ -287,14 +287,15 @@ def test_small_media_job_is_bridged_in_threads_without_starting_workers(tmp_path
 def test_bridged_item_past_the_timeout_is_abandoned_and_reported(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
+    from wave_rt.archive.options import JobOptions
     from wave_rt.archive.pipeline import LocalPipeline
 
-    pipe = LocalPipeline(CrashingEncoder(), SimpleNamespace(progress=None), instruction=None, max_batch_tokens=64,
-                         workers=1, item_timeout=0.3)
+    pipe = LocalPipeline(CrashingEncoder(), SimpleNamespace(progress=None),
+                         JobOptions(max_batch_tokens=64, workers=1, item_timeout=0.3))
     ok, block = write_wavs(tmp_path, ["ok.wav", "block.wav"])
-    out = pipe._prepare_bounded(0, SourceItem("ok", path=str(ok)))
-    assert isinstance(out, WorkItem) and out.key == 0
-    rec = pipe._prepare_bounded(1, SourceItem("block", path=str(block)))  # its thread sleeps for an hour
+    out = pipe._prepare_bounded(0, SourceEntry("ok", path=str(ok)))
+    assert isinstance(out, PreparedEntry) and out.key == 0
+    rec = pipe._prepare_bounded(1, SourceEntry("block", path=str(block)))  # its thread sleeps for an hour
     assert isinstance(rec, ErrorRecord) and rec.error == "DecodeTimeoutError" and not rec.retryable
     assert "per-item timeout of 0.3 s" in rec.message
     assert pipe.bridge_timeouts == 1 and pipe.bridged == 1

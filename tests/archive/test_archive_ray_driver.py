@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_checkpoints import make_tiny_checkpoint
 
 from wave_rt.archive import job
+from wave_rt.archive.options import JobOptions
 from wave_rt.embed.encoder import WaveEncoder
 from wave_rt.embed.identity import ModelIdentity, read_identity
 from wave_rt.model import beats, loading
-from wave_rt.model.tiny import make_tiny_checkpoint
 from wave_rt.model.wave_model import WaveModel
 
 CHECKPOINTS = {
@@ -50,7 +51,7 @@ def test_identity_from_files_equals_the_loaded_encoder(checkpoint, dtype, monkey
     enc = WaveEncoder.from_pretrained(checkpoint, device="cpu", dtype=dtype)
     expected = ModelIdentity(enc.model_id, enc.fingerprint, enc.dtype, enc.dim)
     calls = _no_weights(monkeypatch)
-    got = job.load_encoder(str(checkpoint), device=None, dtype=dtype, engine="ray")
+    got = job.load_encoder(str(checkpoint), JobOptions(dtype=dtype, engine="ray"))
     assert got == expected
     assert calls == []
 
@@ -75,5 +76,5 @@ def test_the_forbidding_works(checkpoint, monkeypatch):
     """The guard above is not vacuous: loading the encoder under it fails."""
     calls = _no_weights(monkeypatch)
     with pytest.raises(AssertionError, match="materialized weights"):
-        job.load_encoder(str(checkpoint), device="cpu", dtype="fp32", engine="local")
+        job.load_encoder(str(checkpoint), JobOptions(device="cpu", dtype="fp32"))
     assert calls

@@ -1,15 +1,19 @@
 """Search over an archive: every item's own vector ranks itself first (flat, IVF, HNSW), text / audio / video
-queries through `wave-rt index` + `wave-rt search` and through `wave_rt.Index` on the demo archive, saved
-indexes reload, and a stale saved index is not used."""
+queries through `wave-rt index` + `wave-rt search` and through `wave_rt.Index` on the demo archive, the
+README's search finds its clip with the trained demo model, saved indexes reload, and a stale saved index is
+not used."""
 
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 
 import numpy as np
 import pytest
 from archive_helpers import FakeEncoder, read_archive
+from tiny_checkpoints import make_tiny_checkpoint
 
 import wave_rt
 from wave_rt.archive.demo_data import CAPTIONS, demo_dir
@@ -17,7 +21,6 @@ from wave_rt.archive.errors import ArchiveFormatError
 from wave_rt.archive.index import Index
 from wave_rt.archive.job import embed_archive
 from wave_rt.cli import run
-from wave_rt.model.tiny import make_tiny_checkpoint
 
 pytest.importorskip("faiss", reason="needs faiss: pip install faiss-cpu")
 
@@ -235,7 +238,7 @@ def test_archive_search_demo_cli(demo_archive: Path, capsys: pytest.CaptureFixtu
     from wave_rt.archive.index import exact_kind
 
     assert run(["index", str(demo_archive)]) == 0
-    assert "indexed 12 rows" in capsys.readouterr().out
+    assert "indexed 16 rows" in capsys.readouterr().out
     kind = json.loads((demo_archive / "index.json").read_text())["kind"]
     assert kind == exact_kind()  # flat-gpu on a CUDA machine, FAISS flat elsewhere
     assert kind == "flat-gpu" or (demo_archive / "index-flat.faiss").exists()
@@ -263,9 +266,35 @@ def test_archive_search_demo_cli(demo_archive: Path, capsys: pytest.CaptureFixtu
     assert "Traceback" not in capsys.readouterr().err
 
 
+def _readme_main_command() -> str:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- main-command -->\s*```\n(.*?)\n```\s*<!-- /main-command -->", readme, re.S)
+    assert block is not None, "README.md has no main-command block"
+    return block.group(1).strip()
+
+
+def test_archive_search_readme_query_finds_its_clip(demo_archive: Path, capsys: pytest.CaptureFixture) -> None:
+    """The README's main command ends with `wave-rt search wave_rt_demo_out --text "..."`: on the demo archive
+    (embedded through the CLI, bundled trained demo model) that text returns video/red_circle_left.mp4 first,
+    ahead of the clips that differ from it in one attribute (direction, colour, shape)."""
+    command = _readme_main_command()
+    steps = [shlex.split(part) for part in command.split(" && ")]
+    assert steps[1][:4] == ["wave-rt", "embed", "demo", "--out"]
+    search = steps[-1]
+    assert search[:3] == ["wave-rt", "search", steps[1][4]] and search[3] == "--text", command
+    query = search[4]
+    assert query == "a red circle moving to the left"
+    hits = _cli_json(["search", str(demo_archive), "--text", query, "-k", "16", "--json"], capsys)
+    ids = [h["id"] for h in hits]
+    assert ids[0] == "video/red_circle_left.mp4", hits[:4]
+    assert hits[0]["modality"] == "video"
+    for near_miss in ("video/red_circle_right.mp4", "video/blue_circle_left.mp4", "video/red_bar_left.mp4"):
+        assert near_miss in ids[1:]
+
+
 def test_archive_search_demo_python(demo_archive: Path) -> None:
     index = wave_rt.Index.build(demo_archive, kind="hnsw")
-    assert len(index) == 12
+    assert len(index) == 16
     assert _self_rank_first(index) == 1.0
     queries = list(CAPTIONS)
     hits = index.search_items([CAPTIONS[q] for q in queries], k=12)

@@ -15,7 +15,7 @@ from wave_rt.archive.sources import (
     FileSource,
     GlobSource,
     ManifestSource,
-    SourceItem,
+    SourceEntry,
     open_source,
 )
 
@@ -78,10 +78,10 @@ def test_archive_sources_jsonl_rows(tmp_path: Path) -> None:
     src = open_source(tmp_path / "m.jsonl", modality="audio")
     assert isinstance(src, ManifestSource)
     items = list(src)
-    assert items[0] == SourceItem(id="media/a.wav", path=str(tmp_path / "media" / "a.wav"), modality="audio")
-    assert items[1] == SourceItem(id="7", text="hello", modality="text", instruction="ignored for text")
+    assert items[0] == SourceEntry(id="media/a.wav", path=str(tmp_path / "media" / "a.wav"), modality="audio")
+    assert items[1] == SourceEntry(id="7", text="hello", modality="text", instruction="ignored for text")
     assert items[2].id == "text:2" and items[2].modality == "text"
-    assert items[3] == SourceItem(id="/abs/v.mp4", path="/abs/v.mp4", text="a caption", modality="video",
+    assert items[3] == SourceEntry(id="/abs/v.mp4", path="/abs/v.mp4", text="a caption", modality="video",
                                   instruction="Describe.")
     assert items[4].modality == "text" and items[4].path == str(tmp_path / "b.txt")
     assert items[5].problem and "'path' must be a string" in items[5].problem
@@ -122,9 +122,11 @@ def test_archive_sources_csv_tsv_parquet(tmp_path: Path) -> None:
 def test_archive_sources_demo_resolves_to_the_bundled_manifest() -> None:
     src = open_source("demo")
     items = list(src)
-    assert src.kind == "manifest" and len(items) == 12
+    assert src.kind == "manifest" and len(items) == 16
     assert {i.id for i in items if i.path} == {"audio/tone_a440.wav", "audio/chirp.flac", "audio/rain_noise.ogg",
-                                              "audio/beeps.wav", "video/square.webm", "video/ball.mp4"}
+                                              "audio/beeps.wav", "video/square.webm", "video/ball.mp4",
+                                              "video/red_circle_left.mp4", "video/red_circle_right.mp4",
+                                              "video/blue_circle_left.mp4", "video/red_bar_left.mp4"}
     assert all(os.path.exists(i.path) for i in items if i.path)
 
 
@@ -132,13 +134,13 @@ def test_archive_sources_modality_resolution() -> None:
     def probe(streams: tuple[bool, bool]):  # noqa: ANN202
         return lambda path: streams
 
-    v = SourceItem(id="v", path="/x/clip.mp4")
+    v = SourceEntry(id="v", path="/x/clip.mp4")
     assert resolve_modality(v, probe((True, True))) == "av"
     assert resolve_modality(v, probe((False, True))) == "video"
     assert resolve_modality(v, probe((True, False))) == "audio"
-    assert resolve_modality(SourceItem(id="a", path="/x/a.FLAC"), probe((False, True))) == "audio"  # no probe
-    assert resolve_modality(SourceItem(id="t", text="hi"), probe((True, True))) == "text"
-    assert resolve_modality(SourceItem(id="f", path="/x/clip.mp4", modality="video"), probe((True, True))) == "video"
+    assert resolve_modality(SourceEntry(id="a", path="/x/a.FLAC"), probe((False, True))) == "audio"  # no probe
+    assert resolve_modality(SourceEntry(id="t", text="hi"), probe((True, True))) == "text"
+    assert resolve_modality(SourceEntry(id="f", path="/x/clip.mp4", modality="video"), probe((True, True))) == "video"
     from wave_rt.errors import MediaError
 
     with pytest.raises(MediaError, match="neither"):

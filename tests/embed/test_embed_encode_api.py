@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_checkpoints import make_tiny_checkpoint
 
 import wave_rt
 from wave_rt.embed.encoder import WaveEncoder, similarity
 from wave_rt.errors import InputError, UnsupportedItemError
-from wave_rt.model.tiny import make_tiny_checkpoint
 
 TEXTS = ["a dog barks in the distance", "rain", "an orchestra tunes up before the concert begins", "x" * 70,
          "two people talk", "wind through trees at night", "a", "glass breaks"]

@@ -11,11 +11,11 @@ import pytest
 import soundfile as sf
 import torch
 from media_factory import pattern_frames, write_video
+from tiny_checkpoints import make_tiny_checkpoint
 
 import wave_rt
 from wave_rt.embed.encoder import WaveEncoder
 from wave_rt.embed.processor import whisper_tokens
-from wave_rt.model.tiny import make_tiny_checkpoint
 
 
 def tone(seconds: float, freq: float = 440.0, sr: int = 16000) -> np.ndarray:

@@ -108,6 +108,6 @@ def test_cli_eval_writes_json(tmp_path, tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    from wave_rt.model.tiny import make_tiny_checkpoint
+    from tiny_checkpoints import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("eval-ckpt"), recipe="all_layer", use_beats=False, layers=2)

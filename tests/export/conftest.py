@@ -7,8 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from wave_rt.model.tiny import make_tiny_checkpoint
+from tiny_checkpoints import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")

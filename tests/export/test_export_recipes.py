@@ -1,4 +1,4 @@
-"""Every recipe's heads through the exported decoder: last_layer (fusion_last), eos_projection (ALM2Vec),
+"""Every recipe's heads through the exported decoder: last_layer (its last_layer head), eos_projection (ALM2Vec),
 last_token (no head) as decoder-only bundles on ONNX Runtime CPU and AOTInductor CPU, text targets and
 text queries at three batch sizes (all_layer is covered with every stage in test_export_parity.py)."""
 
@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tiny_checkpoints import make_tiny_checkpoint
 from wave_rt.export.bundle import export_bundle
 
 import wave_rt
 from wave_rt.embed.encoder import WaveEncoder
 from wave_rt.errors import CheckpointError
-from wave_rt.model.tiny import make_tiny_checkpoint
 
 BATCHES = (["a dog barks"], [wave_rt.Text("find rain", side="query"), "rain on a roof at night"],
            ["x", wave_rt.Text("q", side="query"), "a violin solo in a large hall", wave_rt.Text("more words here", side="query")])

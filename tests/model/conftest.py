@@ -7,7 +7,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_token_ids(tmp_path_factory) -> dict[str, int]:
-    from wave_rt.model.tiny import build_tiny_tokenizer
+    from tiny_checkpoints import build_tiny_tokenizer
 
     return build_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
 

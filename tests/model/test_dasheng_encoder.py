@@ -69,3 +69,34 @@ def test_batch_invariance_of_valid_tokens():
             alone = enc(mel[i: i + 1, :, :f], valid[i: i + 1])
             n_valid = int(valid[i])
             assert rel(together[i, :n_valid], alone[0, :n_valid]) <= TOL, i
+
+
+def test_reference_is_the_pinned_dasheng_wheel():
+    """The reference class comes from the released dasheng 0.0.9 wheel (sha256-pinned), not a copy in this repo."""
+    import importlib.metadata
+    import sys
+
+    Dasheng = dref.import_dasheng()
+    unpacked = dref._unpacked_wheel()
+    assert sys.modules[Dasheng.__module__].__file__.startswith(unpacked)
+    assert dref._sha256(dref.dasheng_wheel()) == dref.DASHENG_WHEEL_SHA256
+    dist = next(d for d in importlib.metadata.distributions(path=[unpacked]) if d.metadata["Name"] == "dasheng")
+    assert dist.version == dref.DASHENG_VERSION
+
+
+def test_torchaudio_shim_fails_loudly():
+    """Where torchaudio is missing, dasheng's front end (the only part that would use it) raises instead of running,
+    so every comparison above, which passes, never went through the fake torchaudio."""
+    import pytest
+
+    ref = dref.reference_encoder(DashengConfig.tiny(), seed=5)
+    if not dref.torchaudio_is_shimmed():
+        pytest.skip("the real torchaudio is installed here: dasheng's front end runs (test_dasheng_golden covers it)")
+    wav = 0.3 * torch.randn(1, 16000)
+    with pytest.raises(RuntimeError, match="torchaudio shim"):
+        ref.front_end(wav)
+    with pytest.raises(RuntimeError, match="torchaudio shim"):
+        ref(wav)  # dasheng's waveform entry point goes through the front end
+    models = __import__(type(ref).__mro__[1].__module__, fromlist=["audio_transforms"])
+    with pytest.raises(RuntimeError, match="torchaudio shim"):
+        _ = models.audio_transforms.Spectrogram  # any other torchaudio use is loud too

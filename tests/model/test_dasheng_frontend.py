@@ -1,6 +1,8 @@
-"""Dasheng's log-mel front end (ours, float32 torch) == a float64 numpy implementation of the same
-definition (torchaudio MelSpectrogram(sr 16000, n_fft 512, win 512, hop 160, f 0..8000, 64 HTK mels, no norm,
-power 2, center reflect) + AmplitudeToDB(power, top_db 120)), written independently here from that definition."""
+"""Dasheng's log-mel front end (ours, float32 torch) == two float64 references of the same definition (torchaudio
+MelSpectrogram(sr 16000, n_fft 512, win 512, hop 160, f 0..8000, 64 HTK mels, no norm, power 2, center reflect) +
+AmplitudeToDB(power, top_db 120)): transformers' public numpy `audio_utils` (mel_filter_bank with mel_scale="htk",
+documented as torchaudio's melscale_fbanks default, and spectrogram with log_mel="dB", db_range=120), and a numpy
+restatement written independently here. The real torchaudio is compared on the GPU image (test_dasheng_golden)."""
 
 from __future__ import annotations
 
@@ -37,6 +39,22 @@ def reference_log_mel(wav: np.ndarray, bf16_buffers: bool) -> np.ndarray:
     return np.maximum(db, db.max() - 120.0)
 
 
+def transformers_log_mel(wav: np.ndarray, bf16_buffers: bool) -> np.ndarray:
+    """The same features from transformers.audio_utils (float64 signal, window and filters; its FFT output buffer
+    is complex64, so it agrees with a full float64 computation to ~1e-6 dB)."""
+    from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
+
+    fb = mel_filter_bank(num_frequency_bins=257, num_mel_filters=64, min_frequency=0.0, max_frequency=8000.0,
+                         sampling_rate=16000, norm=None, mel_scale="htk")
+    window = window_function(512, "hann", periodic=True)
+    if bf16_buffers:  # the released checkpoint's buffers are bfloat16
+        window = torch.from_numpy(window).to(torch.bfloat16).double().numpy()
+        fb = torch.from_numpy(fb).to(torch.bfloat16).double().numpy()
+    return spectrogram(wav.astype(np.float64), window, frame_length=512, hop_length=160, fft_length=512, power=2.0,
+                       center=True, pad_mode="reflect", mel_filters=fb, mel_floor=1e-10, log_mel="dB",
+                       reference=1.0, min_value=1e-10, db_range=120.0, dtype=np.float64)
+
+
 def _signal(n: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(n) / 16000
@@ -53,6 +71,18 @@ def test_log_mel_equals_float64_reference(n, bf16_buffers):
     # float32 rounding of the power is ~1e-6 relative, i.e. ~3e-5 dB seen; the bf16-vs-float64 buffer choice
     # alone moves values by ~0.16 dB, so 1e-4 dB separates a right definition from a near miss.
     assert np.abs(ours - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("bf16_buffers", [False, True])
+@pytest.mark.parametrize("n", [16000, 23457, 3200])
+def test_log_mel_equals_transformers_audio_utils(n, bf16_buffers):
+    wav = _signal(n, seed=n + 1)
+    ours = dasheng_log_mel(torch.from_numpy(wav), bf16_buffers=bf16_buffers).double().numpy()
+    ref = transformers_log_mel(wav, bf16_buffers)
+    assert ours.shape == ref.shape == (64, dasheng_frames(n))
+    assert np.abs(ours - ref).max() < 1e-4  # see test_log_mel_equals_float64_reference for the scale
+    # and the two references agree with each other (to the complex64 rounding of transformers' FFT buffer)
+    assert np.abs(ref - reference_log_mel(wav, bf16_buffers)).max() < 1e-5
 
 
 def test_top_db_floor_and_silence():

@@ -1,6 +1,12 @@
 """Our whole Dasheng path (front end + encoder) == golden outputs of the real dasheng package with its torchaudio
-front end, made on the GPU image by bench/make_dasheng_fixtures.py (stage `fixtures`). Skips until those files are
-committed under tests/model/fixtures/ (WAVE_RT_DASHENG_FIXTURES overrides the folder)."""
+front end, made by bench/make_dasheng_fixtures.py in a torch 2.11 + torchaudio 2.11 environment (a fresh PyPI venv on a
+CPU; the GPU image's `fixtures` stage regenerates them) and committed under tests/model/fixtures/
+(WAVE_RT_DASHENG_FIXTURES overrides the folder).
+
+What only these fixtures add: the real torchaudio. The encoder already runs against the real dasheng code on every
+CPU run (test_dasheng_encoder, test_dasheng_midashenglm: the pinned dasheng wheel on the same log-mel input), and the
+front end against transformers' audio_utils and a float64 restatement (test_dasheng_frontend); here the front end
+is torchaudio's own MelSpectrogram + AmplitudeToDB, and the encoder is fed from the waveform by dasheng itself."""
 
 from __future__ import annotations
 
@@ -25,8 +31,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def golden():
     manifest = FIXTURES / "dasheng_golden.json"
-    if not manifest.exists():
-        pytest.skip(f"no golden Dasheng fixtures in {FIXTURES}: run `bash bench/gpu_session.sh fixtures` on the GPU image")
+    assert manifest.exists(), f"no golden Dasheng fixtures in {FIXTURES}: bench/make_dasheng_fixtures.py makes them"
     meta = json.loads(manifest.read_text())
     assert not meta["partial"], "fixtures are partial: the generating run did not finish"
     from safetensors.torch import load_file

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_checkpoints import build_tiny_tokenizer, tiny_midashenglm_config_dict
 
 from wave_rt import Audio, Text
 from wave_rt.config import WaveConfig
@@ -20,7 +21,6 @@ from wave_rt.errors import CheckpointError
 from wave_rt.media.features_dasheng import dasheng_frontend_buffers, dasheng_log_mel
 from wave_rt.model.dasheng import DashengConfig
 from wave_rt.model.loading import load_wave_model, save_wave_model
-from wave_rt.model.tiny import build_tiny_tokenizer, tiny_midashenglm_config_dict
 from wave_rt.model.wave_model import WaveModel
 
 TOL = 1e-5

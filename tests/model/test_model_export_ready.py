@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_checkpoints import tiny_thinker_config_dict
 
 from wave_rt.config import WaveConfig
-from wave_rt.model.tiny import tiny_thinker_config_dict
 from wave_rt.model.wave_model import WaveModel
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_checkpoints import make_tiny_checkpoint
 
 from wave_rt.embed.encoder import WaveEncoder
 from wave_rt.errors import CheckpointError
 from wave_rt.model.loading import load_wave_model
-from wave_rt.model.tiny import make_tiny_checkpoint
 
 TEXTS = ["a dog barks", "rain on a tin roof", "x"]
 

@@ -6,11 +6,11 @@ import weakref
 
 import torch
 import wave_reference as ref
+from tiny_checkpoints import tiny_thinker_config_dict
 
 from wave_rt.config import WaveConfig
 from wave_rt.model.batch import ItemInputs, collate
 from wave_rt.model.positions import SequenceBuilder
-from wave_rt.model.tiny import tiny_thinker_config_dict
 from wave_rt.model.wave_model import WaveModel
 
 

@@ -31,8 +31,9 @@ def long_text(ids: dict[str, int], n: int, use_head: bool) -> ItemInputs:
     return ItemInputs(t_ids, t_pos, use_head)
 
 
-# every recipe the packed path runs: the WAVE-family cases and the last-token presets' recipes (issue 17)
-PACKED_CASES = OMNI_CASES + [("lco_omni", False), ("e5_omni", False)]
+# every recipe the packed path runs: the WAVE-family cases and the presets' recipes (issue 17), Omni-Embed-Nemotron's
+# bidirectional attention + mean pooling included
+PACKED_CASES = OMNI_CASES + [("lco_omni", False), ("e5_omni", False), ("mean_bidirectional", False)]
 
 
 @pytest.fixture(scope="module", params=PACKED_CASES, ids=[f"{r}{'+beats' if b else ''}" for r, b in PACKED_CASES])
@@ -71,8 +72,7 @@ def test_packed_batch_invariance_and_batch_of_one(omni, tiny_token_ids):
 
 def test_qwen2_audio_packed_equals_padded(tiny_token_ids, whisper_fe):
     from model_signals import qwen2_audio_item
-
-    from wave_rt.model.tiny import tiny_qwen2_audio_config_dict
+    from tiny_checkpoints import tiny_qwen2_audio_config_dict
 
     ids = tiny_token_ids
     model = WaveModel.build(WaveConfig.from_dict(tiny_qwen2_audio_config_dict(ids)), seed=3)
@@ -138,7 +138,7 @@ def test_spy_catches_the_padded_paths_syncs(tiny_token_ids, whisper_fe):
     assert spy.seen
 
 
-@pytest.mark.parametrize("recipe,use_beats", [("all_layer", True), ("last_token", False)])
+@pytest.mark.parametrize("recipe,use_beats", [("all_layer", True), ("last_token", False), ("mean_bidirectional", False)])
 def test_packed_forward_reads_nothing_back(tiny_token_ids, whisper_fe, recipe, use_beats):
     model = omni_model(tiny_token_ids, recipe, use_beats)
     items = [c.item for c in build_cases(model, tiny_token_ids, whisper_fe)]
@@ -148,7 +148,8 @@ def test_packed_forward_reads_nothing_back(tiny_token_ids, whisper_fe, recipe, u
     assert spy.seen == []
 
 
-@pytest.mark.parametrize("recipe,use_beats", [("all_layer", True), ("eos_projection", False)])
+@pytest.mark.parametrize("recipe,use_beats", [("all_layer", True), ("eos_projection", False),
+                                              ("mean_bidirectional", False)])
 def test_packed_forward_runs_without_tensor_values(tiny_token_ids, whisper_fe, monkeypatch, recipe, use_beats):
     """The whole packed forward (towers, BEATs, decoder, heads) runs on the meta device, where no tensor has
     values: any .item()/.tolist()/int()/nonzero/boolean mask read would raise. The attention kernel is what
@@ -176,15 +177,20 @@ def test_packed_forward_runs_without_tensor_values(tiny_token_ids, whisper_fe, m
     assert out.shape == (len(items), model.config.embedding_dim) and out.is_meta
     n_layers = len(model.model.layers) + len(model.audio_tower.layers) + len(model.visual.blocks)
     assert len(calls) == n_layers  # one attention call per layer, in every tower and the decoder
-    assert calls.count((-1, 0)) == len(model.model.layers) - 1  # causal in all but the trimmed last layer
+    n_llm = len(model.model.layers)
+    if model.config.recipe.attention == "causal":
+        assert calls.count((-1, 0)) == n_llm - 1  # causal in all but the trimmed last layer
+    else:  # bidirectional everywhere (mean pooling: the last layer runs on every token); the towers are too
+        assert (-1, 0) not in calls and calls.count((-1, -1)) == len(calls)
     with pytest.raises((RuntimeError, NotImplementedError)):  # the padded path reads values (mask counts, splits)
         meta_model(collate(items, tiny_token_ids["<|endoftext|>"]).to("meta"))
 
 
-def test_packed_decoder_exports_without_data_dependent_breaks(tiny_token_ids):
+@pytest.mark.parametrize("recipe", ["all_layer", "mean_bidirectional"])
+def test_packed_decoder_exports_without_data_dependent_breaks(tiny_token_ids, recipe):
     """torch.export traces the packed decoder + heads with the batch's host-side lengths baked in: any
     read of cu_seqlens/last_index values inside would fail the trace."""
-    model = omni_model(tiny_token_ids, "all_layer", False)
+    model = omni_model(tiny_token_ids, recipe, False)
     items = [long_text(tiny_token_ids, n, n % 2 == 0) for n in (5, 40, 17)]
     b = packed(model, items)
 
@@ -203,13 +209,14 @@ def test_packed_decoder_exports_without_data_dependent_breaks(tiny_token_ids):
         assert torch.allclose(ep.module()(*args), model(b), rtol=1e-5, atol=1e-6)
 
 
-def test_packed_gradients_equal_padded(tiny_token_ids):
+@pytest.mark.parametrize("recipe", ["all_layer", "mean_bidirectional"])
+def test_packed_gradients_equal_padded(tiny_token_ids, recipe):
     """Training goes through the packed path too: gradients flow and equal the padded path's."""
-    model = omni_model(tiny_token_ids, "all_layer", False)
+    model = omni_model(tiny_token_ids, recipe, False)
     items = [long_text(tiny_token_ids, n, True) for n in (9, 31, 4)]
     pad = tiny_token_ids["<|endoftext|>"]
-    weights = [model.model.layers[0].self_attn.q_proj.weight, model.model.layers[-1].self_attn.k_proj.weight,
-               model.classify_linear[0].weight]
+    weights = [model.model.layers[0].self_attn.q_proj.weight, model.model.layers[-1].self_attn.k_proj.weight]
+    weights += [model.classify_linear[0].weight] if hasattr(model, "classify_linear") else [model.model.norm.weight]
     grads = []
     for batch in (collate(items, pad), packed(model, items)):
         for w in weights:
@@ -296,8 +303,9 @@ def test_varlen_attention_backends_agree_with_dense_reference():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_packed_forward_makes_no_cuda_host_sync(tiny_token_ids, whisper_fe, dtype):
-    model = omni_model(tiny_token_ids, "all_layer", True).to("cuda", dtype)
+@pytest.mark.parametrize("recipe,use_beats", [("all_layer", True), ("mean_bidirectional", False)])
+def test_packed_forward_makes_no_cuda_host_sync(tiny_token_ids, whisper_fe, dtype, recipe, use_beats):
+    model = omni_model(tiny_token_ids, recipe, use_beats).to("cuda", dtype)
     items = [c.item for c in build_cases(model, tiny_token_ids, whisper_fe)] + [long_text(tiny_token_ids, 90, False)]
     batch = packed(model, items).to("cuda", dtype)
     with torch.no_grad():
@@ -317,12 +325,13 @@ def test_packed_forward_makes_no_cuda_host_sync(tiny_token_ids, whisper_fe, dtyp
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_packed_low_precision_error_at_most_twice_padded(tiny_token_ids, whisper_fe, dtype):
+@pytest.mark.parametrize("recipe,use_beats", [("all_layer", True), ("mean_bidirectional", False)])
+def test_packed_low_precision_error_at_most_twice_padded(tiny_token_ids, whisper_fe, dtype, recipe, use_beats):
     """On CUDA (varlen kernels) the packed path's error against a float64 reference of the same weights is
     at most 2x the padded path's (dense-mask SDPA) in the same dtype, on one mixed batch."""
     from test_model_gpu import _copy_model
 
-    base = omni_model(tiny_token_ids, "all_layer", True, seed=21)
+    base = omni_model(tiny_token_ids, recipe, use_beats, seed=21)
     exact = _copy_model(base, "cpu", torch.float64)
     fast = _copy_model(base, "cuda", dtype)
     items = [c.item for c in build_cases(exact, tiny_token_ids, whisper_fe)] + [long_text(tiny_token_ids, 200, False)]
@@ -331,6 +340,26 @@ def test_packed_low_precision_error_at_most_twice_padded(tiny_token_ids, whisper
         want = exact(collate(items, pad).to("cpu", torch.float64))
         ours = fast(packed(fast, items).to("cuda", dtype)).double().cpu()
         plain = fast(collate(items, pad).to("cuda", dtype)).double().cpu()
+    for k in range(len(items)):
+        err_ours = (ours[k] - want[k]).abs().max().item()
+        err_plain = (plain[k] - want[k]).abs().max().item()
+        assert err_ours <= 2 * err_plain + 1e-6, (k, err_ours, err_plain)
+
+
+def test_packed_mean_bf16_error_at_most_twice_padded_on_cpu(tiny_token_ids, whisper_fe):
+    """The CPU form of the check above for bidirectional + mean pooling (per-item SDPA and the float32 segment
+    mean against the padded path's dense mask and masked sum), bf16 against a float64 reference."""
+    from test_model_gpu import _copy_model
+
+    base = omni_model(tiny_token_ids, "mean_bidirectional", False, seed=21)
+    exact = _copy_model(base, "cpu", torch.float64)
+    fast = _copy_model(base, "cpu", torch.bfloat16)
+    items = [c.item for c in build_cases(exact, tiny_token_ids, whisper_fe)] + [long_text(tiny_token_ids, 200, False)]
+    pad = tiny_token_ids["<|endoftext|>"]
+    with torch.no_grad():
+        want = exact(collate(items, pad).to("cpu", torch.float64))
+        ours = fast(packed(fast, items).to("cpu", torch.bfloat16)).double()
+        plain = fast(collate(items, pad).to("cpu", torch.bfloat16)).double()
     for k in range(len(items)):
         err_ours = (ours[k] - want[k]).abs().max().item()
         err_plain = (plain[k] - want[k]).abs().max().item()

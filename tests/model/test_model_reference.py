@@ -8,12 +8,12 @@ import pytest
 import torch
 import wave_reference as ref
 from model_signals import noise, qwen2_audio_item
+from tiny_checkpoints import tiny_qwen2_audio_config_dict, tiny_thinker_config_dict
 
 from wave_rt.config import WaveConfig
 from wave_rt.embed.processor import whisper_tokens
 from wave_rt.model.batch import AudioSegmentInputs, ItemInputs, collate
 from wave_rt.model.positions import SequenceBuilder, VideoGrid
-from wave_rt.model.tiny import tiny_qwen2_audio_config_dict, tiny_thinker_config_dict
 from wave_rt.model.wave_model import WaveModel
 
 TOL = 1e-5
@@ -130,7 +130,7 @@ def reference_embedding(model: WaveModel, hf, case: Case) -> torch.Tensor:
     with torch.no_grad():
         if not cfg.use_beats or case.fbanks is None:
             out = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True, **case.hf_kwargs)
-            rows = ref.last_token_rows(out.hidden_states)
+            layer_states = ref.last_token_states(out.hidden_states)
         else:
             kw = case.hf_kwargs
             embeds = hf.model.get_input_embeddings()(ids)
@@ -148,8 +148,8 @@ def reference_embedding(model: WaveModel, hf, case: Case) -> torch.Tensor:
             pos = pos.to(model.device)
             out = hf.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
                                           output_hidden_states=True)
-            rows = ref.last_token_rows(out.hidden_states)
-        return ref.apply_reference_head(model, head, rows)
+            layer_states = ref.last_token_states(out.hidden_states)
+        return ref.apply_reference_head(model, head, layer_states)
 
 
 @pytest.fixture(scope="module", params=OMNI_CASES, ids=[f"{r}{'+beats' if b else ''}" for r, b in OMNI_CASES])

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 import wave_reference as ref
+from tiny_checkpoints import make_tiny_checkpoint
 
 from wave_rt import Audio, AudioVisual, Text, Video
 from wave_rt.embed.encoder import WaveEncoder
 from wave_rt.errors import CheckpointError, UnsupportedItemError
 from wave_rt.model.embedder_presets import PRESETS, detect_preset, get_preset
-from wave_rt.model.tiny import make_tiny_checkpoint
 
 TOL = 1e-5
 CHAT_OPEN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"

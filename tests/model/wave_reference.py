@@ -50,20 +50,20 @@ def hf_qwen2_audio(model):
     return hf
 
 
-def last_token_rows(hidden_states) -> torch.Tensor:
+def last_token_states(hidden_states) -> torch.Tensor:
     """[B, L, D]: the last position of every entry of hidden_states[1:] (27 raw + final-norm at 7B)."""
     return torch.stack([h[:, -1] for h in hidden_states[1:]], dim=1)
 
 
-def apply_reference_head(model, head: str, rows: torch.Tensor) -> torch.Tensor:
+def apply_reference_head(model, head: str, layer_states: torch.Tensor) -> torch.Tensor:
     if head == "none":
-        return rows[:, -1]
+        return layer_states[:, -1]
     if head == "eos_projection":
-        return model.eos_proj(rows[:, -1])
-    if head == "fusion_last":
-        return model.classify_linear(rows[:, -1])
-    if head == "fusion_all":
-        return model.classify_linear(torch.cat([rows[:, i] for i in range(rows.shape[1])], dim=-1))
+        return model.eos_proj(layer_states[:, -1])
+    if head == "last_layer":
+        return model.classify_linear(layer_states[:, -1])
+    if head == "all_layer":
+        return model.classify_linear(torch.cat([layer_states[:, i] for i in range(layer_states.shape[1])], dim=-1))
     raise ValueError(head)
 
 

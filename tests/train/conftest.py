@@ -9,7 +9,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from wave_rt.model.tiny import make_tiny_checkpoint
+    from tiny_checkpoints import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("train-ckpts")
     return {pooling: make_tiny_checkpoint(root / pooling, recipe=pooling, use_beats=False, seed=3, layers=2)

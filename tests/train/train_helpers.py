@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -59,3 +66,40 @@ def train_config(ckpt, manifest, out_dir, **sections) -> dict:
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
     return cfg
+
+
+WORKER = Path(__file__).with_name("_train_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(cfg: dict, tmp: Path, tag: str, world: int, *extra: str) -> dict:
+    """Run _train_worker.py on `world` gloo ranks (torchrun's environment; world 1: no process group from
+    the environment) with config `cfg`; returns rank 0's record (losses, gradients, parameters)."""
+    cfg_file = tmp / f"{tag}.json"
+    cfg_file.write_text(json.dumps(cfg))
+    out = tmp / f"{tag}.pt"
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        if world > 1:
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port))
+        else:
+            env.pop("WORLD_SIZE", None)
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(cfg_file), str(out), *extra], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to max |b|."""
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))

@@ -1,6 +1,8 @@
 """The bundled demo input set behind `wave-rt embed demo`: a few short audio clips (WAV, FLAC, Ogg Vorbis),
-two short videos (VP9 WebM without audio; H.264 + AAC MP4) and a handful of captions, listed in one
-JSONL manifest.
+two short videos (VP9 WebM without audio; H.264 + AAC MP4), four coloured shapes moving left or right (the
+kind of clip the demo model was trained on: `wave-rt search DIR --text "a red circle moving to the left"`
+finds video/red_circle_left.mp4 first, ahead of the clips that differ from it in one attribute) and a
+handful of captions, listed in one JSONL manifest.
 
 It is synthesized (tones, chirps, noise, moving shapes) on first use with numpy, soundfile and PyAV only
 (no ffmpeg binary), into the wave_rt cache directory ($WAVE_RT_CACHE or ~/.cache/wave_rt), atomically
@@ -18,7 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-DEMO_DATA_VERSION = 1
+from wave_rt.archive.moving_shapes import FPS as SHAPE_FPS
+from wave_rt.archive.moving_shapes import shape_frames
+
+DEMO_DATA_VERSION = 2
 MANIFEST = "manifest.jsonl"
 
 CAPTIONS = {
@@ -28,6 +33,14 @@ CAPTIONS = {
     "text/beeps": "three short electronic beeps",
     "text/square": "a white square sliding across a dark screen",
     "text/ball": "a red ball bouncing with a beep at every bounce",
+}
+
+# name -> (colour, shape, direction, seed): the README's query and three clips one attribute away from it
+SHAPE_CLIPS = {
+    "red_circle_left": ("red", "circle", "left", 11),
+    "red_circle_right": ("red", "circle", "right", 12),
+    "blue_circle_left": ("blue", "circle", "left", 13),
+    "red_bar_left": ("red", "bar", "left", 14),
 }
 
 
@@ -192,10 +205,14 @@ def generate(root: str | os.PathLike[str]) -> Path:
         t = np.arange(n) / rate
         sound[s:s + n] += (0.5 * np.sin(2 * np.pi * 880 * t) * np.exp(-t * 30)).astype(np.float32)[: len(sound) - s]
     write_video(root / "video" / "ball.mp4", frames, fps, "libx264", audio=sound, audio_rate=rate)
+    for name, (colour, shape, direction, seed) in SHAPE_CLIPS.items():
+        clip = shape_frames(np.random.default_rng(seed), colour, shape, direction, seconds=2.0)
+        write_video(root / "video" / f"{name}.mp4", clip, SHAPE_FPS, "libx264")
 
     rows = [{"id": f"audio/{name}", "path": f"audio/{name}"}
             for name in ("tone_a440.wav", "chirp.flac", "rain_noise.ogg", "beeps.wav")]
-    rows += [{"id": f"video/{name}", "path": f"video/{name}"} for name in ("square.webm", "ball.mp4")]
+    videos = ["square.webm", "ball.mp4"] + [f"{name}.mp4" for name in SHAPE_CLIPS]
+    rows += [{"id": f"video/{name}", "path": f"video/{name}"} for name in videos]
     rows += [{"id": key, "text": text} for key, text in CAPTIONS.items()]
     manifest = root / MANIFEST
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

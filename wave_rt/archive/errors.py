@@ -15,6 +15,16 @@ class SourceError(WaveRTError, ValueError):
         super().__init__(f"source {self.source}: {reason}")
 
 
+class JobOptionsError(WaveRTError, ValueError):
+    """A setting of an archive job (wave_rt.archive.options.JobOptions) has a bad value."""
+
+    def __init__(self, option: str, value: object, reason: str) -> None:
+        self.option = option
+        self.value = value
+        self.reason = reason
+        super().__init__(f"option {option}={value!r}: {reason}")
+
+
 class ArchiveMismatchError(WaveRTError):
     """The output directory holds embeddings made with other settings (model, dtype, instruction...);
     mixing them would silently corrupt the archive."""

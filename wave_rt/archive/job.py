@@ -11,6 +11,7 @@ instruction or modality into the same directory is refused (ArchiveMismatchError
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -39,31 +40,13 @@ from wave_rt.archive.manifest import (
     read_manifest,
     write_manifest,
 )
+from wave_rt.archive.options import JobOptions
 from wave_rt.archive.progress import JobSummary, Progress
-from wave_rt.archive.shards import EMBEDDING_DTYPES, list_shards
-from wave_rt.archive.sources import ArchiveSource, SourceItem, check_modality, open_source
+from wave_rt.archive.shards import list_shards
+from wave_rt.archive.sources import ArchiveSource, SourceEntry, open_source
 from wave_rt.dtypes import dtype_name
 
 log = logging.getLogger(__name__)
-
-ENGINES = ("local", "ray")
-
-
-def default_workers() -> int:
-    """Decode workers: one per core but the one the model thread drives. Media decode runs in a process
-    per worker (prepare_pool), so no GIL caps how many pay off; the pool never exceeds the usable cores."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 2
-    return max(1, cores - 1)
-
-
-def default_shard_rows(dim: int, embedding_dtype: str) -> int:
-    """About 64 MiB of vectors per shard, between 1,024 and 65,536 rows."""
-    per_row = dim * (4 if embedding_dtype == "float32" else 2)
-    return max(1024, min(65536, (64 << 20) // max(1, per_row)))
-
 
 def model_ref(model: Any) -> str:
     """What the manifest records as the model: "demo", an absolute path, or an encoder object's id."""
@@ -106,7 +89,7 @@ class ScanCounts:
     problems: int = 0
 
 
-def _classify(source: ArchiveSource, done: IdSet, reported_duplicates: IdSet) -> Iterator[tuple[str, SourceItem]]:
+def _classify(source: ArchiveSource, done: IdSet, reported_duplicates: IdSet) -> Iterator[tuple[str, SourceEntry]]:
     """('pending' | 'done' | 'duplicate' | 'problem' | 'reported', item) for every source item, in order.
     Only the first item with a given id is embedded; later ones are duplicates (reported once, ever)."""
     seen = IdSet()
@@ -142,7 +125,7 @@ def _scan(source: ArchiveSource, done: IdSet, reported: IdSet) -> ScanCounts:
     return c
 
 
-def pending_items(source: ArchiveSource, done: IdSet, reported: IdSet, report: Any) -> Iterator[SourceItem]:
+def pending_items(source: ArchiveSource, done: IdSet, reported: IdSet, report: Any) -> Iterator[SourceEntry]:
     """The items still to embed; malformed rows and duplicate ids are handed to `report` as error records."""
     for kind, item in _classify(source, done, reported):
         if kind == "pending":
@@ -159,75 +142,45 @@ def embed_archive(
     source: str | os.PathLike[str],
     out: str | os.PathLike[str],
     model: Any = None,
-    instruction: str | None = None,
-    modality: str = "auto",
-    device: Any = None,
-    dtype: Any = None,
-    max_batch_tokens: int | None = None,
-    workers: int | None = None,
-    engine: str = "local",
+    options: JobOptions | None = None,
     *,
-    embedding_dtype: str = "float32",
-    normalize: bool = True,
-    shard_rows: int | None = None,
-    commit_seconds: float = 60.0,
-    retry_errors: bool = False,
-    progress: bool = True,
-    log_every: float = 30.0,
     stream: TextIO | None = None,
-    ray_address: str | None = None,
-    decode: str = "auto",
-    item_timeout: float | None = 120.0,
+    **overrides: Any,
 ) -> JobSummary:
     """Embed every item of `source` into the archive directory `out` (DESIGN.md section 6).
 
     source: a directory (media files, recursive), a glob, a manifest (.jsonl/.csv/.tsv/.parquet with
     `path` or `text`, optional `id`, `modality`, `instruction`), a media file, or "demo".
     model: a checkpoint path, None / "demo" for the bundled demo model, or a loaded WaveEncoder.
-    instruction: replaces the per-modality default prompt of media items (text targets ignore it).
-    modality: "auto" (by extension and stream probe) or one of text/audio/video/av for all rows without one.
-    decode: where the local engine decodes media: "auto"/"processes" (spawn worker processes, one per core up
-    to `workers`) or "threads". item_timeout: seconds one media item may take in a worker process before the
-    worker is stopped and the item reported as a DecodeTimeoutError (processes only).
+    options: a JobOptions (wave_rt.archive.options: every setting, its default and meaning); keyword
+    arguments override its fields, so `embed_archive(src, out, instruction="...", workers=4)` and
+    `embed_archive(src, out, options=JobOptions(instruction="...", workers=4))` are the same job.
+    A bad setting raises JobOptionsError before anything is read or written.
+    stream: where progress goes (default: stderr).
     Returns a JobSummary; per-item failures are in out/errors.jsonl, not raised."""
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    check_modality(modality)
-    if embedding_dtype not in EMBEDDING_DTYPES:
-        raise ValueError(f"embedding_dtype must be one of {sorted(EMBEDDING_DTYPES)}, got {embedding_dtype!r}")
-    if max_batch_tokens is not None and max_batch_tokens <= 0:
-        raise ValueError("max_batch_tokens must be positive")
-    if workers is not None and workers <= 0:
-        raise ValueError("workers must be positive")
-    src = open_source(source, modality)
+    opts = JobOptions.from_kwargs(options, **overrides)
+    src = open_source(source, opts.modality)
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise ArchiveFormatError(out_dir, "exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    stream = stream if stream is not None else sys.stderr
     with _directory_lock(out_dir):
-        return _run_job(src, out_dir, model, instruction, modality, device, dtype, max_batch_tokens, workers, engine,
-                        embedding_dtype, normalize, shard_rows, commit_seconds, retry_errors, progress, log_every,
-                        stream, ray_address, {"decode": decode, "item_timeout": item_timeout})
+        return _run_job(src, out_dir, model, opts, stream if stream is not None else sys.stderr)
 
 
-def _run_job(src: ArchiveSource, out_dir: Path, model: Any, instruction: str | None, modality: str, device: Any,
-             dtype: Any, max_batch_tokens: int | None, workers: int | None, engine: str, embedding_dtype: str,
-             normalize: bool, shard_rows: int | None, commit_seconds: float, retry_errors: bool, show: bool,
-             log_every: float, stream: TextIO, ray_address: str | None,
-             decode_options: dict[str, Any] | None = None) -> JobSummary:
+def _run_job(src: ArchiveSource, out_dir: Path, model: Any, opts: JobOptions, stream: TextIO) -> JobSummary:
     t_start = time.monotonic()
     existing = read_manifest(out_dir)
     if existing is None and list_shards(out_dir):
         raise ArchiveFormatError(out_dir, "holds part-*.parquet shards but no manifest.json; refusing to add to it")
     ref = model_ref(model)
-    run_settings = {"instruction": instruction, "modality": modality, "embedding_dtype": embedding_dtype,
-                    "normalized": normalize}
+    run_settings = {"instruction": opts.instruction, "modality": opts.modality,
+                    "embedding_dtype": opts.embedding_dtype, "normalized": opts.normalize}
     if existing is not None:
         # settings known without loading the model: refuse early, before a 7B load
         diff = {k: (getattr(existing, k), v) for k, v in run_settings.items() if getattr(existing, k) != v}
-        if dtype is not None and dtype_name(dtype) != existing.dtype:
-            diff["dtype"] = (existing.dtype, dtype_name(dtype))
+        if opts.dtype is not None and opts.dtype != existing.dtype:
+            diff["dtype"] = (existing.dtype, opts.dtype)
         if diff:
             from wave_rt.archive.errors import ArchiveMismatchError
 
@@ -238,9 +191,9 @@ def _run_job(src: ArchiveSource, out_dir: Path, model: Any, instruction: str | N
     errors = ErrorLog(out_dir)
     done = IdSet()
     journal.done_ids(done)
-    errors.recover(done, retry_all=retry_errors)
+    errors.recover(done, retry_all=opts.retry_errors)
     counts = _scan(src, done, errors.reported_duplicates)
-    summary = JobSummary(source=src.describe(), out_dir=str(out_dir), engine=engine, seen=counts.seen,
+    summary = JobSummary(source=src.describe(), out_dir=str(out_dir), engine=opts.engine, seen=counts.seen,
                          already_done=counts.already_done)
     if counts.seen == 0:
         from wave_rt.archive.errors import SourceError
@@ -252,10 +205,10 @@ def _run_job(src: ArchiveSource, out_dir: Path, model: Any, instruction: str | N
     if to_do == 0 and same_model:
         return _finish_idle(out_dir, existing, journal, errors, summary)
 
-    encoder = load_encoder(model, device, dtype, engine, ray_address)
+    encoder = load_encoder(model, opts)
     wanted = RunManifest(model_id=str(encoder.model_id), model_path=ref, config_hash=str(encoder.fingerprint),
-                         dtype=dtype_name(encoder.dtype), dim=int(encoder.dim), instruction=instruction,
-                         modality=modality, embedding_dtype=embedding_dtype, normalized=normalize,
+                         dtype=dtype_name(encoder.dtype), dim=int(encoder.dim), instruction=opts.instruction,
+                         modality=opts.modality, embedding_dtype=opts.embedding_dtype, normalized=opts.normalize,
                          wave_rt_version=_version(), source=src.spec)
     summary.model_id, summary.config_hash = wanted.model_id, wanted.config_hash
     summary.dtype, summary.dim = wanted.dtype, wanted.dim
@@ -269,32 +222,27 @@ def _run_job(src: ArchiveSource, out_dir: Path, model: Any, instruction: str | N
     _update_counts(manifest, journal, errors)
     write_manifest(out_dir, manifest)
 
-    n_workers = int(workers or default_workers())
-    rows_per_shard = int(shard_rows or default_shard_rows(manifest.dim, embedding_dtype))
-    prog = Progress(total=to_do, stream=stream, log_every=log_every, enabled=show)
+    n_workers = opts.decode_workers()
+    prog = Progress(total=to_do, stream=stream, log_every=opts.log_every, enabled=opts.progress)
     from wave_rt.archive.writer import ArchiveWriter
 
-    writer = ArchiveWriter(out_dir, journal, errors, manifest.dim, embedding_dtype, rows_per_shard, commit_seconds,
-                           prog).start()
+    writer = ArchiveWriter(out_dir, journal, errors, manifest.dim, opts.embedding_dtype,
+                           opts.rows_per_shard(manifest.dim), opts.commit_seconds, prog).start()
     pending = pending_items(src, done, errors.reported_duplicates, writer.put_error)
     interrupted = False
     failure: BaseException | None = None
     try:
-        if engine == "local":
+        if opts.engine == "local":
             from wave_rt.archive.pipeline import LocalPipeline
 
-            budget = int(max_batch_tokens or encoder.default_max_batch_tokens)
-            pipe = LocalPipeline(encoder, writer, instruction=instruction, max_batch_tokens=budget,
-                                 workers=n_workers, normalize=normalize, **(decode_options or {}))
-            stats = pipe.run(pending)
+            stats = LocalPipeline(encoder, writer, opts).run(pending)
             interrupted = stats.interrupted
             summary.batches, summary.oom_splits = stats.batches, stats.oom_splits
         else:
             from wave_rt.archive.ray_engine import run_ray
 
-            stats = run_ray(pending, writer, model=model, device=device, dtype=manifest.dtype,
-                            instruction=instruction, max_batch_tokens=max_batch_tokens, workers=workers,
-                            normalize=normalize, address=ray_address)
+            # the workers run in the dtype the manifest records (read from the files, see load_encoder)
+            stats = run_ray(pending, writer, model, dataclasses.replace(opts, dtype=manifest.dtype))
             interrupted = stats.interrupted
             summary.batches, summary.oom_splits = stats.batches, stats.oom_splits
             n_workers = stats.workers
@@ -358,20 +306,20 @@ def _version() -> str:
     return __version__
 
 
-def load_encoder(model: Any, device: Any, dtype: Any, engine: str = "local", ray_address: str | None = None) -> Any:
+def load_encoder(model: Any, opts: JobOptions) -> Any:
     """The local engine's encoder; for engine="ray", only the model's identity (id, fingerprint, dtype,
     width) read from the files: the driver never builds the model, the workers do."""
     if model is not None and not isinstance(model, (str, os.PathLike)):
-        if engine == "ray":
+        if opts.engine == "ray":
             raise ValueError("engine='ray' loads the model in each worker: pass model as a checkpoint path "
                              "(or None for the demo model), not a loaded encoder")
         return model  # a loaded encoder (anything with the WaveEncoder contract)
     path = None if model is None else os.fspath(model)
-    if engine == "ray":
+    if opts.engine == "ray":
         from wave_rt.archive.ray_engine import worker_dtype
         from wave_rt.embed.identity import read_identity
 
-        return read_identity(path, worker_dtype(dtype, ray_address))
+        return read_identity(path, worker_dtype(opts.dtype, opts.ray_address))
     from wave_rt.embed.encoder import WaveEncoder
 
-    return WaveEncoder.from_pretrained(path, device=device, dtype=dtype)
+    return WaveEncoder.from_pretrained(path, device=opts.device, dtype=opts.dtype)

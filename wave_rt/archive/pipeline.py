@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from wave_rt.archive.journal import ErrorRecord
+from wave_rt.archive.options import JobOptions
 from wave_rt.archive.prepare import (  # noqa: F401 - re-exported: the item functions' old home
-    WorkItem,
+    PreparedEntry,
     _probe_streams,
     error_record,
     prepare_one,
@@ -41,7 +42,6 @@ from wave_rt.archive.prepare import (  # noqa: F401 - re-exported: the item func
     to_item,
 )
 from wave_rt.archive.prepare_pool import (
-    DEFAULT_ITEM_TIMEOUT,
     PoolClosedError,
     PreparePool,
     ProcessorSpec,
@@ -49,8 +49,8 @@ from wave_rt.archive.prepare_pool import (
     picklable,
     preparer_spec,
 )
-from wave_rt.archive.sources import VIDEO_EXTS, SourceItem
-from wave_rt.archive.writer import ArchiveWriter, RowBlock
+from wave_rt.archive.sources import VIDEO_EXTS, SourceEntry
+from wave_rt.archive.writer import ArchiveWriter, EmbeddedRows
 from wave_rt.embed.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -62,13 +62,10 @@ CHUNK_SECONDS = 0.02  # ... or fewer, when preparing them takes longer than this
 # started once the job's first media item has waited this long, so a job whose media the threads finish
 # sooner never pays the pool's start-up (~3 s of a core: spawn, import torch, build the processor).
 POOL_START_AFTER = 1.0
-# Where media items are decoded: "processes" (spawn workers, per-item timeout), "threads" (in this process,
-# no timeout), "auto" (processes when the encoder can be sent to them).
-DECODE_MODES = ("auto", "processes", "threads")
 
 
-def embed_work_items(runner: ModelRunner, items: list[WorkItem]) -> tuple[RowBlock | None, list[ErrorRecord]]:
-    """One batch of work items -> (rows for the writer, error records)."""
+def embed_prepared_entries(runner: ModelRunner, items: list[PreparedEntry]) -> tuple[EmbeddedRows | None, list[ErrorRecord]]:
+    """One batch of prepared entries -> (embedded rows for the writer, error records)."""
     ok, failed = runner.run([w.prepared for w in items])
     errors = [error_record(items[i].src, "model", exc, retryable=True) for i, exc in sorted(failed.items())]
     good = [i for i in range(len(items)) if i in ok]
@@ -79,7 +76,7 @@ def embed_work_items(runner: ModelRunner, items: list[WorkItem]) -> tuple[RowBlo
     tokens = sum(items[i].num_tokens for i in good)
     audio = sum(float(items[i].prepared.duration or 0.0) for i in good if items[i].modality in ("audio", "av"))
     video = sum(float(items[i].prepared.duration or 0.0) for i in good if items[i].modality in ("video", "av"))
-    return RowBlock(rows, emb, tokens, audio, video), errors
+    return EmbeddedRows(rows, emb, tokens, audio, video), errors
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -94,33 +91,36 @@ class PipelineStats:
 
 
 class LocalPipeline:
-    """Runs the threads above over an iterable of pending SourceItems; the caller owns the writer."""
+    """Runs the threads above over an iterable of pending SourceEntries; the caller owns the writer.
 
-    def __init__(self, encoder: Any, writer: ArchiveWriter, *, instruction: str | None, max_batch_tokens: int,
-                 workers: int, normalize: bool = True, model_threads: int | None = None,
-                 max_pending_tokens: int | None = None, idle_flush_seconds: float = 1.0,
-                 probe: Callable[[str], tuple[bool, bool]] = _probe_streams, decode: str = "auto",
-                 item_timeout: float | None = DEFAULT_ITEM_TIMEOUT) -> None:
+    The job's settings come from `options` (instruction, max_batch_tokens, workers, normalize, decode,
+    item_timeout); the keyword arguments are the engine's own tuning knobs, not job settings."""
+
+    def __init__(self, encoder: Any, writer: ArchiveWriter, options: JobOptions, *,
+                 model_threads: int | None = None, max_pending_tokens: int | None = None,
+                 idle_flush_seconds: float = 1.0,
+                 probe: Callable[[str], tuple[bool, bool]] = _probe_streams) -> None:
+        if options.engine != "local":
+            raise ValueError(f"LocalPipeline runs engine='local' jobs, not engine={options.engine!r}")
+        self.options = options
         self.encoder = encoder
         self.writer = writer
         self.progress = writer.progress
-        self.instruction = instruction
-        self.budget = int(max_batch_tokens)
-        self.workers = max(1, int(workers))
+        self.instruction = options.instruction
+        self.budget = options.batch_budget(encoder)
+        self.workers = options.decode_workers()
         device = getattr(encoder, "device", torch.device("cpu"))
         self.cuda = torch.device(device).type == "cuda"
         self.model_threads = model_threads or (2 if self.cuda else 1)
         self.max_pending_tokens = max_pending_tokens or 4 * self.budget
         self.idle_flush_seconds = idle_flush_seconds
         self.probe = probe
-        if decode not in DECODE_MODES:
-            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
-        self.decode = decode
-        self.item_timeout = item_timeout
+        self.decode = options.decode
+        self.item_timeout = options.item_timeout
         self.pool: PreparePool | None = None
         self._pool_lock = threading.Lock()
         self._pool_spec: Any = None
-        self._bridge = False  # media go to bounded threads while no worker process is up (see _media_route)
+        self._bridge = False  # media go to bounded threads while no worker process is up (see _media_pool)
         self._first_media: float | None = None
         self.bridged = 0  # media items prepared in threads while the pool started
         self.bridge_timeouts = 0
@@ -129,7 +129,7 @@ class LocalPipeline:
         self.early_batch_tokens = max(1, self.budget // 8)
         self._busy_models = 0
         self._busy_lock = threading.Lock()
-        self.runner = ModelRunner(encoder, self.budget, normalize)
+        self.runner = ModelRunner(encoder, self.budget, options.normalize)
         # On a CPU device the forward's intra-op threads use every core and its Python runs under the GIL:
         # captions tokenized in another thread meanwhile stall it far beyond their own cost (GIL hand-offs
         # on every op, displaced intra-op threads; the text job ran at half its serial speed). There, text
@@ -171,7 +171,7 @@ class LocalPipeline:
                 self._fail(exc)
         return run
 
-    def _in_process(self, src: SourceItem) -> bool:
+    def _in_process(self, src: SourceEntry) -> bool:
         """Text is tokenized here (cheaper than a hop to a process). With DALI and a GPU, video files are
         decoded here too: DALI's NVDEC pipelines belong to the process that owns the GPU, run off the GIL, and
         hand the frames to GPU features; codecs DALI lacks fall back to PyAV inside the same call."""
@@ -214,8 +214,8 @@ class LocalPipeline:
                                         probe=None if self.probe is _probe_streams else self.probe)
             return self.pool
 
-    def _prepare_media(self, key: int, src: SourceItem) -> Any:
-        """A media item's WorkItem or ErrorRecord; None when the job is stopping."""
+    def _prepare_media(self, key: int, src: SourceEntry) -> Any:
+        """A media item's PreparedEntry or ErrorRecord; None when the job is stopping."""
         pool = self._media_pool()
         if pool is not None and (pool.ready or not self._bridge):
             try:
@@ -226,7 +226,7 @@ class LocalPipeline:
             return self._prepare_bounded(key, src)
         return prepare_one(self.encoder, src, key, self.instruction, self.probe)
 
-    def _prepare_bounded(self, key: int, src: SourceItem) -> Any:
+    def _prepare_bounded(self, key: int, src: SourceEntry) -> Any:
         """prepare_one in a thread of its own, waited for at most item_timeout: an item past it becomes a
         DecodeTimeoutError record and its thread is abandoned (a thread cannot be stopped; the decoder's own
         wall-clock budget, MediaLimits.max_decode_seconds, ends it later)."""
@@ -259,11 +259,11 @@ class LocalPipeline:
         return None
 
     # ------------------------------------------------------------------ stages
-    def _feed(self, pending: Iterable[SourceItem]) -> None:
+    def _feed(self, pending: Iterable[SourceEntry]) -> None:
         """Lists of (key, item) into work_q: consecutive text items TEXT_CHUNK at a time, media one by one."""
         try:
             it = enumerate(pending)
-            chunk: list[tuple[int, SourceItem]] = []
+            chunk: list[tuple[int, SourceEntry]] = []
             while True:
                 with self._cpu_turn:  # reading the source is CPU work too (JSON, hashing): between forwards
                     media = None
@@ -313,12 +313,12 @@ class LocalPipeline:
             elif not self._put(self._ready_q, [out]):
                 return
 
-    def _prepare_in_process(self, items: list[tuple[int, SourceItem]]) -> bool:
+    def _prepare_in_process(self, items: list[tuple[int, SourceEntry]]) -> bool:
         """Text (and DALI video) prepared here, handed on after every CHUNK_SECONDS of work so that slow
         items still reach the batcher early; False when the job is stopping."""
         pos = 0
         while pos < len(items):
-            good: list[WorkItem] = []
+            good: list[PreparedEntry] = []
             with self._cpu_turn:
                 t0 = time.perf_counter()  # after the wait for the turn: a slice is CHUNK_SECONDS of work
                 while pos < len(items) and (not good or time.perf_counter() - t0 < CHUNK_SECONDS):
@@ -338,7 +338,7 @@ class LocalPipeline:
         from wave_rt.embed.batching import BucketBatcher
 
         batcher = BucketBatcher(self.budget, max_pending=4096)
-        waiting: dict[int, WorkItem] = {}
+        waiting: dict[int, PreparedEntry] = {}
         pending_tokens = 0
         finished = 0
         last_item = time.monotonic()
@@ -400,7 +400,7 @@ class LocalPipeline:
                 t0 = time.perf_counter()
                 try:
                     with self._cpu_turn:
-                        block, errors = embed_work_items(self.runner, msg)  # type: ignore[arg-type]
+                        block, errors = embed_prepared_entries(self.runner, msg)  # type: ignore[arg-type]
                 finally:
                     with self._busy_lock:
                         self._busy_models -= 1
@@ -414,7 +414,7 @@ class LocalPipeline:
                 stream_ctx.__exit__(None, None, None)
 
     # ------------------------------------------------------------------ run
-    def run(self, pending: Iterable[SourceItem] | Iterator[SourceItem]) -> PipelineStats:
+    def run(self, pending: Iterable[SourceEntry] | Iterator[SourceEntry]) -> PipelineStats:
         """Process every pending item. KeyboardInterrupt stops the threads cleanly (what the writer holds
         is still committed by the caller's writer.close()) and is reported as interrupted."""
         threads = [threading.Thread(target=self._guard(lambda: self._feed(pending)), name="wave-rt-feed", daemon=True)]

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from wave_rt.archive.journal import ErrorRecord
-from wave_rt.archive.shards import Row
-from wave_rt.archive.sources import AUDIO_EXTS, SourceItem
+from wave_rt.archive.shards import ShardRow
+from wave_rt.archive.sources import AUDIO_EXTS, SourceEntry
 from wave_rt.errors import InputError, MediaError, WaveRTError
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def _probe_streams(path: str) -> tuple[bool, bool]:
     return bool(info.has_audio), bool(info.has_video)
 
 
-def resolve_modality(src: SourceItem, probe: Callable[[str], tuple[bool, bool]] = _probe_streams) -> str:
+def resolve_modality(src: SourceEntry, probe: Callable[[str], tuple[bool, bool]] = _probe_streams) -> str:
     """The modality an item is embedded as. 'auto' on a file: audio extensions are audio; anything else
     is probed: video with an audio track -> 'av', video alone -> 'video', audio alone -> 'audio'."""
     if src.modality != "auto":
@@ -45,7 +45,7 @@ def resolve_modality(src: SourceItem, probe: Callable[[str], tuple[bool, bool]] 
     raise MediaError(src.path, "has neither an audio nor a video stream")
 
 
-def to_item(src: SourceItem, modality: str) -> Any:
+def to_item(src: SourceEntry, modality: str) -> Any:
     """The wave_rt item (str, Audio, Video, AudioVisual) for a source item."""
     from wave_rt.items import Audio, AudioVisual, Video
 
@@ -67,9 +67,12 @@ def to_item(src: SourceItem, modality: str) -> Any:
 
 
 @dataclass
-class WorkItem:
+class PreparedEntry:
+    """A SourceEntry with its PreparedItem (what encoder.prepare made of it): what the batcher queues. `key`
+    orders entries within the job; `instruction` is what the item is embedded with."""
+
     key: int
-    src: SourceItem
+    src: SourceEntry
     modality: str
     instruction: str | None  # what the item was embedded with (None: the model's default / text target)
     prepared: Any  # PreparedItem
@@ -78,13 +81,13 @@ class WorkItem:
     def num_tokens(self) -> int:
         return int(self.prepared.num_tokens)
 
-    def row(self) -> Row:
-        return Row(id=self.src.id, path=self.src.path, modality=self.modality,
+    def row(self) -> ShardRow:
+        return ShardRow(id=self.src.id, path=self.src.path, modality=self.modality,
                    duration=None if self.prepared.duration is None else float(self.prepared.duration),
                    text=self.src.text, instruction=self.instruction)
 
 
-def error_record(src: SourceItem, stage: str, exc: BaseException, retryable: bool) -> ErrorRecord:
+def error_record(src: SourceEntry, stage: str, exc: BaseException, retryable: bool) -> ErrorRecord:
     message = str(exc) or type(exc).__name__
     return ErrorRecord(id=src.id, path=src.path, stage=stage, error=type(exc).__name__, message=message,
                        retryable=retryable)
@@ -93,8 +96,8 @@ def error_record(src: SourceItem, stage: str, exc: BaseException, retryable: boo
 _unexpected_logged = 0
 
 
-def prepare_one(encoder: Any, src: SourceItem, key: int, instruction: str | None,
-                probe: Callable[[str], tuple[bool, bool]] = _probe_streams) -> WorkItem | ErrorRecord:
+def prepare_one(encoder: Any, src: SourceEntry, key: int, instruction: str | None,
+                probe: Callable[[str], tuple[bool, bool]] = _probe_streams) -> PreparedEntry | ErrorRecord:
     """Decode + preprocess one item; failures become error records (typed media/input errors are
     permanent, anything else is marked retryable so that a fixed bug or a flaky disk gets a second try)."""
     global _unexpected_logged
@@ -105,7 +108,7 @@ def prepare_one(encoder: Any, src: SourceItem, key: int, instruction: str | None
         stage = "preprocess"
         instr = None if modality == "text" else (src.instruction if src.instruction is not None else instruction)
         prepared = encoder.prepare(item, instr)
-        return WorkItem(key, src, modality, instr, prepared)
+        return PreparedEntry(key, src, modality, instr, prepared)
     except MediaError as exc:
         return error_record(src, "decode", exc, retryable=False)
     except InputError as exc:

@@ -32,12 +32,12 @@ from typing import Any
 
 from wave_rt.archive.errors import DecodeWorkerCrashError
 from wave_rt.archive.journal import ErrorRecord
-from wave_rt.archive.sources import SourceItem
+from wave_rt.archive.options import DEFAULT_ITEM_TIMEOUT
+from wave_rt.archive.sources import SourceEntry
 from wave_rt.media.errors import DecodeTimeoutError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ITEM_TIMEOUT = 120.0  # seconds one item may take in a worker; MediaLimits.max_decode_seconds is 60
 MAX_ATTEMPTS = 2  # an item is given to a second worker after the first one died holding it
 WORKER_DEPTH = 2  # items a worker holds: the one in progress and the next (see the module docstring)
 # Thread-pool sizes of the native libraries, read once when they load: a worker is one core.
@@ -65,12 +65,13 @@ class ProcessorSpec:
 
     config: Any
     tokenizer: Any
+    defer_features: bool = False  # the encoder's: items carry raw samples/frames, featurized in the model stage
 
     def build(self) -> Any:
         from wave_rt.embed.processor import WaveProcessor
 
         # Worker processes decode on the CPU: GPU decoding (DALI) stays in the parent, which owns the device.
-        return WaveProcessor(self.config, self.tokenizer, media_backend="cpu")
+        return WaveProcessor(self.config, self.tokenizer, media_backend="cpu", defer_features=self.defer_features)
 
 
 def preparer_spec(encoder: Any) -> Any | None:
@@ -78,7 +79,7 @@ def preparer_spec(encoder: Any) -> Any | None:
     None when the encoder cannot be sent to another process (the pipeline then prepares in threads)."""
     processor = getattr(encoder, "processor", None)
     if processor is not None and type(processor).__name__ == "WaveProcessor":
-        spec: Any = ProcessorSpec(processor.config, processor.tokenizer)
+        spec: Any = ProcessorSpec(processor.config, processor.tokenizer, bool(getattr(encoder, "defer_features", False)))
     else:
         spec = encoder
     return spec if picklable(spec) else None
@@ -165,7 +166,7 @@ def _worker_main(spec: Any, instruction: str | None, probe: Callable[[str], tupl
 @dataclass
 class _Task:
     key: int
-    src: SourceItem
+    src: SourceEntry
     future: Future
     attempts: int = 0
 
@@ -196,7 +197,7 @@ class PoolStats:
 
 
 class PreparePool:
-    """`processes` spawn workers running pipeline.prepare_one; submit() returns a Future of a WorkItem or an
+    """`processes` spawn workers running pipeline.prepare_one; submit() returns a Future of a PreparedEntry or an
     ErrorRecord, imap() yields them in input order."""
 
     def __init__(self, spec: Any, instruction: str | None, processes: int, *,
@@ -266,7 +267,7 @@ class PreparePool:
         return _Worker(slot, self._generation, proc, task_w, result_r)
 
     # ------------------------------------------------------------------ API
-    def submit(self, key: int, src: SourceItem) -> Future:
+    def submit(self, key: int, src: SourceEntry) -> Future:
         fut: Future = Future()
         with self._lock:
             if self._broken is not None:
@@ -281,7 +282,7 @@ class PreparePool:
             pass
         return fut
 
-    def imap(self, items: Iterable[tuple[int, SourceItem]], window: int | None = None) -> Iterator[Any]:
+    def imap(self, items: Iterable[tuple[int, SourceEntry]], window: int | None = None) -> Iterator[Any]:
         """Results in input order, at most `window` (default 2 x processes) items submitted ahead."""
         window = window or 2 * self.processes
         ahead: collections.deque[Future] = collections.deque()
@@ -493,7 +494,7 @@ def _close(w: _Worker) -> None:
             pass
 
 
-def _record(src: SourceItem, exc: BaseException, retryable: bool) -> ErrorRecord:
+def _record(src: SourceEntry, exc: BaseException, retryable: bool) -> ErrorRecord:
     from wave_rt.archive.prepare import error_record
 
     return error_record(src, "decode", exc, retryable=retryable)

@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 
 from wave_rt.archive.journal import ErrorRecord
-from wave_rt.archive.pipeline import PipelineStats, WorkItem, error_record, prepare_one
-from wave_rt.archive.shards import Row
-from wave_rt.archive.sources import SourceItem
-from wave_rt.archive.writer import ArchiveWriter, RowBlock
+from wave_rt.archive.options import JobOptions
+from wave_rt.archive.pipeline import PipelineStats, PreparedEntry, error_record, prepare_one
+from wave_rt.archive.shards import ShardRow
+from wave_rt.archive.sources import SourceEntry
+from wave_rt.archive.writer import ArchiveWriter, EmbeddedRows
 from wave_rt.embed.batching import plan_batches
 from wave_rt.embed.runner import ModelRunner
 
@@ -83,7 +84,7 @@ def worker_dtype(dtype: Any, address: str | None = None) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- work list
-def _write_worklist(pending: Iterator[SourceItem], root: Path) -> int:
+def _write_worklist(pending: Iterator[SourceEntry], root: Path) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -94,7 +95,7 @@ def _write_worklist(pending: Iterator[SourceItem], root: Path) -> int:
     schema = pa.schema([pa.field(n, pa.string()) for n in names])
     total = 0
     part = 0
-    chunk: list[SourceItem] = []
+    chunk: list[SourceEntry] = []
 
     def flush() -> None:
         nonlocal part
@@ -118,20 +119,19 @@ class EmbedActor:
     """One model replica. Called by Ray Data with a pyarrow batch of work rows; returns one output row per
     input row: the embedding (zeros on failure) plus the error columns."""
 
-    def __init__(self, model: str | None, device: str | None, dtype: str, instruction: str | None,
-                 max_batch_tokens: int | None, normalize: bool, decode_threads: int, torch_threads: int) -> None:
+    def __init__(self, model: str | None, options: JobOptions, decode_threads: int, torch_threads: int) -> None:
         import torch
 
         from wave_rt.embed.encoder import WaveEncoder
 
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.encoder = WaveEncoder.from_pretrained(model, device=device, dtype=dtype)
-        self.instruction = instruction
-        self.budget = int(max_batch_tokens or self.encoder.default_max_batch_tokens)
-        self.runner = ModelRunner(self.encoder, self.budget, normalize)
+        device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.options = options
+        self.encoder = WaveEncoder.from_pretrained(model, device=device, dtype=options.dtype)
+        self.instruction = options.instruction
+        self.budget = options.batch_budget(self.encoder)
+        self.runner = ModelRunner(self.encoder, self.budget, options.normalize)
         self.decode_threads = max(1, decode_threads)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -139,14 +139,14 @@ class EmbedActor:
         from concurrent.futures import ThreadPoolExecutor
 
         rows = batch.to_pylist()
-        srcs = [SourceItem(id=r["id"], path=r["path"], text=r["text"], modality=r["modality"] or "auto",
+        srcs = [SourceEntry(id=r["id"], path=r["path"], text=r["text"], modality=r["modality"] or "auto",
                            instruction=r["instruction"]) for r in rows]
         emb = np.zeros((len(rows), int(self.encoder.dim)), np.float32)
-        done: dict[int, WorkItem] = {}
+        done: dict[int, PreparedEntry] = {}
         failures: dict[int, ErrorRecord] = {}
         batches_before, splits_before = self.runner.batches, self.runner.oom_splits
         t_prep = t_model = 0.0
-        waiting: list[WorkItem] = []
+        waiting: list[PreparedEntry] = []
         waiting_tokens = 0
 
         def flush() -> None:
@@ -187,7 +187,7 @@ class EmbedActor:
             "prepare_s": t_prep, "model_s": t_model, "batches": self.runner.batches - batches_before,
             "oom_splits": self.runner.oom_splits - splits_before})
 
-    def _table(self, srcs: list[SourceItem], emb: np.ndarray, done: dict[int, WorkItem],
+    def _table(self, srcs: list[SourceEntry], emb: np.ndarray, done: dict[int, PreparedEntry],
                failures: dict[int, ErrorRecord], stats: dict[str, float]) -> Any:
         import pyarrow as pa
 
@@ -239,20 +239,22 @@ class EmbedActor:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def run_ray(pending: Iterator[SourceItem], writer: ArchiveWriter, *, model: Any, device: Any, dtype: Any,
-            instruction: str | None, max_batch_tokens: int | None, workers: int | None, normalize: bool,
-            address: str | None = None, rows_per_call: int | None = None) -> PipelineStats:
+def run_ray(pending: Iterator[SourceEntry], writer: ArchiveWriter, model: Any, options: JobOptions, *,
+            rows_per_call: int | None = None) -> PipelineStats:
     """Embed `pending` on a pool of Ray actors and hand the results to `writer` (which owns the directory).
 
-    rows_per_call: rows per actor call (default: up to 64, fewer for a short work list so that every
-    actor gets a share)."""
-    ray = ensure_ray(address)
+    The actors get `options` as they are (instruction, dtype, max_batch_tokens, normalize; replicas and
+    ray_address are the driver's). rows_per_call: rows per actor call (default: up to 64, fewer for a short
+    work list so that every actor gets a share)."""
+    if options.engine != "ray":
+        raise ValueError(f"run_ray runs engine='ray' jobs, not engine={options.engine!r}")
+    ray = ensure_ray(options.ray_address)
     rdata = _require_ray_data()
     progress = writer.progress
     stats = PipelineStats()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = float(ray.cluster_resources().get("CPU", 1))
-    n_actors = int(workers or (gpus if gpus > 0 else max(1, int(cpus) // 2)))
+    n_actors = int(options.replicas or (gpus if gpus > 0 else max(1, int(cpus) // 2)))
     if gpus > 0 and n_actors > gpus:
         log.warning("%d Ray workers asked for but the cluster has %d GPUs: using %d", n_actors, gpus, gpus)
         n_actors = gpus
@@ -261,12 +263,10 @@ def run_ray(pending: Iterator[SourceItem], writer: ArchiveWriter, *, model: Any,
     if total == 0:
         shutil.rmtree(root, ignore_errors=True)
         return stats
-    dtype_name = str(dtype).replace("torch.", "")
     # Ray Data's file listing and read tasks each ask for a whole logical CPU: actors that reserve every
     # CPU of the cluster would leave them unschedulable and the job would wait forever. Keep one free.
     cpus_per_actor = max(0.05, min(1.0, (cpus - 1.0) / n_actors))
-    ctor = dict(model=None if model is None else os.fspath(model), device=None if device is None else str(device),
-                dtype=dtype_name, instruction=instruction, max_batch_tokens=max_batch_tokens, normalize=normalize,
+    ctor = dict(model=None if model is None else os.fspath(model), options=options,
                 decode_threads=max(1, int(cpus) // max(1, n_actors)) if gpus == 0 else 4,
                 torch_threads=max(1, int(cpus) // max(1, n_actors)) if gpus == 0 else 0)
     if not progress.enabled:
@@ -321,11 +321,11 @@ def _consume(table: Any, writer: ArchiveWriter, progress: Any, stats: PipelineSt
             writer.put_error(ErrorRecord(cols["id"][i], cols["path"][i], cols["error_stage"][i], cols["error_type"][i],
                                          cols["error_message"][i], bool(cols["retryable"][i])))
     if good:
-        rows = [Row(cols["id"][i], cols["path"][i], cols["modality"][i], cols["duration"][i], cols["text"][i],
+        rows = [ShardRow(cols["id"][i], cols["path"][i], cols["modality"][i], cols["duration"][i], cols["text"][i],
                     cols["instruction"][i]) for i in good]
         mods = cols["modality"]
         dur = cols["duration"]
-        writer.put_rows(RowBlock(
+        writer.put_rows(EmbeddedRows(
             rows, emb[good], int(sum(cols["num_tokens"][i] for i in good)),
             float(sum(dur[i] or 0.0 for i in good if mods[i] in ("audio", "av"))),
             float(sum(dur[i] or 0.0 for i in good if mods[i] in ("video", "av"))),

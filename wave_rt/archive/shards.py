@@ -64,7 +64,9 @@ def shard_schema(dim: int, embedding_dtype: str) -> Any:
 
 
 @dataclass
-class Row:
+class ShardRow:
+    """The metadata columns of one Parquet row of a shard (the embedding travels beside it, in blocks)."""
+
     id: str
     path: str | None
     modality: str
@@ -74,14 +76,14 @@ class Row:
 
 
 @dataclass
-class RowBuffer:
+class ShardBuffer:
     """Rows waiting for the next shard; embeddings are kept as the float32 blocks the model returned."""
 
     dim: int
-    rows: list[Row] = field(default_factory=list)
+    rows: list[ShardRow] = field(default_factory=list)
     blocks: list[np.ndarray] = field(default_factory=list)
 
-    def add(self, rows: list[Row], embeddings: np.ndarray) -> None:
+    def add(self, rows: list[ShardRow], embeddings: np.ndarray) -> None:
         if embeddings.shape != (len(rows), self.dim):
             raise ValueError(f"expected embeddings of shape {(len(rows), self.dim)}, got {embeddings.shape}")
         self.rows.extend(rows)
@@ -90,7 +92,7 @@ class RowBuffer:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def take(self, n: int) -> tuple[list[Row], np.ndarray]:
+    def take(self, n: int) -> tuple[list[ShardRow], np.ndarray]:
         """Remove and return the first n rows with their embeddings as one [n, dim] array."""
         emb = np.concatenate(self.blocks) if self.blocks else np.empty((0, self.dim), np.float32)
         rows, self.rows = self.rows[:n], self.rows[n:]
@@ -99,7 +101,7 @@ class RowBuffer:
         return rows, head
 
 
-def build_table(rows: list[Row], embeddings: np.ndarray, dim: int, embedding_dtype: str) -> Any:
+def build_table(rows: list[ShardRow], embeddings: np.ndarray, dim: int, embedding_dtype: str) -> Any:
     pa = _pa()
     schema = shard_schema(dim, embedding_dtype)
     values = np.ascontiguousarray(embeddings, dtype=EMBEDDING_DTYPES[embedding_dtype]).reshape(-1)
@@ -109,7 +111,7 @@ def build_table(rows: list[Row], embeddings: np.ndarray, dim: int, embedding_dty
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def write_shard(out_dir: str | os.PathLike[str], number: int, rows: list[Row], embeddings: np.ndarray,
+def write_shard(out_dir: str | os.PathLike[str], number: int, rows: list[ShardRow], embeddings: np.ndarray,
                 dim: int, embedding_dtype: str) -> Path:
     """Write one shard atomically; returns its final path."""
     import pyarrow.parquet as pq

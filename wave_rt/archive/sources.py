@@ -2,7 +2,7 @@
 (JSONL / CSV / TSV / Parquet rows with `path` or `text`, optional `id`, `modality`, `instruction`),
 a single media file, or "demo" (the bundled demo set).
 
-Every source is a stream of SourceItems in a deterministic order, read lazily (a manifest of a
+Every source is a stream of SourceEntries in a deterministic order, read lazily (a manifest of a
 million rows is never held in memory). Ids are stable across runs, because resuming a killed job
 matches ids: by default the path relative to the source root (as written, for manifests), or
 `text:<row>` for text rows without an id.
@@ -32,9 +32,10 @@ MANIFEST_COLUMNS = ("id", "path", "text", "modality", "instruction")
 
 
 @dataclass(frozen=True)
-class SourceItem:
-    """One unit of work. `path` is absolute; `text` is inline text (embedded when the item's modality
-    is text, else kept as metadata); `problem` marks a malformed manifest row (reported, never embedded)."""
+class SourceEntry:
+    """One entry of a job's source (a manifest row or a media file found on disk), before it is an Item.
+    `path` is absolute; `text` is inline text (embedded when the item's modality is text, else kept as
+    metadata); `problem` marks a malformed manifest row (reported, never embedded)."""
 
     id: str
     path: str | None = None
@@ -51,7 +52,7 @@ def check_modality(modality: str) -> str:
 
 
 class ArchiveSource:
-    """Base class: iterate SourceItems; `spec` is what the user typed, `kind` what it turned out to be."""
+    """Base class: iterate SourceEntries; `spec` is what the user typed, `kind` what it turned out to be."""
 
     kind = "source"
 
@@ -59,14 +60,14 @@ class ArchiveSource:
         self.spec = spec
         self.modality = check_modality(modality)
 
-    def __iter__(self) -> Iterator[SourceItem]:  # pragma: no cover - abstract
+    def __iter__(self) -> Iterator[SourceEntry]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def describe(self) -> str:
         return f"{self.kind} {self.spec}"
 
-    def _media_item(self, item_id: str, path: str) -> SourceItem:
-        return SourceItem(id=item_id, path=path, modality=self.modality)
+    def _media_item(self, item_id: str, path: str) -> SourceEntry:
+        return SourceEntry(id=item_id, path=path, modality=self.modality)
 
 
 def _posix(rel: str) -> str:
@@ -85,7 +86,7 @@ class DirectorySource(ArchiveSource):
         if self.modality == "text":
             raise SourceError(spec, "--modality text needs a manifest with a 'text' column, not a directory of media")
 
-    def __iter__(self) -> Iterator[SourceItem]:
+    def __iter__(self) -> Iterator[SourceEntry]:
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
@@ -111,7 +112,7 @@ class GlobSource(ArchiveSource):
             fixed.append(part)
         self.root = Path(*fixed) if fixed else Path(".")
 
-    def __iter__(self) -> Iterator[SourceItem]:
+    def __iter__(self) -> Iterator[SourceEntry]:
         for path in sorted(glob.iglob(self.spec, recursive=True)):
             if os.path.isfile(path):
                 yield self._media_item(_posix(os.path.relpath(path, self.root)), os.path.abspath(path))
@@ -126,7 +127,7 @@ class FileSource(ArchiveSource):
         super().__init__(spec, modality)
         self.path = path
 
-    def __iter__(self) -> Iterator[SourceItem]:
+    def __iter__(self) -> Iterator[SourceEntry]:
         yield self._media_item(self.path.name, str(self.path.resolve()))
 
 
@@ -200,32 +201,32 @@ class ManifestSource(ArchiveSource):
                     yield n, row, None
                     n += 1
 
-    def __iter__(self) -> Iterator[SourceItem]:
+    def __iter__(self) -> Iterator[SourceEntry]:
         for n, row, problem in self._rows():
             if row is None:
-                yield SourceItem(id=f"row:{n}", problem=problem)
+                yield SourceEntry(id=f"row:{n}", problem=problem)
                 continue
             yield self._item(n, row)
 
-    def _item(self, n: int, row: dict[str, Any]) -> SourceItem:
+    def _item(self, n: int, row: dict[str, Any]) -> SourceEntry:
         raw_id, path, text = row.get("id"), row.get("path"), row.get("text")
         # the job's --modality is for files; a row without a path is text unless the row itself says otherwise
         modality = row.get("modality") or (self.modality if path is not None else "auto")
         instruction = row.get("instruction") or None
         for name, value in (("path", path), ("text", text), ("modality", modality), ("instruction", instruction)):
             if value is not None and not isinstance(value, str):
-                return SourceItem(id=_default_id(raw_id, path, n), problem=f"'{name}' must be a string, got {value!r}")
+                return SourceEntry(id=_default_id(raw_id, path, n), problem=f"'{name}' must be a string, got {value!r}")
         item_id = _default_id(raw_id, path, n)
         if modality not in MODALITIES:
-            return SourceItem(id=item_id, problem=f"unknown modality {modality!r}; use one of {', '.join(MODALITIES)}")
+            return SourceEntry(id=item_id, problem=f"unknown modality {modality!r}; use one of {', '.join(MODALITIES)}")
         if path is None and text is None:
-            return SourceItem(id=item_id, problem="row has neither 'path' nor 'text'")
+            return SourceEntry(id=item_id, problem="row has neither 'path' nor 'text'")
         if path is None:
             if modality not in ("auto", "text"):
-                return SourceItem(id=item_id, text=text, problem=f"a text row cannot have modality {modality!r}")
-            return SourceItem(id=item_id, text=text, modality="text", instruction=instruction)
+                return SourceEntry(id=item_id, text=text, problem=f"a text row cannot have modality {modality!r}")
+            return SourceEntry(id=item_id, text=text, modality="text", instruction=instruction)
         full = path if os.path.isabs(path) else os.path.join(self.base, path)
-        return SourceItem(id=item_id, path=os.path.normpath(full), text=text, modality=modality,
+        return SourceEntry(id=item_id, path=os.path.normpath(full), text=text, modality=modality,
                           instruction=instruction)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from wave_rt.archive.journal import ErrorLog, ErrorRecord, Journal
 from wave_rt.archive.progress import Progress
-from wave_rt.archive.shards import Row, RowBuffer, shard_name, write_shard
+from wave_rt.archive.shards import ShardBuffer, ShardRow, shard_name, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,10 @@ _STOP = object()
 
 
 @dataclass
-class RowBlock:
-    rows: list[Row]
+class EmbeddedRows:
+    """One batch's result for the writer: shard rows, their vectors, and the progress accounting."""
+
+    rows: list[ShardRow]
     embeddings: np.ndarray  # float32 [len(rows), dim]
     tokens: int
     audio_seconds: float
@@ -52,7 +54,7 @@ class ArchiveWriter:
         self.shard_rows = shard_rows
         self.commit_seconds = commit_seconds
         self.progress = progress
-        self.buffer = RowBuffer(dim)
+        self.buffer = ShardBuffer(dim)
         self.rows_written = 0
         self.errors_written = 0
         self.shards_written = 0
@@ -77,7 +79,7 @@ class ArchiveWriter:
             except queue.Full:
                 continue
 
-    def put_rows(self, block: RowBlock) -> None:
+    def put_rows(self, block: EmbeddedRows) -> None:
         self._put(block)
 
     def put_error(self, rec: ErrorRecord) -> None:
@@ -111,7 +113,7 @@ class ArchiveWriter:
                 if msg is _STOP:
                     self._commit_all()
                     return
-                if isinstance(msg, RowBlock):
+                if isinstance(msg, EmbeddedRows):
                     self.buffer.add(msg.rows, msg.embeddings)
                     self.progress.add(done=len(msg.rows), tokens=msg.tokens, audio_seconds=msg.audio_seconds,
                                       video_seconds=msg.video_seconds)

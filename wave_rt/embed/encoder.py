@@ -6,6 +6,10 @@ as numpy (default) or torch. Media items are decoded in a thread pool, a window 
 stays bounded on long lists; the next window is decoded, and the next batch collated and copied, while
 the current batch computes. Batches are packed (one variable-length stream, no padding) unless
 `packed=False` selects the left-padded reference forward.
+
+On CUDA the media features are deferred by default (`gpu_features=None`): items are prepared with their decoded
+waveforms and uint8 frames, and each batch's log-mel, fbank and pixel values are computed in batch on the model's
+device when the batch is staged (wave_rt.embed.batch_features). On the CPU nothing changes unless forced.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 
 from wave_rt.config import WaveConfig
 from wave_rt.dtypes import default_dtype, parse_dtype
+from wave_rt.embed.batch_features import featurize_batch
 from wave_rt.embed.batching import plan_batches
 from wave_rt.embed.identity import DEMO_MODEL, encoder_fingerprint, weights_fingerprint
 from wave_rt.embed.prepared import PreparedItem
@@ -73,8 +78,11 @@ class WaveEncoder:
         weights_id: str | None = None,
         num_workers: int | None = None,
         packed: bool = True,
+        gpu_features: bool | None = None,
     ) -> None:
         self.model = model
+        # None: defer features to the model's device when it is CUDA (a torch model, not an export engine).
+        self.gpu_features = gpu_features
         # Packed batches where the model has a packed path; else the padded forward.
         self.packed = packed and getattr(model, "supports_packed", False)
         self.processor = processor
@@ -98,20 +106,22 @@ class WaveEncoder:
         num_workers: int | None = None,
         preset: str | None = None,
         backend: str = "torch",
+        gpu_features: bool | None = None,
     ) -> WaveEncoder:
         """Load a checkpoint directory (WAVE layout, a plain Qwen2.5-Omni thinker, Qwen2-Audio, or MiDashengLM).
         path=None or "demo" loads the bundled demo model (tiny, trained on a synthetic corpus; wave_rt.model.demo).
         `preset` names the embedder the weights belong to (wave, vela, alm2vec, lco-omni, e5-omni,
         omni-embed-nemotron; see wave_rt.model.embedder_presets); without it the checkpoint's layout decides where
         it can. backend="onnxruntime" | "aoti" | "tensorrt" loads an export bundle (`wave-rt export`) instead and
-        runs its stage graphs behind the same encode()."""
+        runs its stage graphs behind the same encode(). `gpu_features`: compute media features in batch on the
+        model's device (None: on CUDA only; see WaveEncoder.defer_features)."""
         from wave_rt.model.loading import load_wave_model
 
         if backend != "torch":
             engine, _ = _bundle_loader(backend)(path, backend, device=device)
             processor = WaveProcessor(engine.config, load_tokenizer(path), media_backend=media_backend)
             return cls(engine, processor, model_id=Path(path).resolve().name, weights_id=engine.weights_id,
-                       num_workers=num_workers)
+                       num_workers=num_workers, gpu_features=gpu_features)
 
         demo = path is None or str(path) == DEMO_MODEL
         if demo:
@@ -123,7 +133,8 @@ class WaveEncoder:
         model, config = load_wave_model(path, device=dev, dtype=dt, recipe=recipe, beats_path=beats_path, preset=preset)
         processor = WaveProcessor(config, load_tokenizer(path), media_backend=media_backend)
         model_id = DEMO_MODEL_ID if demo else Path(path).resolve().name
-        return cls(model, processor, model_id=model_id, weights_id=weights_fingerprint(path), num_workers=num_workers)
+        return cls(model, processor, model_id=model_id, weights_id=weights_fingerprint(path), num_workers=num_workers,
+                   gpu_features=gpu_features)
 
     def save_pretrained(self, out_dir: str | os.PathLike[str]) -> Path:
         """Save in the reference layout, with the tokenizer; loads back bit-identically."""
@@ -159,14 +170,33 @@ class WaveEncoder:
         # to reach the compute-bound regime on 7B without risking the 80 GB card.
         return 32768 if self.device.type == "cuda" else 4096
 
+    @property
+    def defer_features(self) -> bool:
+        """Whether prepare() leaves media features to the model stage: `gpu_features` when set, else True exactly
+        when the model is a torch module on CUDA (export engines take features computed on the host)."""
+        if self.gpu_features is not None:
+            return bool(self.gpu_features)
+        return isinstance(self.model, torch.nn.Module) and self.device.type == "cuda"
+
+    @property
+    def feature_device(self) -> torch.device:
+        """Where deferred features are computed: the model's device for a torch model, else the host."""
+        return self.device if isinstance(self.model, torch.nn.Module) else torch.device("cpu")
+
     # ------------------------------------------------------------------ core steps
-    def prepare(self, item: Item, instruction: str | None = None, index: int | None = None) -> PreparedItem:
-        return self.processor.prepare(item, instruction, index=index)
+    def prepare(self, item: Item, instruction: str | None = None, index: int | None = None,
+                defer_features: bool | None = None) -> PreparedItem:
+        """`defer_features` None: this encoder's `defer_features`."""
+        defer = self.defer_features if defer_features is None else defer_features
+        return self.processor.prepare(item, instruction, index=index, defer_features=defer)
 
     def stage(self, batch: Sequence[PreparedItem]) -> Any:
-        """Collate on the host (packed: every count and window table fixed here) and start the copy to the
-        device (pinned, non-blocking on CUDA), so it can overlap the batch computing before it."""
+        """Compute deferred features in batch on the feature device, collate on the host (packed: every count
+        and window table fixed here) and start the copy to the device (pinned, non-blocking on CUDA), so it can
+        overlap the batch computing before it."""
         items = [p.inputs for p in batch]
+        if any(it.deferred for it in items):
+            items = featurize_batch(items, self.config, self.feature_device)
         stack_mel = self.config.backbone == "qwen2_audio"
         if self.packed:
             cfg = self.config
@@ -200,11 +230,14 @@ class WaveEncoder:
         normalize: bool = True,
         show_progress_bar: bool | None = None,
         convert_to: ConvertTo = "numpy",
+        gpu_features: bool | None = None,
     ) -> Any:
         """Embed items (str, Text, Audio, Video, AudioVisual) -> [N, dim] in the input order.
 
         A single item (not in a list) returns one vector. `instruction` replaces the modality's default
-        prompt for media items and Text(side="query"); plain strings are text targets and ignore it."""
+        prompt for media items and Text(side="query"); plain strings are text targets and ignore it.
+        `gpu_features` overrides the encoder's setting for this call: True computes media features in batch
+        on the model's device at staging, False per item on the CPU while preparing, None the encoder's choice."""
         single = isinstance(items, (str,)) or modality_of(items) is not None
         seq: list[Item] = [items] if single else list(items)
         budget = max_batch_tokens or (None if batch_size else self.default_max_batch_tokens)
@@ -219,11 +252,12 @@ class WaveEncoder:
         runner = ModelRunner(self, budget or (1 << 62), normalize=normalize, isolate_errors=False)
         windows = [list(range(s, min(len(seq), s + window))) for s in range(0, len(seq), window)]
         threaded = has_media and self.num_workers > 1
+        defer = self.defer_features if gpu_features is None else bool(gpu_features)
         with ThreadPoolExecutor(max_workers=self.num_workers) as pool:
             def submit(idx: list[int]) -> Any:
                 if threaded:  # decoding of this window starts now, while the previous window computes
-                    return [pool.submit(self.prepare, seq[i], instruction, i) for i in idx]
-                return [self.prepare(seq[i], instruction, index=i) for i in idx]
+                    return [pool.submit(self.prepare, seq[i], instruction, i, defer) for i in idx]
+                return [self.prepare(seq[i], instruction, index=i, defer_features=defer) for i in idx]
 
             pending = submit(windows[0]) if windows else []
             for w, idx in enumerate(windows):

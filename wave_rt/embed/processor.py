@@ -58,10 +58,16 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
 
 
 class WaveProcessor:
-    def __init__(self, config: WaveConfig, tokenizer: Any, media_backend: str = "auto") -> None:
+    """`defer_features`: prepared items carry decoded waveforms and uint8 frames instead of features (their token
+    ids and positions are exact all the same), and wave_rt.embed.batch_features computes the features later, in
+    batch, on the model's device. `prepare(..., defer_features=)` overrides it per call."""
+
+    def __init__(self, config: WaveConfig, tokenizer: Any, media_backend: str = "auto",
+                 defer_features: bool = False) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.media_backend = media_backend
+        self.defer_features = defer_features
         self.prompts = config.recipe.prompts
         self.ids = self._resolve_special_ids()
         self._lock = threading.Lock()
@@ -103,9 +109,12 @@ class WaveProcessor:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     # ------------------------------------------------------------------ public
-    def prepare(self, item: Any, instruction: str | None = None, index: int | None = None) -> PreparedItem:
-        """One item -> PreparedItem. Raises InputError/UnsupportedItemError/MediaError naming the item."""
+    def prepare(self, item: Any, instruction: str | None = None, index: int | None = None,
+                defer_features: bool | None = None) -> PreparedItem:
+        """One item -> PreparedItem. Raises InputError/UnsupportedItemError/MediaError naming the item.
+        `defer_features` (None: the processor's setting) leaves the media features to batch_features."""
         self._check_preset_modality(item, index)
+        defer = self.defer_features if defer_features is None else bool(defer_features)
         try:
             if isinstance(item, str):
                 return self._text(Text(item), instruction)
@@ -114,11 +123,11 @@ class WaveProcessor:
                     raise InputError(item, f"Text.text must be a str, got {type(item.text).__name__}", index)
                 return self._text(item, instruction)
             if isinstance(item, Audio):
-                return self._audio(item, instruction)
+                return self._audio(item, instruction, defer)
             if isinstance(item, Video):
-                return self._video(item, instruction)
+                return self._video(item, instruction, defer)
             if isinstance(item, AudioVisual):
-                return self._audio_visual(item, instruction)
+                return self._audio_visual(item, instruction, defer)
         except MediaError:
             raise
         except InputError as exc:
@@ -214,8 +223,12 @@ class WaveProcessor:
         source = _as_source(item, src)
         return media.load_audio(source, sample_rate=sr, backend=self.media_backend)
 
-    def _audio_segments(self, wav: torch.Tensor) -> list[AudioSegmentInputs]:
+    def _audio_segments(self, wav: torch.Tensor, defer: bool = False) -> list[AudioSegmentInputs]:
+        """The audio tower inputs of one waveform. Deferred: each segment keeps the exact waveform its features
+        are computed from (Qwen2-Audio's zero-padded 30 s window included) and its counts from the sample count;
+        batch_features computes the features of the whole segment (as many frames as its samples give)."""
         from wave_rt import media
+        from wave_rt.media.features_audio import whisper_frames
 
         cfg = self.config
         sr = cfg.media.sample_rate
@@ -223,17 +236,26 @@ class WaveProcessor:
             from wave_rt.media.features_dasheng import dasheng_log_mel, dasheng_tokens
 
             # One clip: Dasheng chunks long inputs itself (10.08 s windows), so no 300 s segmenting is needed.
+            # Its front end stays on the CPU here in both modes (its per-item reflect padding has no batched
+            # form in batch_features yet).
             mel = dasheng_log_mel(wav)
             tokens = dasheng_tokens(wav.numel(), int(cfg.hf_config.subsample_factor))
             return [AudioSegmentInputs(mel, mel.shape[-1], tokens)]
         if cfg.backbone == QWEN2_AUDIO:
             n = min(wav.numel(), int(QWEN2_AUDIO_SECONDS * sr))
             padded = torch.nn.functional.pad(wav[:n], (0, int(QWEN2_AUDIO_SECONDS * sr) - n))
+            if defer:
+                frames = min(math.ceil(n / WHISPER_HOP), whisper_frames(padded.numel()))
+                return [AudioSegmentInputs(None, frames, whisper_tokens(frames), waveform=padded)]
             mel, _ = media.whisper_log_mel(padded)
             frames = min(math.ceil(n / WHISPER_HOP), mel.shape[-1])
             return [AudioSegmentInputs(mel.contiguous(), frames, whisper_tokens(frames))]
         segments = []
         for seg in media.audio_segments(wav, sample_rate=sr, seconds=cfg.media.audio_segment_seconds):
+            if defer:
+                frames = whisper_frames(seg.numel())
+                segments.append(AudioSegmentInputs(None, frames, whisper_tokens(frames), waveform=seg.contiguous()))
+                continue
             mel, mask = media.whisper_log_mel(seg)
             frames = int(mask.sum())
             fbank = media.beats_fbank(seg) if cfg.use_beats else None
@@ -244,14 +266,24 @@ class WaveProcessor:
         """(Whisper tokens, repeat): BEATs-only models use one BEATs token per Whisper slot."""
         return sum(s.tokens for s in segments), 2 if self.config.dual_audio else 1
 
-    def _video_features(self, frames: torch.Tensor, fps: float) -> tuple[torch.Tensor, VideoGrid]:
+    def _video_features(self, frames: torch.Tensor, fps: float, defer: bool = False) -> dict[str, Any]:
+        """The vision inputs of one clip as ItemInputs fields (pixel_values, grid_thw, second_per_grid; deferred:
+        the uint8 frames and their target size instead of pixel_values) and its VideoGrid under "grid"."""
         from wave_rt import media
+        from wave_rt.media import features_video as fv
 
         m = self.config.media
-        feats = media.patchify_video(frames, max_pixels=m.max_pixels, min_pixels=m.min_pixels, fps=fps)
-        t, h, w = (int(x) for x in feats.video_grid_thw.tolist())
-        grid = VideoGrid(t, h, w, float(feats.video_second_per_grid))
-        return feats.pixel_values_videos, grid
+        if defer:
+            height, width, (t, h, w) = fv.video_grid(frames, fps, max_pixels=m.max_pixels, min_pixels=m.min_pixels)
+            grid = VideoGrid(t, h, w, fv.second_per_grid(fps))
+            fields: dict[str, Any] = {"frames": frames.contiguous(), "frame_size": (height, width)}
+        else:
+            feats = media.patchify_video(frames, max_pixels=m.max_pixels, min_pixels=m.min_pixels, fps=fps)
+            t, h, w = (int(x) for x in feats.video_grid_thw.tolist())
+            grid = VideoGrid(t, h, w, float(feats.video_second_per_grid))
+            fields = {"pixel_values": feats.pixel_values_videos}
+        fields.update(grid_thw=(grid.t, grid.h, grid.w), second_per_grid=grid.second_per_grid, grid=grid)
+        return fields
 
     def _clip(self, item: Video | AudioVisual) -> Any:
         from wave_rt import media
@@ -274,10 +306,10 @@ class WaveProcessor:
         return sb.build()
 
     # ------------------------------------------------------------------ audio / video / av
-    def _audio(self, item: Audio, instruction: str | None) -> PreparedItem:
+    def _audio(self, item: Audio, instruction: str | None, defer: bool = False) -> PreparedItem:
         wav = self._waveform(item)
         duration = _duration_of(item, wav, self.config.media.sample_rate)
-        segments = self._audio_segments(wav)
+        segments = self._audio_segments(wav, defer)
         n, repeat = self._audio_block_tokens(segments)
         ids = self.ids
 
@@ -292,7 +324,7 @@ class WaveProcessor:
         if self.config.backbone in (QWEN2_AUDIO, MIDASHENGLM) or "video" not in self.ids:
             raise UnsupportedItemError(item, f"the {self.config.backbone} backbone has no vision encoder")
 
-    def _video(self, item: Video, instruction: str | None) -> PreparedItem:
+    def _video(self, item: Video, instruction: str | None, defer: bool = False) -> PreparedItem:
         self._require_vision(item)
         if isinstance(item.source, (np.ndarray, torch.Tensor)):
             frames = torch.as_tensor(item.source)
@@ -303,7 +335,8 @@ class WaveProcessor:
         else:
             clip = self._clip(item)
             frames, fps, duration = clip.frames, clip.fps, clip.duration
-        pixel_values, grid = self._video_features(frames, fps)
+        vision = self._video_features(frames, fps, defer)
+        grid = vision.pop("grid")
         ids = self.ids
 
         def emit(sb: SequenceBuilder) -> None:
@@ -311,22 +344,22 @@ class WaveProcessor:
                      position_id_per_seconds=self._pps())
 
         input_ids, positions = self._media_sequence("video", instruction, emit)
-        inputs = ItemInputs(input_ids, positions, True, pixel_values=pixel_values, grid_thw=(grid.t, grid.h, grid.w),
-                            second_per_grid=grid.second_per_grid)
+        inputs = ItemInputs(input_ids, positions, True, **vision)
         return PreparedItem("video", inputs.num_tokens, duration, inputs)
 
     def _pps(self) -> float:
         return float(getattr(self.config.hf_config, "position_id_per_seconds", 25))
 
-    def _audio_visual(self, item: AudioVisual, instruction: str | None) -> PreparedItem:
+    def _audio_visual(self, item: AudioVisual, instruction: str | None, defer: bool = False) -> PreparedItem:
         from wave_rt import media
 
         self._require_vision(item)
         av = media.load_av(_as_source(item, item.source), **self._video_options())
         if not av.has_audio:
             raise InputError(item, "has no audio track; encode it as wave_rt.Video")
-        pixel_values, grid = self._video_features(av.video.frames, av.video.fps)
-        segments = self._audio_segments(av.audio)
+        vision = self._video_features(av.video.frames, av.video.fps, defer)
+        grid = vision.pop("grid")
+        segments = self._audio_segments(av.audio, defer)
         n, repeat = self._audio_block_tokens(segments)
         ids = self.ids
         rule = "wave" if self.config.wave_chunking else "transformers"
@@ -342,10 +375,7 @@ class WaveProcessor:
             )
 
         input_ids, positions = self._media_sequence("av", instruction, emit)
-        inputs = ItemInputs(
-            input_ids, positions, True, audio=segments, pixel_values=pixel_values, grid_thw=(grid.t, grid.h, grid.w),
-            second_per_grid=grid.second_per_grid,
-        )
+        inputs = ItemInputs(input_ids, positions, True, audio=segments, **vision)
         return PreparedItem("av", inputs.num_tokens, av.video.duration, inputs)
 
 

@@ -86,6 +86,19 @@ def _as_batch(waveform: object) -> tuple[list[torch.Tensor], bool]:
     raise TypeError(f"waveform must be a tensor, array or a list of them, got {type(waveform).__name__}")
 
 
+def whisper_frames(num_samples: int) -> int:
+    """Valid log-mel frames of a waveform of `num_samples` (truncated to 300 s): what whisper_log_mel's mask
+    counts, known from the sample count alone (token counts never wait for the features)."""
+    return math.ceil(min(int(num_samples), N_SAMPLES) / HOP)
+
+
+def whisper_full_chunk(num_samples: int) -> bool:
+    """Whether a waveform's last relevant frame reaches the end of the 300 s chunk, where whisper_log_mel has to
+    compute the whole padded chunk (a batch holding such a row computes every row that way)."""
+    needed = min(MAX_FRAMES, (min(int(num_samples), N_SAMPLES) + N_FFT // 2 - 1) // HOP + 1)
+    return (needed - 1) * HOP + N_FFT // 2 >= N_SAMPLES
+
+
 def _log_mel_rows(x: torch.Tensor, window: torch.Tensor, filters: torch.Tensor, center: bool) -> torch.Tensor:
     stft = torch.stft(x, N_FFT, HOP, window=window, center=center, return_complex=True)
     power = stft.abs() ** 2
@@ -105,12 +118,12 @@ def whisper_log_mel(waveform: object) -> tuple[torch.Tensor, torch.Tensor]:
     device = rows[0].device
     rows = [r.to(device)[:N_SAMPLES] for r in rows]
     lengths = [int(r.shape[0]) for r in rows]
-    valid = [math.ceil(n / HOP) for n in lengths]
+    valid = [whisper_frames(n) for n in lengths]
     t_out = max(valid)
     window, filters = _whisper_consts(device)
     # Frames whose window (center +- 200 samples) overlaps the signal: they can hold the global maximum.
     needed = max(t_out, max(min(MAX_FRAMES, (n + N_FFT // 2 - 1) // HOP + 1) for n in lengths))
-    if (needed - 1) * HOP + N_FFT // 2 >= N_SAMPLES:
+    if any(whisper_full_chunk(n) for n in lengths):
         # The last frames reach the end of the 300 s chunk, where the extractor's reflect padding applies:
         # compute exactly what it computes.
         x = torch.stack([torch.nn.functional.pad(r, (0, N_SAMPLES - r.shape[0])) for r in rows])
@@ -176,8 +189,8 @@ def kaldi_frames(n: int) -> int:
     return 0 if n < KALDI_FRAME else 1 + (n - KALDI_FRAME) // KALDI_SHIFT
 
 
-def _fbank_rows(x: torch.Tensor) -> torch.Tensor:
-    """Kaldi fbank of [B, samples] float64 signals already scaled to int16 range -> [B, frames, 128] float64,
+def kaldi_fbank_rows(x: torch.Tensor, n_mels: int = N_MELS) -> torch.Tensor:
+    """Kaldi fbank of [B, samples] float64 signals already scaled to int16 range -> [B, frames, n_mels] float64,
     one unfold and one FFT for the whole batch. Every step is per frame, so a frame of a zero-padded row
     equals that row's own frame as long as it lies inside the row: callers cut each row to kaldi_frames."""
     frames = x.unfold(1, KALDI_FRAME, KALDI_SHIFT)  # [B, T, 400]
@@ -185,7 +198,7 @@ def _fbank_rows(x: torch.Tensor) -> torch.Tensor:
     prev = torch.cat([frames[..., :1], frames[..., :-1]], dim=2)  # preemphasis replicates the first sample
     frames = (frames - KALDI_PREEMPH * prev) * _povey_window(x.device)
     spec = torch.fft.rfft(frames, n=KALDI_FFT).abs().pow(2.0)
-    energies = spec @ kaldi_mel_banks(x.device).T
+    energies = spec @ kaldi_mel_banks(x.device, n_mels).T
     return torch.clamp(energies, min=FLOAT32_EPS).log()
 
 
@@ -205,7 +218,7 @@ def beats_fbank(waveform: object) -> torch.Tensor | list[torch.Tensor]:
         x = torch.zeros(len(rows), longest, dtype=torch.float64, device=device)
         for i, r in enumerate(rows):
             x[i, : r.shape[0]] = r.to(device=device, dtype=torch.float64)
-        feats = ((_fbank_rows(x * 32768.0) - FBANK_MEAN) / (2.0 * FBANK_STD)).to(torch.float32)
+        feats = ((kaldi_fbank_rows(x * 32768.0) - FBANK_MEAN) / (2.0 * FBANK_STD)).to(torch.float32)
     outs = [feats[i, :c] for i, c in enumerate(counts)]
     if not batched:
         return outs[0].contiguous()

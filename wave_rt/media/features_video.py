@@ -170,19 +170,29 @@ def normalize_lut() -> np.ndarray:
     return np.ascontiguousarray((levels[None, :] - mean) / std, dtype=np.float32)
 
 
-def patchify_reference(frames: torch.Tensor, height: int, width: int, order: str = "classic") -> torch.Tensor:
-    """Torch path: resize + normalize + patch layout. uint8 [T, H, W, 3] -> float32 [N, 1176]."""
-    x = resize_bicubic_pil(frames, height, width, order=order)
-    if x.shape[0] % TEMPORAL:
-        # transformers pads the temporal axis to a multiple of the temporal patch with the last frame
-        x = torch.cat([x, x[-1:].expand(TEMPORAL - x.shape[0] % TEMPORAL, -1, -1, -1)])
+def pad_temporal(frames: torch.Tensor) -> torch.Tensor:
+    """Repeat the last frame up to a multiple of the temporal patch, as transformers pads the time axis."""
+    if frames.shape[0] % TEMPORAL:
+        frames = torch.cat([frames, frames[-1:].expand(TEMPORAL - frames.shape[0] % TEMPORAL, -1, -1, -1)])
+    return frames
+
+
+def normalize_patchify(x: torch.Tensor) -> torch.Tensor:
+    """Resized uint8 frames [T, H, W, 3] with T a multiple of the temporal patch -> float32 [N, 1176]: CLIP
+    normalization by lookup and the patch layout. Patches are ordered by temporal patch first, so frames of
+    several videos concatenated along T give the concatenation of their patches."""
     lut = torch.from_numpy(normalize_lut()).to(x.device)
-    t, gh, gw = x.shape[0] // TEMPORAL, height // PATCH, width // PATCH
+    t, gh, gw = x.shape[0] // TEMPORAL, x.shape[1] // PATCH, x.shape[2] // PATCH
     # [T, H, W, C] -> values by channel lookup -> [t, tp, C, gh/m, m, p, gw/m, m, p]
     vals = torch.stack([lut[c][x[..., c].long()] for c in range(3)], dim=1)  # [T, C, H, W]
     vals = vals.view(t, TEMPORAL, 3, gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH)
     vals = vals.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
     return vals.reshape(t * gh * gw, PATCH_DIM)
+
+
+def patchify_reference(frames: torch.Tensor, height: int, width: int, order: str = "classic") -> torch.Tensor:
+    """Torch path: resize + normalize + patch layout. uint8 [T, H, W, 3] -> float32 [N, 1176]."""
+    return normalize_patchify(pad_temporal(resize_bicubic_pil(frames, height, width, order=order)))
 
 
 def _native():
@@ -191,6 +201,11 @@ def _native():
     except ImportError:
         return None
     return _native if hasattr(_native, "resize_normalize_patchify") else None
+
+
+def has_native() -> bool:
+    """Whether the fused native kernel (wave_rt._native) is built."""
+    return _native() is not None
 
 
 def patchify_native(frames: torch.Tensor, height: int, width: int, out: torch.Tensor, order: str = "classic",
@@ -206,6 +221,26 @@ def patchify_native(frames: torch.Tensor, height: int, width: int, out: torch.Te
         frames.contiguous().numpy(), height, width, normalize_lut(), hb, hc, vb, vc, out.numpy(),
         vertical_first(h, w, height, width, order), threads or torch.get_num_threads())
     return out
+
+
+def video_grid(frames: torch.Tensor, fps: float | None, *, max_pixels: int = 176400,
+               min_pixels: int = 784) -> tuple[int, int, tuple[int, int, int]]:
+    """Check uint8 frames [T, H, W, 3] and give (target height, target width, (t, h, w) grid in patches): all
+    that a video's tokens depend on, known before (and without) computing its pixel values."""
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
+        raise ValueError(f"frames must be uint8 [T, H, W, 3], got {tuple(frames.shape)} {frames.dtype}")
+    if frames.shape[0] == 0:
+        raise ValueError("a video needs at least one frame")
+    if fps is not None and not fps > 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    t, h, w, _ = frames.shape
+    height, width = smart_resize(h, w, FACTOR, min_pixels, max_pixels)
+    return height, width, (math.ceil(t / TEMPORAL), height // PATCH, width // PATCH)
+
+
+def second_per_grid(fps: float | None) -> float:
+    """Seconds per temporal patch of frames sampled at `fps` (None: the processor's default 2.0)."""
+    return TEMPORAL / (fps if fps is not None else DEFAULT_FPS)
 
 
 def _empty_pixels(n: int) -> torch.Tensor:
@@ -225,20 +260,13 @@ def patchify_video(frames: torch.Tensor | np.ndarray, *, max_pixels: int = 17640
     CUDA frames are processed on the GPU."""
     if isinstance(frames, np.ndarray):
         frames = torch.from_numpy(np.ascontiguousarray(frames))
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
-        raise ValueError(f"frames must be uint8 [T, H, W, 3], got {tuple(frames.shape)} {frames.dtype}")
-    if frames.shape[0] == 0:
-        raise ValueError("a video needs at least one frame")
-    if fps is not None and not fps > 0:
-        raise ValueError(f"fps must be positive, got {fps}")
     t, h, w, _ = frames.shape
-    height, width = smart_resize(h, w, FACTOR, min_pixels, max_pixels)
-    grid = (math.ceil(t / TEMPORAL), height // PATCH, width // PATCH)
+    height, width, grid = video_grid(frames, fps, max_pixels=max_pixels, min_pixels=min_pixels)
     n = grid[0] * grid[1] * grid[2]
     if out is not None and (tuple(out.shape) != (n, PATCH_DIM) or out.dtype != torch.float32
                             or out.device.type != "cpu" or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous CPU float32 tensor of shape ({n}, {PATCH_DIM})")
-    if frames.device.type == "cpu" and _native() is not None:
+    if frames.device.type == "cpu" and has_native():
         pixels = patchify_native(frames, height, width, out if out is not None else _empty_pixels(n))
     else:
         pixels = patchify_reference(frames, height, width)
@@ -247,5 +275,5 @@ def patchify_video(frames: torch.Tensor | np.ndarray, *, max_pixels: int = 17640
     return VideoFeatures(
         pixel_values_videos=pixels,
         video_grid_thw=torch.tensor(grid, dtype=torch.long),
-        video_second_per_grid=TEMPORAL / (fps if fps is not None else DEFAULT_FPS),
+        video_second_per_grid=second_per_grid(fps),
     )

@@ -1,4 +1,4 @@
-"""Model-ready inputs: one item's tensors (ItemInputs), a collated left-padded batch (ModelBatch, the
+"""Model-ready inputs: one item's tensors (ItemInputs), a collated left-padded batch (PaddedBatch, the
 reference and export layout) and a packed batch (PackedBatch, the hot path: no padding at all).
 
 Everything here is CPU-side bookkeeping done before the forward, so that the forward itself only
@@ -15,12 +15,17 @@ import torch
 
 @dataclass
 class AudioSegmentInputs:
-    """One <= 300 s audio segment: Whisper log-mel, its valid length, and (WAVE) BEATs fbank."""
+    """One <= 300 s audio segment: Whisper log-mel, its valid length, and (WAVE) BEATs fbank.
 
-    mel: torch.Tensor  # [128, frames] float32 (valid frames only, or padded for Qwen2-Audio)
+    Deferred (features computed later, in batch, on the model's device: wave_rt.embed.batch_features): `mel`
+    and `fbank` are None and `waveform` holds the segment's 16 kHz samples; `mel_len` and `tokens` are
+    already exact, since they follow from the sample count alone."""
+
+    mel: torch.Tensor | None  # [128, frames] float32 (valid frames only, or padded for Qwen2-Audio)
     mel_len: int  # valid mel frames
     tokens: int  # LLM audio tokens from the Whisper tower for this segment
     fbank: torch.Tensor | None = None  # [fbank_frames, 128] float32, BEATs input
+    waveform: torch.Tensor | None = None  # deferred: float32 [samples], the features' only input
 
 
 @dataclass
@@ -32,14 +37,22 @@ class ItemInputs:
     pixel_values: torch.Tensor | None = None  # [patches, 1176]
     grid_thw: tuple[int, int, int] | None = None
     second_per_grid: float | None = None  # seconds per temporal patch (already folded into position_ids)
+    # deferred video: uint8 [T, H, W, 3] frames at their decoded size, and the size they are resized to
+    frames: torch.Tensor | None = None
+    frame_size: tuple[int, int] | None = None
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.numel())
 
+    @property
+    def deferred(self) -> bool:
+        """Whether some features still have to be computed from raw samples or frames before collation."""
+        return self.frames is not None or any(s.waveform is not None for s in self.audio)
+
 
 @dataclass
-class ModelBatch:
+class PaddedBatch:
     input_ids: torch.Tensor  # [B, T], left-padded
     attention_mask: torch.Tensor  # [B, T] long, 1 = real token
     position_ids: torch.Tensor  # [3, B, T]
@@ -55,16 +68,16 @@ class ModelBatch:
     pixel_values: torch.Tensor | None = None  # [sum patches, 1176]
     grid_thw: torch.Tensor | None = None  # [n_video, 3]
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None, non_blocking: bool = False) -> ModelBatch:
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None, non_blocking: bool = False) -> PaddedBatch:
         """Move tensors to device; floating tensors other than fbank also to dtype (fbank is kept fp32
         until the BEATs module casts it, since it was computed in float64 for precision)."""
         return _move(self, lambda name, v: _to(name, v, device, dtype, non_blocking))
 
-    def pin_memory(self) -> ModelBatch:
-        return _move(self, lambda name, v: v.pin_memory())
+    def pin_memory(self) -> PaddedBatch:
+        return _move(self, _pin)
 
 
-# Floating inputs cast to the model dtype on the way to the device (fbank stays fp32, see ModelBatch.to).
+# Floating inputs cast to the model dtype on the way to the device (fbank stays fp32, see PaddedBatch.to).
 _CAST_TO_MODEL_DTYPE = ("mel", "pixel_values", "padded_feature")
 
 
@@ -74,6 +87,11 @@ def _to(name: str, v: torch.Tensor, device: torch.device | str, dtype: torch.dty
     if dtype is not None and v.is_floating_point() and name in _CAST_TO_MODEL_DTYPE:
         v = v.to(dtype)
     return v
+
+
+def _pin(name: str, v: torch.Tensor) -> torch.Tensor:
+    # Features computed on the device (deferred items) are already there: only host tensors are pinned.
+    return v.pin_memory() if v.device.type == "cpu" else v
 
 
 def _move(batch: Any, fn: Any) -> Any:
@@ -130,7 +148,7 @@ class PackedBatch:
         return _move(self, lambda name, v: _to(name, v, device, dtype, non_blocking))
 
     def pin_memory(self) -> PackedBatch:
-        return _move(self, lambda name, v: v.pin_memory())
+        return _move(self, _pin)
 
 
 def collate_packed(
@@ -178,7 +196,7 @@ def collate_packed(
     return batch
 
 
-def collate(items: list[ItemInputs], pad_token_id: int, stack_mel: bool = False) -> ModelBatch:
+def collate(items: list[ItemInputs], pad_token_id: int, stack_mel: bool = False) -> PaddedBatch:
     """Left-pad token rows (so the last position is every row's final token) and concatenate media."""
     if not items:
         raise ValueError("cannot collate an empty batch")
@@ -194,7 +212,7 @@ def collate(items: list[ItemInputs], pad_token_id: int, stack_mel: bool = False)
         input_ids[i, T - n :] = it.input_ids
         attention_mask[i, T - n :] = 1
         position_ids[:, i, T - n :] = it.position_ids
-    batch = ModelBatch(
+    batch = PaddedBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
@@ -205,8 +223,11 @@ def collate(items: list[ItemInputs], pad_token_id: int, stack_mel: bool = False)
     return batch
 
 
-def _collate_media(batch: ModelBatch | PackedBatch, items: list[ItemInputs], stack_mel: bool) -> None:
+def _collate_media(batch: PaddedBatch | PackedBatch, items: list[ItemInputs], stack_mel: bool) -> None:
     """Concatenate every item's audio segments and video patches in item order (shared by both layouts)."""
+    if any(it.deferred for it in items):
+        raise ValueError("deferred items carry raw samples/frames, not features: run "
+                         "wave_rt.embed.batch_features.featurize_batch on them before collating")
     segments = [seg for it in items for seg in it.audio]
     if segments:
         if stack_mel:
@@ -217,8 +238,10 @@ def _collate_media(batch: ModelBatch | PackedBatch, items: list[ItemInputs], sta
         batch.audio_tokens = torch.tensor([s.tokens for s in segments], dtype=torch.long)
         if segments[0].fbank is not None:
             f_max = max(s.fbank.shape[0] for s in segments)
-            fbank = torch.zeros((len(segments), f_max, segments[0].fbank.shape[1]), dtype=torch.float32)
-            pad = torch.ones((len(segments), f_max), dtype=torch.bool)
+            # On the features' device: deferred features computed on the GPU are padded there.
+            dev = segments[0].fbank.device
+            fbank = torch.zeros((len(segments), f_max, segments[0].fbank.shape[1]), dtype=torch.float32, device=dev)
+            pad = torch.ones((len(segments), f_max), dtype=torch.bool, device=dev)
             for k, s in enumerate(segments):
                 fbank[k, : s.fbank.shape[0]] = s.fbank
                 pad[k, : s.fbank.shape[0]] = False

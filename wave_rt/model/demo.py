@@ -31,7 +31,7 @@ def demo_checkpoint() -> Path:
     """Path of the demo checkpoint: the bundled trained model, else the untrained one (generated on first use)."""
     if (TRAINED_DEMO_DIR / "model.safetensors").exists():
         return TRAINED_DEMO_DIR
-    from wave_rt.model.tiny import make_tiny_checkpoint
+    from wave_rt.model.demo_architecture import random_demo_checkpoint
 
     target = cache_dir() / f"demo-model-v{DEMO_VERSION}"
     if (target / "config.json").exists():
@@ -39,7 +39,7 @@ def demo_checkpoint() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-model-", dir=target.parent))
     try:
-        make_tiny_checkpoint(tmp, recipe="all_layer", use_beats=True, seed=1234)
+        random_demo_checkpoint(tmp, recipe="all_layer", use_beats=True, seed=1234)
         (tmp / "README.txt").write_text(
             "wave_rt demo model: tiny random weights, UNTRAINED. Its embeddings carry no meaning; it exists to run\n"
             "the pipeline end to end. Load a real WAVE checkpoint with WaveEncoder.from_pretrained(path).\n"

@@ -1,9 +1,16 @@
-"""The decoder over a packed stream: [N, D] hidden states, variable-length causal attention per item.
+"""The decoder over a packed stream: [N, D] hidden states, variable-length attention per item.
 
 Runs transformers' decoder layers' own weights (norms, projections, MLP) with the attention replaced by
 `varlen_attention`, so the numbers equal the padded forward's while no padding token, no dense mask and
-no repeat_kv copy is ever made. The last layer only computes what an embedding reads: its keys and values
-for every token, but its query, attention output and MLP for each item's last token alone.
+no repeat_kv copy is ever made. Attention is causal within each item, or bidirectional (every token of an
+item sees all of its item's tokens, none of another's) for encoder-style recipes.
+
+Pooling follows the recipe, as the padded reference (WaveModel.last_token_states, wave_rt.model.pooling) does:
+- `last`: the last-token row of every layer. The last layer only computes what that reads: its keys and values
+  for every token, but its query, attention output and MLP for each item's last token alone (valid under either
+  attention, since an item's last token sees all of its item's keys in both);
+- `mean`: the last layer runs on every token, the final norm on every token, then the plain mean over each
+  item's cu_seqlens segment (exactly the item's real tokens, the set the padded mask averages).
 """
 
 from __future__ import annotations
@@ -34,8 +41,10 @@ def packed_layer(
     lengths: tuple[int, ...],
     last_index: torch.Tensor | None = None,
     cu_last: torch.Tensor | None = None,
+    causal: bool = True,
 ) -> torch.Tensor:
-    """One decoder layer on h [N, D]. With last_index ([B] rows), returns only those rows' outputs [B, D]."""
+    """One decoder layer on h [N, D], attention causal or bidirectional within each item. With last_index ([B]
+    rows), returns only those rows' outputs [B, D]."""
     attn = layer.self_attn
     n = h.shape[0]
     d = attn.head_dim
@@ -45,11 +54,11 @@ def packed_layer(
     max_k = max(lengths)
     if last_index is None:
         q = _rope(attn.q_proj(x).view(n, -1, d), cos, sin)
-        o = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_k, max_k, causal=True, scale=attn.scaling,
+        o = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_k, max_k, causal=causal, scale=attn.scaling,
                              lengths_q=lengths, lengths_k=lengths)
         residual = h
     else:
-        # The last token of an item attends to all of its item's keys: no mask needed.
+        # The last token of an item attends to all of its item's keys, causal or not: no mask needed.
         xl = x.index_select(0, last_index)
         q = _rope(attn.q_proj(xl).view(xl.shape[0], -1, d), cos.index_select(0, last_index),
                   sin.index_select(0, last_index))
@@ -60,7 +69,18 @@ def packed_layer(
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
-def packed_last_token_states(
+def segment_mean(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """[N, D] rows -> [B, D]: the mean over each cu_seqlens segment, accumulated in float32 (index_add over
+    segment ids found on the device: no host read of cu_seqlens)."""
+    n = x.shape[0]
+    seg = torch.searchsorted(cu_seqlens, torch.arange(n, dtype=cu_seqlens.dtype, device=x.device), right=True) - 1
+    sums = torch.zeros(cu_seqlens.shape[0] - 1, x.shape[-1], dtype=torch.float32, device=x.device)
+    sums.index_add_(0, seg, x.float())
+    counts = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.float32).unsqueeze(1)
+    return (sums / counts).to(x.dtype)
+
+
+def packed_pooled_states(
     lm: nn.Module,
     inputs_embeds: torch.Tensor,
     position_ids: torch.Tensor,
@@ -68,9 +88,17 @@ def packed_last_token_states(
     last_index: torch.Tensor,
     lengths: tuple[int, ...],
     uses_mrope: bool,
+    *,
+    pooling: str = "last",
+    attention: str = "causal",
 ) -> torch.Tensor:
-    """[N, D] packed embeddings -> [B, L, D] last-token rows (entries 0..L-2 raw layer outputs, L-1 the
-    final-norm output), exactly what `WaveModel.last_token_states` returns for the padded batch."""
+    """[N, D] packed embeddings -> the rows the recipe's head reads, exactly what the padded forward gives:
+    pooling "last": [B, L, D] last-token rows (entries 0..L-2 raw layer outputs, L-1 the final-norm output), as
+    `WaveModel.last_token_states`; pooling "mean": [B, 1, D], the mean of the final-norm states over each item's
+    tokens, as `wave_rt.model.pooling.pooled_decoder_states`."""
+    if pooling not in ("last", "mean") or attention not in ("causal", "bidirectional"):
+        raise ValueError(f"unknown pooling {pooling!r} or attention {attention!r}")
+    causal = attention == "causal"
     layers = lm.layers
     B, D = len(lengths), inputs_embeds.shape[-1]
     pos = position_ids.unsqueeze(1) if uses_mrope else position_ids[:1]  # [3, 1, N] or [1, N]
@@ -81,12 +109,16 @@ def packed_last_token_states(
             "recomposed [1, N, d] tables of transformers >= 5"
         )
     cos, sin = cos[0], sin[0]
-    cu_last = torch.arange(B + 1, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
-    rows = inputs_embeds.new_empty(B, len(layers), D)
     h = inputs_embeds
+    if pooling == "mean":
+        for layer in layers:
+            h = packed_layer(layer, h, cos, sin, cu_seqlens, lengths, causal=causal)
+        return segment_mean(lm.norm(h), cu_seqlens).unsqueeze(1)
+    cu_last = torch.arange(B + 1, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+    layer_states = inputs_embeds.new_empty(B, len(layers), D)
     for i, layer in enumerate(layers[:-1]):
-        h = packed_layer(layer, h, cos, sin, cu_seqlens, lengths)
-        rows[:, i] = h.index_select(0, last_index)
+        h = packed_layer(layer, h, cos, sin, cu_seqlens, lengths, causal=causal)
+        layer_states[:, i] = h.index_select(0, last_index)
     last = packed_layer(layers[-1], h, cos, sin, cu_seqlens, lengths, last_index=last_index, cu_last=cu_last)
-    rows[:, -1] = lm.norm(last)
-    return rows
+    layer_states[:, -1] = lm.norm(last)
+    return layer_states

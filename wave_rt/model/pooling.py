@@ -3,12 +3,9 @@
 Used by WaveModel.forward when a recipe asks for `pooling="mean"` or `attention="bidirectional"`
 (Omni-Embed-Nemotron style); the default last-token + causal path stays WaveModel.last_token_states.
 
-What the packed (varlen) hot path must do to give the same numbers, per item of a packed stream:
-- bidirectional: attention restricted to the item's own tokens with NO causal constraint (cu_seqlens with
-  causal=False in varlen flash attention; a document-only mask in FlexAttention);
-- mean pooling: the final norm applied to every token of the item, then the plain mean over the item's
-  tokens (a segment mean over cu_seqlens), not only the last row;
-- heads then read the pooled row where they read the last-token row today (`rows[:, -1]`).
+The packed hot path (wave_rt.model.packed_decoder.packed_pooled_states) gives the same numbers per item of a
+packed stream: varlen attention with causal=False within each item's cu_seqlens segment, the final norm on
+every token, a segment mean over cu_seqlens; heads read the pooled row as `layer_states[:, -1]` in both.
 Left padding here is harmless for both: padding keys are masked for every query and padding rows are
 excluded from the mean, so an item alone equals the same item in any mixed batch.
 """

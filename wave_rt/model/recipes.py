@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-Head = Literal["fusion_all", "fusion_last", "none", "eos_projection"]
+Head = Literal["all_layer", "last_layer", "none", "eos_projection"]
 # How token states become one vector before the head: the final-norm state of the last token, or the mean of
 # the final-norm states over the item's real tokens (padding excluded).
 Pooling = Literal["last", "mean"]
@@ -121,11 +121,11 @@ NEMOTRON_PROMPTS = PromptConfig(
 
 RECIPES: dict[str, Recipe] = {
     "all_layer": Recipe(
-        "all_layer", "fusion_all", "none", WAVE_PROMPTS,
+        "all_layer", "all_layer", "none", WAVE_PROMPTS,
         "WAVE: last token of every decoder layer -> Linear(L*D, D) -> GELU -> Linear(D, D)",
     ),
     "last_layer": Recipe(
-        "last_layer", "fusion_last", "none", WAVE_PROMPTS,
+        "last_layer", "last_layer", "none", WAVE_PROMPTS,
         "WAVE variant: final-layer last token -> Linear(D, D) -> GELU -> Linear(D, D)",
     ),
     "last_token": Recipe(

@@ -20,7 +20,9 @@ def audio_tower_kwargs(mel: torch.Tensor, mel_lens: torch.Tensor, audio_config: 
     from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as omni
 
     needed = ("chunk_and_pad_features", "get_valid_indices", "get_pool_indices", "get_audio_cu_seqlens")
-    if mel.is_cuda or not all(hasattr(omni, n) for n in needed):
+    # The tables come from mel_lens (host); mel itself may already be on the GPU (deferred features), where
+    # the chunking is a split and a pad with host-known sizes: no sync either way.
+    if mel_lens.is_cuda or not all(hasattr(omni, n) for n in needed):
         return None
     padded_feature, chunk_lengths = omni.chunk_and_pad_features(mel, mel_lens, int(audio_config.n_window))
     cu_seqlens = omni.get_audio_cu_seqlens(chunk_lengths)

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from wave_rt.config import OMNI_THINKER, QWEN2_AUDIO, WaveConfig
-from wave_rt.model.batch import ModelBatch, PackedBatch
+from wave_rt.model.batch import PackedBatch, PaddedBatch
 from wave_rt.model.midashenglm import MIDASHENGLM
-from wave_rt.model.packed_decoder import packed_last_token_states
+from wave_rt.model.packed_decoder import packed_pooled_states
 
 BEATS_WIDTH = 768
 
@@ -101,9 +101,9 @@ class WaveModel(nn.Module):
 
         d, n_layers = config.hidden_size, config.num_layers
         heads = {config.recipe.head, config.recipe.text_target_head}
-        if "fusion_all" in heads:
+        if "all_layer" in heads:
             self.classify_linear = nn.Sequential(nn.Linear(d * n_layers, d), nn.GELU(), nn.Linear(d, d))
-        elif "fusion_last" in heads:
+        elif "last_layer" in heads:
             self.classify_linear = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
         if "eos_projection" in heads:
             self.eos_proj = nn.Linear(d, config.embedding_dim)
@@ -191,7 +191,7 @@ class WaveModel(nn.Module):
         pooled = flat[index].view(-1, 2, width).mean(dim=1)
         return self.beats_proj(self.beats_ln(pooled))
 
-    def encode_audio(self, batch: ModelBatch | PackedBatch) -> torch.Tensor:
+    def encode_audio(self, batch: PaddedBatch | PackedBatch) -> torch.Tensor:
         if self.config.backbone == MIDASHENGLM:
             from wave_rt.model.midashenglm import encode_dasheng_audio
 
@@ -218,7 +218,7 @@ class WaveModel(nn.Module):
                           **dict(tower_kwargs or {}))
         return out.pooler_output if hasattr(out, "pooler_output") else out
 
-    def embed_inputs(self, batch: ModelBatch) -> torch.Tensor:
+    def embed_inputs(self, batch: PaddedBatch) -> torch.Tensor:
         """Token embeddings with the encoders' outputs scattered into their placeholder positions."""
         embeds = self.model.embed_tokens(batch.input_ids)
         if batch.mel is not None or batch.fbank is not None:
@@ -236,12 +236,13 @@ class WaveModel(nn.Module):
     # ------------------------------------------------------------------ packed batches (the hot path)
     @property
     def supports_packed(self) -> bool:
-        """The packed path covers last-token pooling under causal attention on the Omni thinker and
-        Qwen2-Audio backbones; anything else (other backbones, mean pooling, bidirectional recipes) keeps the
+        """Every backbone and recipe has a packed path: the Omni thinker, Qwen2-Audio and MiDashengLM decoders
+        (transformers' Qwen2-family layers), last-token or mean pooling, causal or bidirectional attention. A
+        subclass or a future backbone whose decoder the packed path cannot run says False here and keeps the
         padded forward."""
         recipe = self.config.recipe
-        return (self.config.backbone in (OMNI_THINKER, QWEN2_AUDIO)
-                and getattr(recipe, "pooling", "last") == "last" and getattr(recipe, "attention", "causal") == "causal")
+        return (self.config.backbone in (OMNI_THINKER, QWEN2_AUDIO, MIDASHENGLM)
+                and recipe.pooling in ("last", "mean") and recipe.attention in ("causal", "bidirectional"))
 
     def tower_inputs(self, batch: PackedBatch) -> None:
         """Host side, at collation: the window tables the Omni towers would otherwise derive on the device
@@ -272,16 +273,17 @@ class WaveModel(nn.Module):
         """Unnormalised embeddings [B, embedding_dim] of a packed batch; no host sync on CUDA."""
         if not self.supports_packed:
             raise NotImplementedError(f"no packed path for backbone {self.config.backbone!r} with recipe "
-                                      f"{self.config.recipe.name!r}; collate a padded ModelBatch instead")
+                                      f"{self.config.recipe.name!r}; collate a PaddedBatch instead")
         embeds = self.embed_packed(batch)
-        rows = packed_last_token_states(self.model, embeds, batch.position_ids, batch.cu_seqlens, batch.last_index,
-                                        batch.lengths, self.config.uses_mrope)
         recipe = self.config.recipe
+        layer_states = packed_pooled_states(self.model, embeds, batch.position_ids, batch.cu_seqlens, batch.last_index,
+                                    batch.lengths, self.config.uses_mrope, pooling=recipe.pooling,
+                                    attention=recipe.attention)
         if batch.head_mode == "head":
-            return self.apply_head(recipe.head, rows)
+            return self.apply_head(recipe.head, layer_states)
         if batch.head_mode == "target":
-            return self.apply_head(recipe.text_target_head, rows)
-        return self.pool(rows, batch.use_head, all_same=False)
+            return self.apply_head(recipe.text_target_head, layer_states)
+        return self.pool(layer_states, batch.use_head, all_same=False)
 
     # ------------------------------------------------------------------ decoder + heads (export-ready)
     def last_token_states(
@@ -298,7 +300,7 @@ class WaveModel(nn.Module):
         lm = self.model
         layers = lm.layers
         B, _, D = inputs_embeds.shape
-        rows = inputs_embeds.new_empty(B, len(layers), D)
+        layer_states = inputs_embeds.new_empty(B, len(layers), D)
         pos = position_ids if self.config.uses_mrope else position_ids[0]
         position_embeddings = lm.rotary_emb(inputs_embeds, pos)
         mask = causal_padding_mask(attention_mask) if attention_mask is not None else None
@@ -307,34 +309,34 @@ class WaveModel(nn.Module):
             out = layer(h, attention_mask=mask, position_embeddings=position_embeddings, use_cache=False)
             h = out[0] if isinstance(out, tuple) else out
             if i < len(layers) - 1:
-                rows[:, i] = h[:, -1]
-        rows[:, -1] = lm.norm(h[:, -1:]).squeeze(1)
-        return rows
+                layer_states[:, i] = h[:, -1]
+        layer_states[:, -1] = lm.norm(h[:, -1:]).squeeze(1)
+        return layer_states
 
-    def apply_head(self, head: str, rows: torch.Tensor) -> torch.Tensor:
+    def apply_head(self, head: str, layer_states: torch.Tensor) -> torch.Tensor:
         if head == "none":
-            return rows[:, -1]
+            return layer_states[:, -1]
         if head == "eos_projection":
-            return self.eos_proj(rows[:, -1])
-        if head == "fusion_last":
-            return self.classify_linear(rows[:, -1])
-        if head == "fusion_all":
+            return self.eos_proj(layer_states[:, -1])
+        if head == "last_layer":
+            return self.classify_linear(layer_states[:, -1])
+        if head == "all_layer":
             first, act, second = self.classify_linear
-            hidden = _fused_first_layer(rows, first.weight, first.bias)
+            hidden = _fused_first_layer(layer_states, first.weight, first.bias)
             if hidden is None:
-                hidden = act(first(rows.reshape(rows.shape[0], -1)))
+                hidden = act(first(layer_states.reshape(layer_states.shape[0], -1)))
             return second(hidden)
         raise ValueError(f"unknown head {head!r}")
 
-    def pool(self, rows: torch.Tensor, use_head: torch.Tensor, all_same: bool | None = None) -> torch.Tensor:
+    def pool(self, layer_states: torch.Tensor, use_head: torch.Tensor, all_same: bool | None = None) -> torch.Tensor:
         """Per row: the recipe's head (media, text queries) or the text-target head (plain strings).
         `all_same` (host-side knowledge of use_head) lets a uniform batch skip the unused head."""
         recipe = self.config.recipe
         if recipe.head == recipe.text_target_head or all_same is True:
             head = recipe.head if (recipe.head == recipe.text_target_head or bool(use_head[0])) else recipe.text_target_head
-            return self.apply_head(head, rows)
-        a = self.apply_head(recipe.head, rows)
-        b = self.apply_head(recipe.text_target_head, rows)
+            return self.apply_head(head, layer_states)
+        a = self.apply_head(recipe.head, layer_states)
+        b = self.apply_head(recipe.text_target_head, layer_states)
         return torch.where(use_head.view(-1, 1), a, b.to(a.dtype))
 
     def forward_core(
@@ -350,16 +352,16 @@ class WaveModel(nn.Module):
             # Refuse rather than export a last-token causal graph for a mean/bidirectional recipe.
             raise NotImplementedError(f"recipe {recipe.name!r} (pooling={recipe.pooling}, attention={recipe.attention}) "
                                       "has no export graph yet; use forward()")
-        rows = self.last_token_states(inputs_embeds, attention_mask, position_ids)
+        layer_states = self.last_token_states(inputs_embeds, attention_mask, position_ids)
         if recipe.head == recipe.text_target_head:
-            return self.apply_head(recipe.head, rows)
-        a = self.apply_head(recipe.head, rows)
-        b = self.apply_head(recipe.text_target_head, rows)
+            return self.apply_head(recipe.head, layer_states)
+        a = self.apply_head(recipe.head, layer_states)
+        b = self.apply_head(recipe.text_target_head, layer_states)
         return torch.where(use_head.view(-1, 1), a, b.to(a.dtype))
 
-    def forward(self, batch: ModelBatch | PackedBatch) -> torch.Tensor:
+    def forward(self, batch: PaddedBatch | PackedBatch) -> torch.Tensor:
         """Unnormalised embeddings [B, embedding_dim] for a collated batch already on this model's device:
-        a PackedBatch runs the packed varlen path, a ModelBatch the padded reference path."""
+        a PackedBatch runs the packed varlen path, a PaddedBatch the padded reference path."""
         if isinstance(batch, PackedBatch):
             return self.forward_packed(batch)
         embeds = self.embed_inputs(batch)
@@ -372,10 +374,10 @@ class WaveModel(nn.Module):
                                            mrope=self.config.uses_mrope)
             uses = batch.use_head
             return self.pool(pooled.unsqueeze(1), uses, all_same=bool(uses.all()) or not bool(uses.any()))
-        rows = self.last_token_states(embeds, batch.attention_mask if batch.padded else None, batch.position_ids)
+        layer_states = self.last_token_states(embeds, batch.attention_mask if batch.padded else None, batch.position_ids)
         uses = batch.use_head
         all_same = bool(uses.all()) or not bool(uses.any())
-        return self.pool(rows, uses, all_same=all_same)
+        return self.pool(layer_states, uses, all_same=all_same)
 
 
 def _place(embeds: torch.Tensor, index: torch.Tensor | None, feats: torch.Tensor, what: str) -> torch.Tensor:
@@ -393,14 +395,14 @@ def _check_count(mask: torch.Tensor, feats: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} placeholders ({n}) and {what} encoder tokens ({feats.shape[0]}) disagree")
 
 
-def _fused_first_layer(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor | None:
-    """GELU(concat(rows) @ W1.T + b1) through wave_rt.kernels.layer_fusion_mlp on CUDA (which picks, per
+def _fused_first_layer(layer_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor | None:
+    """GELU(concat(layer_states) @ W1.T + b1) through wave_rt.kernels.layer_fusion_mlp on CUDA (which picks, per
     layout, the cuBLAS GEMM on the free [B, L*D] view or the split-K Triton kernel); None elsewhere (on the
-    CPU, rows.reshape(B, L*D) is already a free view and one GEMM is the fastest path)."""
-    if not rows.is_cuda:
+    CPU, layer_states.reshape(B, L*D) is already a free view and one GEMM is the fastest path)."""
+    if not layer_states.is_cuda:
         return None
     try:
         from wave_rt.kernels import layer_fusion_mlp
     except ImportError:
         return None
-    return layer_fusion_mlp(rows, weight, bias)
+    return layer_fusion_mlp(layer_states, weight, bias)

@@ -2,8 +2,9 @@
 
 A checkpoint is a folder `step-00000123/` holding
   trainable.safetensors  every trainable tensor (LoRA adapters, heads, a learnable temperature)
-  state.pt               optimizer, scheduler, RNG states, step and data position: plain tensors, numbers,
-                         strings and containers only, so torch.load(weights_only=True) reads it
+  state.pt               optimizer (by parameter name), scheduler, every rank's RNG states, step and data
+                         position: plain tensors, numbers, strings and containers only, so
+                         torch.load(weights_only=True) reads it
   meta.json              step, epoch, batch in epoch, config
 It is written into a temporary folder, fsynced, and renamed into place; then `latest` (a one-line file)
 is replaced atomically. A kill at any moment leaves either the previous or the new checkpoint complete.

@@ -28,7 +28,13 @@
     keep_checkpoints = 2
     log_every = 1
     device = "auto"               # auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK)
-    bf16 = true                   # autocast to bfloat16 on CUDA (ignored on the CPU)
+    distributed = "ddp"           # ddp: whole model per rank, gradients all-reduced; fsdp2: fully_shard
+                                  # (parameters, gradients, optimizer state sharded over the ranks: 7B)
+    fsdp_sync_every_chunk = false # fsdp2: reduce-scatter after every GradCache chunk (sharded gradient
+                                  # memory) instead of once per step (one unsharded copy of the trainable
+                                  # gradients: small for LoRA; faster)
+    bf16 = true                   # bfloat16 compute on CUDA: autocast (ddp) or FSDP2's MixedPrecisionPolicy
+                                  # with fp32 master weights and reduction (fsdp2); ignored on the CPU
     gradient_checkpointing = false
     dtype = "fp32"                # master weights: fp32, or fp64 (CPU, exactness tests)
     progress = true
@@ -79,6 +85,8 @@ class RunSection:
     keep_checkpoints: int = 2
     log_every: int = 1
     device: str = "auto"
+    distributed: str = "ddp"
+    fsdp_sync_every_chunk: bool = False
     bf16: bool = True
     gradient_checkpointing: bool = False
     dtype: str = "fp32"
@@ -151,6 +159,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.optim.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.optim.lr}")
+        if self.run.distributed not in ("ddp", "fsdp2"):
+            raise ValueError(f"run.distributed must be ddp or fsdp2, got {self.run.distributed!r}")
         if self.run.dtype not in ("fp32", "fp64"):
             raise ValueError(f"run.dtype must be fp32 or fp64, got {self.run.dtype!r}")
 

@@ -4,7 +4,7 @@
 
 1. generates the training corpus (seed 0) and a held-out corpus of the same classes (seed 1) with
    wave_rt.train.demo_corpus;
-2. trains the bundled tiny architecture (the one `make_tiny_checkpoint` builds: 4-layer, 64-wide
+2. trains the bundled tiny architecture (the one `wave_rt.model.demo_architecture.random_demo_checkpoint` builds: 4-layer, 64-wide
    Qwen2.5-Omni thinker with BEATs and the WAVE all-layer fusion head) from random weights with the config
    wave_rt/assets/demo_model/train.toml (every parameter trained: it starts from random weights);
 3. evaluates the held-out corpus (`wave-rt eval`), writing <work>/demo_eval.json;

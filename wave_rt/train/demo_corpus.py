@@ -25,17 +25,14 @@ from typing import Any
 
 import numpy as np
 
+from wave_rt.archive.moving_shapes import COLOURS, DIRECTIONS, FPS, SHAPES, shape_frames
+
 log = logging.getLogger(__name__)
 
 SR = 16000
-SIZE = 56  # pixels: 4 x 4 patches of 14, i.e. 4 visual tokens per temporal patch
-FPS = 8
 
 PITCH = {"low": 200.0, "medium": 520.0, "high": 1400.0}
 SOUNDS = ("steady tone", "beeping sound", "chord", "rising sweep")
-COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230)}
-SHAPES = ("circle", "bar")
-DIRECTIONS = ("left", "right")
 WORDS = ("apple", "river", "seven", "window", "music", "yellow", "garden", "rocket", "coffee", "thunder",
          "pencil", "monkey")
 
@@ -94,30 +91,6 @@ def speech_clip(rng: np.random.Generator, word: str, out: Path) -> None:
     pitch = int(rng.integers(25, 75))
     subprocess.run(["espeak-ng", "-s", str(speed), "-p", str(pitch), "-w", str(out), word], check=True,
                    capture_output=True)
-
-
-# ---------------------------------------------------------------------------------------------- video
-def shape_frames(rng: np.random.Generator, colour: str, shape: str, direction: str,
-                 seconds: float) -> np.ndarray:
-    n = max(2, int(round(FPS * seconds)))
-    bg = rng.integers(10, 50, size=3)
-    frames = np.empty((n, SIZE, SIZE, 3), np.uint8)
-    frames[:] = bg.astype(np.uint8)
-    r = rng.uniform(9, 12.5)
-    rgb = np.clip(np.array(COLOURS[colour]) + rng.integers(-25, 26, size=3), 0, 255).astype(np.uint8)
-    cy = rng.uniform(r + 2, SIZE - r - 2)
-    x0, x1 = SIZE - r - 3 - rng.uniform(0, 6), r + 3 + rng.uniform(0, 6)
-    if direction == "right":
-        x0, x1 = x1, x0
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
-    for i in range(n):
-        cx = x0 + (x1 - x0) * i / (n - 1)
-        if shape == "circle":
-            mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r ** 2
-        else:
-            mask = (np.abs(yy - SIZE / 2) <= SIZE * 0.4) & (np.abs(xx - cx) <= r * 0.4)
-        frames[i][mask] = rgb
-    return frames
 
 
 def generate_corpus(root: str | Path, seed: int, n_per_class: int, speech: bool | None = None) -> Path:

@@ -58,13 +58,15 @@ def gradcache_step(
     encode: Callable[[Any], torch.Tensor],
     sides: Sequence[Sequence[Any]],
     loss_fn: Callable[..., torch.Tensor],
+    before_backward: Callable[[bool], None] | None = None,
 ) -> torch.Tensor:
     """One GradCache forward/backward; parameter gradients are ACCUMULATED into `.grad` (zero them first).
 
     encode(chunk) -> [n, D] embeddings of one chunk (with its graph when grad mode is on).
     sides[k] is the list of chunks of side k (e.g. [query chunks, target chunks]); their embeddings are
     concatenated per side in order and passed to loss_fn(side_0, side_1, ...) -> 0-dim loss.
-    Returns the detached loss."""
+    before_backward(last) runs before each chunk's backward, last=True before the step's final one (FSDP2
+    reduces the accumulated gradients only then). Returns the detached loss."""
     cached: list[list[tuple[RngState, int]]] = []
     reps: list[torch.Tensor] = []
     with torch.no_grad():
@@ -79,6 +81,7 @@ def gradcache_step(
             reps.append(torch.cat(parts).detach().requires_grad_(True))
     loss = loss_fn(*reps)
     loss.backward()
+    remaining = sum(len(chunks) for chunks in sides)
     for chunks, states, rep in zip(sides, cached, reps):
         grads = rep.grad.split([n for _, n in states])
         for chunk, (state, n), grad in zip(chunks, states, grads):
@@ -86,6 +89,9 @@ def gradcache_step(
                 emb = encode(chunk)
             if emb.shape[0] != n:
                 raise RuntimeError(f"chunk re-embedding gave {emb.shape[0]} rows, the cached pass {n}")
+            remaining -= 1
+            if before_backward is not None:
+                before_backward(remaining == 0)
             emb.backward(grad.to(emb.dtype))
     return loss.detach()
 

@@ -1,12 +1,18 @@
-"""fit(config): contrastive fine-tuning with GradCache, DDP across ranks, checkpoints and exact resume.
+"""fit(config): contrastive fine-tuning with GradCache, DDP or FSDP2 across ranks, checkpoints and exact resume.
 
 Distributed: launched under torchrun (WORLD_SIZE > 1) it joins a process group (gloo on the CPU, NCCL on
 GPUs). Each rank embeds its own slice of the global batch; the loss is info_nce_distributed (all ranks'
 rows are negatives of each other), whose gradient with respect to a rank's embeddings is that rank's slice
-of the global gradient. The parameter gradients are then summed over ranks with one all-reduce per step,
-which is what DistributedDataParallel does (it averages; summing gives the exact global-loss gradient, so
-W ranks equal one process on the concatenated batch). The model is not wrapped in DDP because GradCache
-runs several backward passes per step and the reduction must happen once, after the last.
+of the global gradient. The parameter gradients are then summed over ranks, which gives the exact
+global-loss gradient, so W ranks equal one process on the concatenated batch:
+- distributed = "ddp": every rank holds the whole model; one all-reduce per trainable tensor per step, what
+  DistributedDataParallel does (it averages). The model is not wrapped in DDP because GradCache runs
+  several backward passes per step and the reduction must happen once, after the last.
+- distributed = "fsdp2": the model is sharded with fully_shard (wave_rt.train.sharding): each GradCache
+  chunk's forward and backward all-gather the layers they run; the chunks' gradients accumulate unsharded
+  and are reduce-scattered once, in the last chunk's backward (run.fsdp_sync_every_chunk = true
+  reduce-scatters after every chunk instead: sharded gradient memory, one reduce-scatter per chunk).
+  Checkpoints and the final model gather the shards through torch.distributed.checkpoint's state-dict API.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
 
 from wave_rt.train.adapters import add_lora, merge_lora, set_trainable
 from wave_rt.train.checkpoint import (
@@ -38,6 +46,7 @@ from wave_rt.train.encode import embed_items
 from wave_rt.train.gradcache import chunked, full_batch_step, gradcache_step
 from wave_rt.train.objective import ContrastiveLoss
 from wave_rt.train.recipes import TrainRecipe, get_train_recipe
+from wave_rt.train.sharding import clip_grad_norm, init_single_rank_group, set_gradient_sync, shard_model
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +71,16 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):  # noqa: ANN201 - 
     return factor
 
 
-def _dist_setup(device_name: str) -> tuple[int, int, torch.device]:
+def _dist_setup(device_name: str, need_group: bool = False) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). need_group: join a one-rank group when not launched by torchrun (FSDP2
+    shards over a device mesh even on one rank)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or need_group) and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and device_name != "cpu" else "gloo"
-        dist.init_process_group(backend)
+        if world > 1:
+            dist.init_process_group(backend)
+        else:
+            init_single_rank_group(backend)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     if device_name == "auto":
@@ -75,6 +89,8 @@ def _dist_setup(device_name: str) -> tuple[int, int, torch.device]:
         device_name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     device = torch.device(device_name)
     if device.type == "cuda":
+        if device.index is None:  # set_device (and NCCL, and the FSDP2 mesh) need an index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     return rank, world, device
 
@@ -99,13 +115,13 @@ def enable_activation_checkpointing(model: Any) -> None:
 
 def _model_path(config: TrainConfig, rank: int) -> Path:
     if config.model.init_tiny:
-        from wave_rt.model.tiny import make_tiny_checkpoint
+        from wave_rt.model.demo_architecture import random_demo_checkpoint
 
         recipe = get_train_recipe(config.recipe["name"], _overrides(config))
         init = Path(config.run.out_dir) / "init"
         if rank == 0 and not (init / "config.json").exists():
-            make_tiny_checkpoint(init, recipe=recipe.pooling, use_beats=recipe.pooling in ("all_layer", "last_layer"),
-                                 seed=config.model.tiny_seed)
+            random_demo_checkpoint(init, recipe=recipe.pooling, use_beats=recipe.pooling in ("all_layer", "last_layer"),
+                                   seed=config.model.tiny_seed)
         if dist.is_initialized():
             dist.barrier()
         return init
@@ -123,36 +139,40 @@ def _overrides(config: TrainConfig) -> dict[str, Any]:
 class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         from wave_rt.embed.processor import WaveProcessor, load_tokenizer
-        from wave_rt.model.loading import load_wave_model
 
         self.config = config
-        self.rank, self.world, self.device = _dist_setup(config.run.device)
+        self.fsdp = config.run.distributed == "fsdp2"
+        self.rank, self.world, self.device = _dist_setup(config.run.device, need_group=self.fsdp)
         if config.run.threads > 0:
             torch.set_num_threads(config.run.threads)
         self.recipe: TrainRecipe = get_train_recipe(config.recipe["name"], _overrides(config))
         self.out_dir = Path(config.run.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.base_path = _model_path(config, self.rank)
-        dtype = torch.float64 if config.run.dtype == "fp64" else torch.float32
         # Same seed on every rank: LoRA initialisation is identical everywhere without a broadcast.
         torch.manual_seed(config.run.seed)
-        model, wave_config = load_wave_model(self.base_path, device=self.device, dtype=dtype,
-                                             recipe=self.recipe.pooling)
-        if self.recipe.trainable == "lora":
-            add_lora(model, self.recipe)
-            model.to(device=self.device, dtype=dtype)
+        self.dtype = torch.float64 if config.run.dtype == "fp64" else torch.float32
+        model, wave_config = self._build_model(torch.device("cpu") if self.fsdp else self.device)
         self.trainable = set_trainable(model, self.recipe)
         if config.run.gradient_checkpointing:
             enable_activation_checkpointing(model)
         model.train()
+        bf16 = self.device.type == "cuda" and config.run.bf16
+        if self.fsdp:
+            # Loaded on the CPU, each unit moved to the device as it is sharded: no rank ever holds the
+            # whole model on the device. bf16 through MixedPrecisionPolicy (fp32 master weights), not autocast.
+            shard_model(model, self.device, param_dtype=torch.bfloat16 if bf16 else None)
+        self.autocast = torch.bfloat16 if bf16 and not self.fsdp else None
         self.model = model
         self.loss_fn = ContrastiveLoss(self.recipe.temperature, self.recipe.learnable_temperature,
                                        self.recipe.symmetric, self.recipe.false_negative_margin).to(self.device)
-        if dtype == torch.float64:
+        if self.dtype == torch.float64:
             self.loss_fn.double()
+        # One module over both, so the state-dict API names every trainable tensor ("model." + the model's
+        # name, "loss." + the loss's) and gathers FSDP2 shards.
+        self.modules = nn.ModuleDict({"model": model, "loss": self.loss_fn})
         self.processor = WaveProcessor(wave_config, load_tokenizer(self.base_path))
         self.pad = self.processor.ids["pad"]
-        self.autocast = torch.bfloat16 if (self.device.type == "cuda" and config.run.bf16) else None
 
         self.load_skipped: Counter = Counter()
         pairs = load_pairs(config.data.train, self.load_skipped)
@@ -175,25 +195,75 @@ class Trainer:
         self.step = 0
         self._tb: Any = None
 
+    def _build_model(self, device: torch.device) -> tuple[nn.Module, Any]:
+        """The base checkpoint on `device` with the recipe's LoRA adapters (initialised from the torch RNG)."""
+        from wave_rt.model.loading import load_wave_model
+
+        model, wave_config = load_wave_model(self.base_path, device=device, dtype=self.dtype,
+                                             recipe=self.recipe.pooling)
+        if self.recipe.trainable == "lora":
+            add_lora(model, self.recipe)
+            model.to(device=device, dtype=self.dtype)
+        return model, wave_config
+
     # ------------------------------------------------------------------ state
     def trainable_tensors(self) -> dict[str, torch.Tensor]:
+        """Every trainable parameter by checkpoint name (FSDP2: sharded DTensors)."""
         out = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         out.update({f"loss.{n}": p for n, p in self.loss_fn.named_parameters()})
         return out
 
+    @staticmethod
+    def _module_key(name: str) -> str:
+        """checkpoint name -> name in self.modules ("loss.x" stays, a model tensor gets "model.")."""
+        return name if name.startswith("loss.") else f"model.{name}"
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Whole trainable tensors on the CPU, by checkpoint name, on rank 0 ({} elsewhere); a collective
+        under FSDP2 (every rank calls it). Frozen weights are never gathered."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.modules, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+        if self.rank != 0:
+            return {}
+        return {name: full[self._module_key(name)] for name in self.trainable_tensors()}
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's whole state keyed by parameter name, on rank 0 ({} elsewhere); a collective."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.modules, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
     def save(self) -> Path | None:
+        """Write a checkpoint (rank 0 writes; under FSDP2 every rank must call it: the shards are gathered)."""
+        tensors = self.trainable_state()
+        optimizer = self.optimizer_state()
+        # Every rank's generators: they start from one seed but drift apart (dropout masks rows of
+        # different lengths), and a resume must hand each rank its own.
+        rngs: list[Any] = [rng_state()]
+        if self.world > 1:
+            rngs = [None] * self.world
+            dist.all_gather_object(rngs, rng_state())
         if self.rank != 0:
             return None
         epoch, k = self.plan.position(self.step)
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "rng": rng_state(), "step": self.step, "data": {"epoch": epoch, "batch_in_epoch": k},
+        state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
+                 "rng": rngs, "step": self.step, "data": {"epoch": epoch, "batch_in_epoch": k},
                  "skipped": dict(self.source.skipped)}
         meta = {"step": self.step, "epoch": epoch, "batch_in_epoch": k, "world_size": self.world,
-                "config": self.config.to_dict()}
-        return save_checkpoint(self.out_dir, self.step, self.trainable_tensors(), state, meta,
-                               keep=self.config.run.keep_checkpoints)
+                "distributed": self.config.run.distributed, "config": self.config.to_dict()}
+        return save_checkpoint(self.out_dir, self.step, tensors, state, meta, keep=self.config.run.keep_checkpoints)
 
     def resume(self) -> bool:
+        """Continue from the run folder's latest checkpoint (every rank reads it; FSDP2 keeps its shard)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
         path = latest_checkpoint(self.out_dir)
         if path is None:
             return False
@@ -204,12 +274,13 @@ class Trainer:
         if set(tensors) != set(own):
             raise ValueError(f"{path}: trainable tensors differ from this config's "
                              f"(missing {sorted(set(own) - set(tensors))[:5]}, extra {sorted(set(tensors) - set(own))[:5]})")
-        with torch.no_grad():
-            for name, p in own.items():
-                p.copy_(tensors[name].to(p.device, p.dtype))
-        self.optimizer.load_state_dict(state["optimizer"])
+        full = StateDictOptions(full_state_dict=True, strict=False)
+        dtypes = {name: p.dtype for name, p in own.items()}
+        set_model_state_dict(self.modules, {self._module_key(n): t.to(dtypes[n]) for n, t in tensors.items()},
+                             options=full)
+        set_optimizer_state_dict(self.modules, self.optimizer, state["optimizer"], options=full)
         self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"][self.rank])
         self.step = int(state["step"])
         self.source.skipped.update(state.get("skipped", {}))
         self._truncate_metrics()
@@ -253,17 +324,25 @@ class Trainer:
         sides = [chunked([q for q, _ in prepared], chunk), chunked([t for _, t in prepared], chunk)]
         self.optimizer.zero_grad(set_to_none=True)
         # One chunk per side: the cached pass would only repeat the forward; the plain graph is the same math.
-        step_fn = full_batch_step if all(len(s) == 1 for s in sides) else gradcache_step
-        loss = step_fn(lambda c: embed_items(self.model, c, self.pad, device=self.device, autocast=self.autocast),
-                       sides, self.loss_fn)
+        def encode(c: Any) -> torch.Tensor:
+            return embed_items(self.model, c, self.pad, device=self.device, dtype=self.dtype, autocast=self.autocast)
+
+        if all(len(s) == 1 for s in sides):
+            loss = full_batch_step(encode, sides, self.loss_fn)
+        else:
+            every = self.config.run.fsdp_sync_every_chunk
+            loss = gradcache_step(encode, sides, self.loss_fn,
+                                  before_backward=lambda last: set_gradient_sync(self.model, last or every))
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.world > 1:
             for p in params:
+                if isinstance(p, DTensor):
+                    continue  # FSDP2 summed these over the ranks in the backward (reduce-scatter)
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad)
         clip = self.config.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        norm = clip_grad_norm(params, clip if clip > 0 else float("inf"))
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -321,14 +400,27 @@ class Trainer:
         return FitResult(self.out_dir, final, self.step, losses, skipped)
 
     def save_final(self) -> Path | None:
-        """The merged model (LoRA folded into q/k/v) in the layout WaveEncoder.from_pretrained loads."""
-        if self.rank != 0:
-            return None
-        import copy
-
+        """The merged model (LoRA folded into q/k/v) in the layout WaveEncoder.from_pretrained loads
+        (rank 0 writes; under FSDP2 every rank must call it: the whole model is gathered onto rank 0's CPU)."""
         from wave_rt.model.loading import save_wave_model
 
-        model = copy.deepcopy(self.model).eval()
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.rank != 0:
+                return None
+            with torch.random.fork_rng(devices=[]):  # the throwaway LoRA init must not move the RNG
+                model, _ = self._build_model(torch.device("cpu"))
+            model.load_state_dict(state, strict=True)
+            del state
+        else:
+            if self.rank != 0:
+                return None
+            import copy
+
+            model = copy.deepcopy(self.model)
+        model.eval()
         merge_lora(model)
         model.float()
         final = self.out_dir / "final"

@@ -1,8 +1,11 @@
-"""Tiny, randomly initialised checkpoints built from the real transformers configs.
+"""The bundled demo model's architecture, and random checkpoints of it.
 
-Used by the tests (every shape is small enough for a 2-core CPU) and by the bundled demo model.
-Nothing here is downloaded: the tokenizer is a byte-level BPE with no merges built offline with
-the `tokenizers` library, carrying Qwen's special tokens, and the configs' token ids point at it.
+The trained demo model (wave_rt/assets/demo_model) is this architecture: a Qwen2.5-Omni thinker with every
+width tiny, BEATs and the WAVE fusion head, and a byte-level tokenizer carrying Qwen's special tokens, all
+built offline (nothing is downloaded). The runtime builds it from random weights in two places: training from
+scratch (`init_tiny = true` in a training config, which is how `python -m wave_rt.train.demo` reproduces the
+bundled weights) and the demo fallback of a stripped install without the bundled weights (wave_rt.model.demo).
+Tests build tiny checkpoints of other backbones on top of `save_random_checkpoint` (tests/tiny_checkpoints.py).
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ QWEN_SPECIAL_TOKENS = (
 )
 
 
-def build_tiny_tokenizer(out_dir: str | os.PathLike[str]) -> dict[str, int]:
-    """Write tokenizer.json + tokenizer_config.json into out_dir; return {special token: id}."""
+def write_demo_tokenizer(out_dir: str | os.PathLike[str]) -> dict[str, int]:
+    """Write the demo tokenizer (byte-level BPE, no merges, Qwen's special tokens) into out_dir; return
+    {special token: id}."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
 
@@ -56,7 +60,7 @@ def build_tiny_tokenizer(out_dir: str | os.PathLike[str]) -> dict[str, int]:
     return {tok: tokenizer.token_to_id(tok) for tok in QWEN_SPECIAL_TOKENS}
 
 
-def tiny_thinker_config_dict(
+def demo_thinker_config_dict(
     token_ids: dict[str, int],
     *,
     vocab_size: int = 320,
@@ -67,7 +71,8 @@ def tiny_thinker_config_dict(
     audio_layers: int = 2,
     vision_depth: int = 2,
 ) -> dict[str, Any]:
-    """A Qwen2.5-Omni thinker config dict with every width tiny and the token ids of the tiny tokenizer."""
+    """A Qwen2.5-Omni thinker config dict: the demo model's widths by default (the benchmarks scale them up), and the
+    token ids of the demo tokenizer."""
     head_dim = hidden // heads
     half = head_dim // 2
     t = max(1, half // 4)
@@ -125,70 +130,13 @@ def tiny_thinker_config_dict(
     }
 
 
-def tiny_qwen2_audio_config_dict(token_ids: dict[str, int], *, vocab_size: int = 320, hidden: int = 64,
-                                 layers: int = 4) -> dict[str, Any]:
-    """A Qwen2-Audio config dict (Vela's backbone) with tiny widths."""
-    return {
-        "model_type": "qwen2_audio",
-        "audio_token_index": token_ids["<|AUDIO|>"],
-        "audio_config": {
-            "model_type": "qwen2_audio_encoder",
-            "num_mel_bins": 128,
-            "encoder_layers": 2,
-            "encoder_attention_heads": 4,
-            "encoder_ffn_dim": 64,
-            "d_model": 32,
-            "max_source_positions": 1500,
-        },
-        "text_config": _tiny_qwen2_text_config(token_ids, vocab_size, hidden, layers),
-    }
-
-
-def _tiny_qwen2_text_config(token_ids: dict[str, int], vocab_size: int, hidden: int, layers: int) -> dict[str, Any]:
-    """The tiny Qwen2 decoder shared by the Qwen2-Audio and MiDashengLM configs."""
-    return {
-        "model_type": "qwen2",
-        "vocab_size": vocab_size,
-        "hidden_size": hidden,
-        "intermediate_size": hidden * 2,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 4096,
-        "pad_token_id": token_ids["<|endoftext|>"],
-        "use_cache": False,
-    }
-
-
-def tiny_midashenglm_config_dict(token_ids: dict[str, int], *, vocab_size: int = 320, hidden: int = 64,
-                                 layers: int = 4) -> dict[str, Any]:
-    """A MiDashengLM config dict (ALM2Vec's backbone) as its config.json spells it, with tiny widths and a
-    Dasheng encoder whose chunks are 40 frames long (so a few seconds of audio spans several chunks)."""
-    from wave_rt.model.dasheng import DashengConfig
-
-    return {
-        "model_type": "midashenglm",
-        "audio_token_id": token_ids["<|AUDIO|>"],
-        "subsample_factor": 5,
-        "audio_encoder_config": DashengConfig.tiny().to_dict(),
-        "text_config": {**_tiny_qwen2_text_config(token_ids, vocab_size, hidden, layers), "rope_theta": 1000000.0},
-    }
-
-
-def make_tiny_checkpoint(
-    out_dir: str | os.PathLike[str],
-    *,
-    recipe: str = "all_layer",
-    use_beats: bool = True,
-    seed: int = 0,
-    beats_in_safetensors: bool = True,
-    extra_config: dict[str, Any] | None = None,
-    backbone: str = "qwen2_5_omni_thinker",
-    **sizes: Any,
-) -> Path:
-    """Build and save a tiny random checkpoint in the WAVE layout (or a plain thinker for
-    recipe="last_token" without BEATs). With beats_in_safetensors=False the BEATs weights go to a
-    separate BEATs_iter3_plus_AS2M.pt beside the safetensors, as the released checkpoint ships them."""
+def save_random_checkpoint(out_dir: str | os.PathLike[str], data: dict[str, Any], *, recipe: str, use_beats: bool,
+                           seed: int, beats_in_safetensors: bool = True,
+                           extra_config: dict[str, Any] | None = None) -> Path:
+    """Build a randomly initialised model from a transformers config dict `data` (the tokenizer is already in
+    out_dir), with the recipe's WAVE fields and optionally BEATs, and save it in the released layout. With
+    beats_in_safetensors=False the BEATs weights go to a separate BEATs_iter3_plus_AS2M.pt beside the
+    safetensors, as the released checkpoint ships them."""
     import torch
 
     from wave_rt.config import WaveConfig
@@ -196,13 +144,7 @@ def make_tiny_checkpoint(
     from wave_rt.model.wave_model import WaveModel
 
     out = Path(out_dir)
-    ids = build_tiny_tokenizer(out)
-    if backbone == "qwen2_audio":
-        data = tiny_qwen2_audio_config_dict(ids, **sizes)
-    elif backbone == "midashenglm":
-        data = tiny_midashenglm_config_dict(ids, **sizes)
-    else:
-        data = tiny_thinker_config_dict(ids, **sizes)
+    data = dict(data)
     ours: dict[str, Any] = {"recipe": recipe}
     if recipe in ("all_layer", "last_layer"):
         data["train_classify"] = True
@@ -211,11 +153,10 @@ def make_tiny_checkpoint(
     if use_beats:
         from wave_rt.model.beats import BEATsConfig
 
-        data["audio_config"]["beats_path"] = "BEATs_iter3_plus_AS2M.pt"
-        data["audio_config"]["beats_only"] = False
+        data["audio_config"] = {**data["audio_config"], "beats_path": "BEATs_iter3_plus_AS2M.pt", "beats_only": False}
         ours["beats"] = BEATsConfig.tiny().to_dict()
     if recipe == "eos_projection":
-        ours["projection_dim"] = sizes.get("hidden", 64)
+        ours["projection_dim"] = int(data["text_config"]["hidden_size"])
     data["wave_rt"] = ours
     if extra_config:
         data.update(extra_config)
@@ -230,3 +171,13 @@ def make_tiny_checkpoint(
         save_file({k: v for k, v in tensors.items() if not k.startswith("beats.")}, str(out / "model.safetensors"))
         torch.save({"cfg": config.beats, "model": beats}, out / "BEATs_iter3_plus_AS2M.pt")
     return out
+
+
+def random_demo_checkpoint(out_dir: str | os.PathLike[str], *, recipe: str = "all_layer", use_beats: bool = True,
+                           seed: int = 0) -> Path:
+    """The demo architecture with random weights (seeded), saved as a checkpoint directory: the starting point
+    of `init_tiny` training and the untrained demo fallback. recipe "last_token" / "eos_projection" without
+    BEATs gives the plain thinker those recipes pool."""
+    ids = write_demo_tokenizer(out_dir)
+    return save_random_checkpoint(out_dir, demo_thinker_config_dict(ids), recipe=recipe, use_beats=use_beats,
+                                  seed=seed)

@@ -195,40 +195,6 @@ def test_archive_pipeline_idle_model_gets_an_early_batch(tmp_path: Path) -> None
     assert np.array_equal(np.stack([rows[f"i{i}"]["embedding"] for i in range(60)]), ref)
 
 
-def test_text_is_not_tokenized_during_a_cpu_forward(tmp_path: Path) -> None:
-    """On a CPU device the forward uses every core: captions are prepared between forwards, never during one
-    (concurrent tokenizing stalled the forward far beyond its own cost), and every item still lands once."""
-    import threading
-    import time
-
-    enc = FakeEncoder(prepare_delay=0.001)
-    in_forward = threading.Event()
-    overlaps: list[int] = []
-    forwards: list[int] = []
-    orig_embed, orig_prepare = enc.embed_prepared, enc.prepare
-
-    def forward(batch, normalize=True):  # noqa: ANN001, ANN202
-        in_forward.set()
-        try:
-            time.sleep(0.01)  # a forward long enough for a concurrent prepare to land inside it
-            forwards.append(len(batch))
-            return orig_embed(batch, normalize)
-        finally:
-            in_forward.clear()
-
-    def prepare(item, instruction=None, index=None):  # noqa: ANN001, ANN202
-        if in_forward.is_set():
-            overlaps.append(1)
-        return orig_prepare(item, instruction, index)
-
-    enc.embed_prepared, enc.prepare = forward, prepare  # type: ignore[method-assign]
-    texts = _texts(300)
-    s = embed_archive(_manifest(tmp_path / "m.jsonl", texts), tmp_path / "out", model=enc, max_batch_tokens=400,
-                      workers=2, progress=False)
-    assert s.embedded == 300 and sum(forwards) == 300 and len(forwards) > 3
-    assert overlaps == []
-
-
 def test_cpu_forwards_run_on_the_callers_thread(tmp_path: Path) -> None:
     """The thread that loaded the model runs its CPU forwards: a second thread starting OpenMP regions made
     libgomp stop spin-waiting (two teams > cores), 1.7x slower forwards of the demo model."""

@@ -16,7 +16,6 @@ flat whatever the source's length. Out-of-memory errors split the batch and lowe
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
@@ -130,12 +129,6 @@ class LocalPipeline:
         self._busy_models = 0
         self._busy_lock = threading.Lock()
         self.runner = ModelRunner(encoder, self.budget, options.normalize)
-        # On a CPU device the forward's intra-op threads use every core and its Python runs under the GIL:
-        # captions tokenized in another thread meanwhile stall it far beyond their own cost (GIL hand-offs
-        # on every op, displaced intra-op threads; the text job ran at half its serial speed). There, text
-        # is tokenized between forwards: this lock is held by the model thread for a forward and by the
-        # feeder / decode threads for a chunk of captions. Media in worker processes do not take it.
-        self._cpu_turn: Any = contextlib.nullcontext() if self.cuda else threading.Lock()
         self._stop = threading.Event()
         self._failure: BaseException | None = None
         self._work_q: queue.Queue = queue.Queue(maxsize=4 * self.workers)
@@ -265,18 +258,17 @@ class LocalPipeline:
             it = enumerate(pending)
             chunk: list[tuple[int, SourceEntry]] = []
             while True:
-                with self._cpu_turn:  # reading the source is CPU work too (JSON, hashing): between forwards
-                    media = None
-                    for key, src in it:
-                        if src.path is None or src.modality == "text":
-                            chunk.append((key, src))
-                            if len(chunk) >= TEXT_CHUNK:
-                                break
-                        else:
-                            media = (key, src)
+                media = None
+                for key, src in it:
+                    if src.path is None or src.modality == "text":
+                        chunk.append((key, src))
+                        if len(chunk) >= TEXT_CHUNK:
                             break
                     else:
-                        it = None
+                        media = (key, src)
+                        break
+                else:
+                    it = None
                 if chunk and (media is not None or len(chunk) >= TEXT_CHUNK or it is None):
                     if not self._put(self._work_q, chunk):
                         return
@@ -319,16 +311,15 @@ class LocalPipeline:
         pos = 0
         while pos < len(items):
             good: list[PreparedEntry] = []
-            with self._cpu_turn:
-                t0 = time.perf_counter()  # after the wait for the turn: a slice is CHUNK_SECONDS of work
-                while pos < len(items) and (not good or time.perf_counter() - t0 < CHUNK_SECONDS):
-                    key, src = items[pos]
-                    pos += 1
-                    out = prepare_one(self.encoder, src, key, self.instruction, self.probe)
-                    if isinstance(out, ErrorRecord):
-                        self.writer.put_error(out)
-                    else:
-                        good.append(out)
+            t0 = time.perf_counter()
+            while pos < len(items) and (not good or time.perf_counter() - t0 < CHUNK_SECONDS):
+                key, src = items[pos]
+                pos += 1
+                out = prepare_one(self.encoder, src, key, self.instruction, self.probe)
+                if isinstance(out, ErrorRecord):
+                    self.writer.put_error(out)
+                else:
+                    good.append(out)
             self.progress.add_stage("prepare", time.perf_counter() - t0)
             if good and not self._put(self._ready_q, good):
                 return False
@@ -402,8 +393,7 @@ class LocalPipeline:
                     self._busy_models += 1
                 t0 = time.perf_counter()
                 try:
-                    with self._cpu_turn:
-                        block, errors = embed_prepared_entries(self.runner, msg)  # type: ignore[arg-type]
+                    block, errors = embed_prepared_entries(self.runner, msg)  # type: ignore[arg-type]
                 finally:
                     with self._busy_lock:
                         self._busy_models -= 1

@@ -419,7 +419,7 @@ def stage_scaling(kind: str, manifest: Path, encoder: Any, procs: list[int], rep
             for _ in range(repeats):
                 w0, p0 = _cpu_seconds(pool.pids()), time.process_time()
                 t0 = time.perf_counter()
-                outs = list(pool.imap(items, window=2 * k))
+                outs = list(pool.imap(items))  # the pool's default window keeps every worker's next item queued
                 times.append(time.perf_counter() - t0)
                 w1, p1 = _cpu_seconds(pool.pids()), time.process_time()
                 worker_cpu.append(None if w0 is None or w1 is None else w1 - w0)

@@ -41,6 +41,7 @@ from wave_rt.archive.prepare import (  # noqa: F401 - re-exported: the item func
     to_item,
 )
 from wave_rt.archive.prepare_pool import (
+    WORKER_DEPTH,
     PoolClosedError,
     PreparePool,
     ProcessorSpec,
@@ -108,6 +109,10 @@ class LocalPipeline:
         self.instruction = options.instruction
         self.budget = options.batch_budget(encoder)
         self.workers = options.decode_workers()
+        # Threads that hand media to the worker processes only wait, one item each: WORKER_DEPTH of them per
+        # process keep every process holding its next item (one per process would leave it idle between
+        # items). In "threads" mode the threads do the work: one per worker.
+        self.decode_threads = self.workers * (1 if options.decode == "threads" else WORKER_DEPTH)
         device = getattr(encoder, "device", torch.device("cpu"))
         self.cuda = torch.device(device).type == "cuda"
         self.model_threads = model_threads or (2 if self.cuda else 1)
@@ -278,7 +283,7 @@ class LocalPipeline:
                 if it is None:
                     return
         finally:
-            for _ in range(self.workers):
+            for _ in range(self.decode_threads):
                 if not self._put(self._work_q, _DONE):
                     break
 
@@ -353,7 +358,7 @@ class LocalPipeline:
                 continue
             if msg is _DONE:
                 finished += 1
-                if finished == self.workers:
+                if finished == self.decode_threads:
                     emit(batcher.flush())
                     break
                 continue
@@ -418,7 +423,7 @@ class LocalPipeline:
         is still committed by the caller's writer.close()) and is reported as interrupted."""
         threads = [threading.Thread(target=self._guard(lambda: self._feed(pending)), name="wave-rt-feed", daemon=True)]
         threads += [threading.Thread(target=self._guard(self._decode), name=f"wave-rt-decode-{i}", daemon=True)
-                    for i in range(self.workers)]
+                    for i in range(self.decode_threads)]
         threads.append(threading.Thread(target=self._guard(self._batch), name="wave-rt-batch", daemon=True))
         # On a CPU device the forwards run on this thread, the one that loaded the model: OpenMP (libgomp)
         # gives each thread that starts parallel regions a team of its own, and once two teams exceed the

@@ -283,8 +283,10 @@ class PreparePool:
         return fut
 
     def imap(self, items: Iterable[tuple[int, SourceEntry]], window: int | None = None) -> Iterator[Any]:
-        """Results in input order, at most `window` (default 2 x processes) items submitted ahead."""
-        window = window or 2 * self.processes
+        """Results in input order, at most `window` items submitted ahead (default (WORKER_DEPTH + 1) x processes:
+        results come back in order, so a window of WORKER_DEPTH x processes would leave a worker that finished
+        early without a next item while an older item is still running elsewhere)."""
+        window = window or (WORKER_DEPTH + 1) * self.processes
         ahead: collections.deque[Future] = collections.deque()
         for key, src in items:
             ahead.append(self.submit(key, src))

@@ -411,24 +411,53 @@ def stage_scaling(kind: str, manifest: Path, encoder: Any, procs: list[int], rep
         raise RuntimeError("the encoder cannot be sent to worker processes")
     rates: dict[int, float] = {}
     runs: dict[int, list[float]] = {}
+    cpu: dict[int, dict[str, float | None]] = {}
     for k in procs:
         with PreparePool(spec, None, k, item_timeout=None) as pool:
-            list(pool.imap(items[:k]))  # every worker started, imported and warm before the clock starts
-            times = []
+            list(pool.imap(items[:k] * 2))  # every worker started, imported and warm before the clock starts
+            times, worker_cpu, parent_cpu = [], [], []
             for _ in range(repeats):
+                w0, p0 = _cpu_seconds(pool.pids()), time.process_time()
                 t0 = time.perf_counter()
-                outs = list(pool.imap(items, window=2 * k))
+                outs = list(pool.imap(items))  # the pool's default window keeps every worker's next item queued
                 times.append(time.perf_counter() - t0)
+                w1, p1 = _cpu_seconds(pool.pids()), time.process_time()
+                worker_cpu.append(None if w0 is None or w1 is None else w1 - w0)
+                parent_cpu.append(p1 - p0)
                 bad = [o for o in outs if not isinstance(o, PreparedEntry)]
                 if bad:
                     raise RuntimeError(f"{kind}: {len(bad)} items failed: {bad[0]}")
         runs[k] = times
         rates[k] = len(items) / statistics.median(times)
+        i = times.index(statistics.median(times)) if repeats % 2 else 0
+        wc = worker_cpu[i]
+        # busy = worker CPU / (wall x processes): 1.0 means every worker kept one core busy the whole time;
+        # above 1 would mean a worker used more than one core (threads), which the pool must not allow
+        cpu[k] = {"worker_cpu_ms_per_item": None if wc is None else 1000 * wc / len(items),
+                  "worker_busy_fraction": None if wc is None else wc / (times[i] * k),
+                  "parent_cpu_ms_per_item": 1000 * parent_cpu[i] / len(items)}
+        busy = cpu[k]["worker_busy_fraction"]
         print(f"{kind:6s} prepare stage, {k:2d} processes: {rates[k]:8.2f} items/s ({rates[k] / k:.2f} per core, "
-              f"x{rates[k] / rates[procs[0]]:.2f} vs {procs[0]})", flush=True)
+              f"x{rates[k] / rates[procs[0]]:.2f} vs {procs[0]}); workers busy "
+              f"{'n/a' if busy is None else f'{busy:.0%}'}, parent {cpu[k]['parent_cpu_ms_per_item']:.2f} ms CPU/item",
+              flush=True)
     return [row(f"{kind}: decode+features stage, {k} worker processes", f"{procs[0]} worker process",
                 rates[procs[0]], rates[k], "items/s", items_per_s_per_core=rates[k] / k, seconds_runs=runs[k],
-                items=len(items)) for k in procs]
+                items=len(items), **cpu[k]) for k in procs]
+
+
+def _cpu_seconds(pids: list[int]) -> float | None:
+    """User + system CPU seconds of these processes so far (Linux /proc); None where unreadable."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def _proc_counts(spec: str | None) -> list[int]:
@@ -518,6 +547,8 @@ def main(argv: list[str] | None = None) -> None:
             rows = []
             for kind in [k for k in kinds if k in manifests and k != "text"]:
                 rows += stage_scaling(kind, manifests[kind], encoder, procs, args.repeats)
+            if args.quick and not args.json:
+                return
             cmd = "python bench/bench_archive.py " + " ".join(argv if argv is not None else sys.argv[1:])
             path = write_result("archive_stage_scaling", rows, cmd, suffix=device.type, extra={
                 "model": encoder.model_id, "workload": w.__dict__, "repeats": args.repeats, "procs": procs,

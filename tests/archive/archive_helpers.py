@@ -238,3 +238,14 @@ class UnbuildableSpec:
 
     def build(self) -> Any:
         raise ImportError("simulated: the decoder library cannot be loaded in the worker")
+
+
+class EnvEncoder(FakeEncoder):
+    """FakeEncoder whose prepared items carry the worker's thread-pool environment variables."""
+
+    def prepare(self, item: Any, instruction: str | None = None, index: int | None = None) -> Any:
+        from wave_rt.archive.prepare_pool import _SINGLE_THREAD_ENV
+
+        out = super().prepare(item, instruction, index)
+        out.env = {k: os.environ.get(k) for k in _SINGLE_THREAD_ENV}
+        return out

@@ -193,3 +193,23 @@ def test_archive_pipeline_idle_model_gets_an_early_batch(tmp_path: Path) -> None
     rows = read_archive(tmp_path / "out")
     ref = FakeEncoder().encode(texts)
     assert np.array_equal(np.stack([rows[f"i{i}"]["embedding"] for i in range(60)]), ref)
+
+
+def test_cpu_forwards_run_on_the_callers_thread(tmp_path: Path) -> None:
+    """The thread that loaded the model runs its CPU forwards: a second thread starting OpenMP regions made
+    libgomp stop spin-waiting (two teams > cores), 1.7x slower forwards of the demo model."""
+    import threading
+
+    enc = FakeEncoder()
+    seen: list[threading.Thread] = []
+    orig = enc.embed_prepared
+
+    def spy(batch, normalize=True):  # noqa: ANN001, ANN202
+        seen.append(threading.current_thread())
+        return orig(batch, normalize)
+
+    enc.embed_prepared = spy  # type: ignore[method-assign]
+    s = embed_archive(_manifest(tmp_path / "m.jsonl", _texts(100)), tmp_path / "out", model=enc,
+                      max_batch_tokens=300, workers=2, progress=False)
+    assert s.embedded == 100 and len(seen) > 1
+    assert set(seen) == {threading.current_thread()}

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from archive_helpers import CrashingEncoder, FakeEncoder, read_archive, write_wavs
+from archive_helpers import CrashingEncoder, EnvEncoder, FakeEncoder, read_archive, write_wavs
 
 from wave_rt.archive.job import embed_archive
 from wave_rt.archive.journal import ErrorRecord
@@ -196,12 +196,17 @@ def test_workers_killed_at_random_moments_lose_nothing(tmp_path: Path) -> None:
         done = threading.Event()
 
         def killer() -> None:
+            # One kill per item: an item whose second worker dies too is reported by design (another test),
+            # and a worker holds the next item too, so a retried item can still be running at the next kill.
             kills = 0
+            hit: set[int] = set()
             while kills < 3 and not done.is_set():
                 time.sleep(0.05 + 0.1 * kills)
-                busy = [w.process.pid for w in pool._workers if w.task is not None and w.process.is_alive()]
+                busy = [(w.process.pid, t.key) for w in pool._workers
+                        if (t := w.task) is not None and t.key not in hit and w.process.is_alive()]
                 if busy:
-                    os.kill(busy[0], signal.SIGKILL)
+                    os.kill(busy[0][0], signal.SIGKILL)
+                    hit.add(busy[0][1])
                     kills += 1
 
         t = threading.Thread(target=killer)
@@ -213,3 +218,84 @@ def test_workers_killed_at_random_moments_lose_nothing(tmp_path: Path) -> None:
     assert len(out) == 200 and all(isinstance(o, PreparedEntry) for o in out)
     assert [o.src.id for o in out] == [s.id for _, s in items * 5]
     assert crashes >= 1
+
+
+def test_items_held_behind_a_dying_item_are_not_charged_for_its_crash(tmp_path: Path) -> None:
+    # One worker holds two items (the one in progress and the next): when the first kills it, the second goes
+    # back to the queue in order, uncounted, and is prepared once; only the killer is reported.
+    from wave_rt.archive.prepare_pool import WORKER_DEPTH
+
+    assert WORKER_DEPTH >= 2
+    paths = write_wavs(tmp_path, ["a.wav", "kill-always.wav", "b.wav", "c.wav", "d.wav"])
+    with PreparePool(CrashingEncoder(once=False), None, 1) as pool:
+        out = list(pool.imap(_items(paths), window=5))
+        stats = pool.stats
+    assert [o.src.id if isinstance(o, PreparedEntry) else o.id for o in out] == ["a", "kill-always", "b", "c", "d"]
+    assert isinstance(out[1], ErrorRecord) and out[1].error == "DecodeWorkerCrashError"
+    assert all(isinstance(o, PreparedEntry) for i, o in enumerate(out) if i != 1)
+    assert stats.crashes == 2 and stats.crashed_ids == ["kill-always", "kill-always"]
+
+
+def test_closing_a_pool_that_is_still_starting_stops_its_workers(tmp_path: Path) -> None:
+    pool = PreparePool(FakeEncoder(), None, 2)
+    procs = [w.process for w in pool._workers]
+    pool.close()
+    assert all(not p.is_alive() for p in procs)
+
+
+def test_workers_are_single_threaded_libraries(tmp_path: Path) -> None:
+    # A worker is one core: the thread-pool variables reach the child, the parent's environment is unchanged.
+    import os
+
+    from wave_rt.archive.prepare_pool import _SINGLE_THREAD_ENV
+
+    before = {k: os.environ.get(k) for k in _SINGLE_THREAD_ENV}
+    with PreparePool(EnvEncoder(), None, 1) as pool:
+        (out,) = list(pool.imap(_items(write_wavs(tmp_path, ["a.wav"]))))
+    assert out.prepared.env == {k: "1" for k in _SINGLE_THREAD_ENV}
+    assert {k: os.environ.get(k) for k in _SINGLE_THREAD_ENV} == before
+
+
+def test_small_media_job_is_bridged_in_threads_without_starting_workers(tmp_path: Path, monkeypatch) -> None:
+    # wave_rt's processor runs in threads until the worker processes are up; a job that ends before the pool
+    # is due never starts it, and embeds what the worker processes embed.
+    import wave_rt.archive.pipeline as pipeline
+    from wave_rt.embed.encoder import WaveEncoder
+
+    enc = WaveEncoder.from_pretrained("demo", device="cpu")
+    media = tmp_path / "media"
+    write_wavs(media, [f"a{i}.wav" for i in range(3)], seconds=1.2)
+    started: list[int] = []
+    real_pool = pipeline.PreparePool
+
+    def counting_pool(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        started.append(1)
+        return real_pool(*a, **kw)
+
+    monkeypatch.setattr(pipeline, "PreparePool", counting_pool)
+    monkeypatch.setattr(pipeline, "POOL_START_AFTER", 1e9)
+    embed_archive(media, tmp_path / "bridged", model=enc, workers=2, progress=False)
+    assert started == []
+    embed_archive(media, tmp_path / "procs", model=enc, workers=2, decode="processes", progress=False)
+    assert started == [1]
+    a, b = read_archive(tmp_path / "bridged"), read_archive(tmp_path / "procs")
+    assert a.keys() == b.keys() and len(a) == 3
+    for k in a:
+        np.testing.assert_allclose(a[k]["embedding"], b[k]["embedding"], rtol=0, atol=1e-6)
+
+
+def test_bridged_item_past_the_timeout_is_abandoned_and_reported(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from wave_rt.archive.options import JobOptions
+    from wave_rt.archive.pipeline import LocalPipeline
+
+    pipe = LocalPipeline(CrashingEncoder(), SimpleNamespace(progress=None),
+                         JobOptions(max_batch_tokens=64, workers=1, item_timeout=0.3))
+    ok, block = write_wavs(tmp_path, ["ok.wav", "block.wav"])
+    out = pipe._prepare_bounded(0, SourceEntry("ok", path=str(ok)))
+    assert isinstance(out, PreparedEntry) and out.key == 0
+    rec = pipe._prepare_bounded(1, SourceEntry("block", path=str(block)))  # its thread sleeps for an hour
+    assert isinstance(rec, ErrorRecord) and rec.error == "DecodeTimeoutError" and not rec.retryable
+    assert "per-item timeout of 0.3 s" in rec.message
+    assert pipe.bridge_timeouts == 1 and pipe.bridged == 1

@@ -178,6 +178,18 @@ def test_preallocated_and_pinned_style_output_buffer():
         patchify_video(frames, out=torch.empty(3, 1176))
 
 
+def test_worker_output_in_shared_memory_equals_private(monkeypatch):
+    # Decode workers write pixels straight into shared memory (nothing to copy when sending them).
+    import wave_rt.media.features_video as fv
+
+    frames = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (5, 97, 141, 3), dtype=np.uint8))
+    private = patchify_video(frames).pixel_values_videos
+    monkeypatch.setattr(fv, "SHARED_OUTPUT", True)
+    shared = patchify_video(frames).pixel_values_videos
+    assert shared.is_shared() and not private.is_shared()
+    assert shared.shape == private.shape and shared.is_contiguous() and torch.equal(shared, private)
+
+
 def test_resize_equals_installed_pillow():
     if not HAS_PIL:
         pytest.skip("Pillow is not installed")

@@ -2,7 +2,8 @@
 
     feeder ──work_q──> decode workers (threads: probe, decode, features, tokenize = encoder.prepare; media
                         items are handed to spawn worker processes (prepare_pool) and the thread only waits,
-                        so decoding scales with cores and a stuck or crashing decoder is contained)
+                        so decoding scales with cores and a stuck or crashing decoder is contained; text goes
+                        in chunks of TEXT_CHUNK items, one queue hand-off per chunk, not per caption)
            ──ready_q──> batcher (BucketBatcher: similar lengths share a batch, B x longest <= budget)
            ──batch_q──> model thread(s) (embed_prepared; on CUDA each thread has its own stream, so one
                         batch's host->device copy and collation overlap the other's compute)
@@ -21,7 +22,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +41,10 @@ from wave_rt.archive.prepare import (  # noqa: F401 - re-exported: the item func
     to_item,
 )
 from wave_rt.archive.prepare_pool import (
+    WORKER_DEPTH,
     PoolClosedError,
     PreparePool,
+    ProcessorSpec,
     default_processes,
     picklable,
     preparer_spec,
@@ -52,6 +56,12 @@ from wave_rt.embed.runner import ModelRunner
 log = logging.getLogger(__name__)
 
 _DONE = object()
+TEXT_CHUNK = 64  # captions per hand-off between the feeder, the decode threads and the batcher
+CHUNK_SECONDS = 0.02  # ... or fewer, when preparing them takes longer than this
+# Media decoded in threads until the worker processes are up (WaveProcessor only, see _bridge): the pool is
+# started once the job's first media item has waited this long, so a job whose media the threads finish
+# sooner never pays the pool's start-up (~3 s of a core: spawn, import torch, build the processor).
+POOL_START_AFTER = 1.0
 
 
 def embed_prepared_entries(runner: ModelRunner, items: list[PreparedEntry]) -> tuple[EmbeddedRows | None, list[ErrorRecord]]:
@@ -99,6 +109,10 @@ class LocalPipeline:
         self.instruction = options.instruction
         self.budget = options.batch_budget(encoder)
         self.workers = options.decode_workers()
+        # Threads that hand media to the worker processes only wait, one item each: WORKER_DEPTH of them per
+        # process keep every process holding its next item (one per process would leave it idle between
+        # items). In "threads" mode the threads do the work: one per worker.
+        self.decode_threads = self.workers * (1 if options.decode == "threads" else WORKER_DEPTH)
         device = getattr(encoder, "device", torch.device("cpu"))
         self.cuda = torch.device(device).type == "cuda"
         self.model_threads = model_threads or (2 if self.cuda else 1)
@@ -110,6 +124,10 @@ class LocalPipeline:
         self.pool: PreparePool | None = None
         self._pool_lock = threading.Lock()
         self._pool_spec: Any = None
+        self._bridge = False  # media go to bounded threads while no worker process is up (see _media_pool)
+        self._first_media: float | None = None
+        self.bridged = 0  # media items prepared in threads while the pool started
+        self.bridge_timeouts = 0
         self._gpu_video: bool | None = None
         # A batch goes to an idle model thread early once it holds this many tokens (see _batch).
         self.early_batch_tokens = max(1, self.budget // 8)
@@ -168,8 +186,9 @@ class LocalPipeline:
             return self._batch_q.empty() and self._busy_models < self.model_threads
 
     def _media_pool(self) -> PreparePool | None:
-        """The worker processes that decode media, started on the first media item (a text-only job never
-        pays their start-up); None where decoding stays in threads."""
+        """The worker processes that decode media, started for the first media item (a text-only job never
+        pays their start-up), or POOL_START_AFTER seconds later where media can be bridged in threads;
+        None where decoding stays in threads, or while the start is deferred."""
         if self.decode == "threads":
             return None
         with self._pool_lock:
@@ -180,20 +199,91 @@ class LocalPipeline:
                     if self.decode == "processes":
                         raise ValueError("decode='processes' needs an encoder that can be sent to worker processes")
                     log.info("the encoder cannot be sent to worker processes: media is decoded in threads")
-                else:
-                    self.pool = PreparePool(self._pool_spec, self.instruction, default_processes(self.workers),
-                                            item_timeout=self.item_timeout,
-                                            probe=probe)
+                # Only wave_rt's own processor is run in threads before the workers are up: its decoders bound
+                # their work by the declared duration and frame rate and by a wall-clock budget, and an item
+                # that still overruns the per-item timeout is abandoned (see _prepare_bounded). Other encoders'
+                # prepare may block or kill its process: it only ever runs in a worker.
+                self._bridge = self.decode == "auto" and isinstance(self._pool_spec, ProcessorSpec)
+                self._first_media = time.monotonic()
+            if self.pool is None and self._pool_spec is not False and (
+                    not self._bridge or time.monotonic() - (self._first_media or 0.0) >= POOL_START_AFTER):
+                self.pool = PreparePool(self._pool_spec, self.instruction, default_processes(self.workers),
+                                        item_timeout=self.item_timeout,
+                                        probe=None if self.probe is _probe_streams else self.probe)
             return self.pool
+
+    def _prepare_media(self, key: int, src: SourceEntry) -> Any:
+        """A media item's PreparedEntry or ErrorRecord; None when the job is stopping."""
+        pool = self._media_pool()
+        if pool is not None and (pool.ready or not self._bridge):
+            try:
+                return pool.submit(key, src).result()  # this thread only waits: the work runs in a process
+            except (CancelledError, PoolClosedError):  # the pool was closed: the job is stopping
+                return None
+        if self._bridge:
+            return self._prepare_bounded(key, src)
+        return prepare_one(self.encoder, src, key, self.instruction, self.probe)
+
+    def _prepare_bounded(self, key: int, src: SourceEntry) -> Any:
+        """prepare_one in a thread of its own, waited for at most item_timeout: an item past it becomes a
+        DecodeTimeoutError record and its thread is abandoned (a thread cannot be stopped; the decoder's own
+        wall-clock budget, MediaLimits.max_decode_seconds, ends it later)."""
+        from wave_rt.media.errors import DecodeTimeoutError
+
+        fut: Future = Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(prepare_one(self.encoder, src, key, self.instruction, self.probe))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting decode thread
+                fut.set_exception(exc)
+
+        threading.Thread(target=run, name="wave-rt-prepare-bridge", daemon=True).start()
+        deadline = None if self.item_timeout is None else time.monotonic() + self.item_timeout
+        while not self._stop.is_set():
+            wait = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+            try:
+                out = fut.result(timeout=max(0.0, wait))
+            except FutureTimeout:
+                if deadline is not None and time.monotonic() >= deadline:
+                    self.bridge_timeouts += 1
+                    exc = DecodeTimeoutError(src.path or src.id,
+                                             f"preparing the item took longer than the per-item timeout of "
+                                             f"{self.item_timeout:g} s; it was abandoned")
+                    return error_record(src, "decode", exc, retryable=False)
+                continue
+            self.bridged += 1
+            return out
+        return None
 
     # ------------------------------------------------------------------ stages
     def _feed(self, pending: Iterable[SourceEntry]) -> None:
+        """Lists of (key, item) into work_q: consecutive text items TEXT_CHUNK at a time, media one by one."""
         try:
-            for key, src in enumerate(pending):
-                if not self._put(self._work_q, (key, src)):
+            it = enumerate(pending)
+            chunk: list[tuple[int, SourceEntry]] = []
+            while True:
+                media = None
+                for key, src in it:
+                    if src.path is None or src.modality == "text":
+                        chunk.append((key, src))
+                        if len(chunk) >= TEXT_CHUNK:
+                            break
+                    else:
+                        media = (key, src)
+                        break
+                else:
+                    it = None
+                if chunk and (media is not None or len(chunk) >= TEXT_CHUNK or it is None):
+                    if not self._put(self._work_q, chunk):
+                        return
+                    chunk = []
+                if media is not None and not self._put(self._work_q, [media]):
+                    return
+                if it is None:
                     return
         finally:
-            for _ in range(self.workers):
+            for _ in range(self.decode_threads):
                 if not self._put(self._work_q, _DONE):
                     break
 
@@ -205,21 +295,40 @@ class LocalPipeline:
             if msg is _DONE:
                 self._put(self._ready_q, _DONE)
                 return
-            key, src = msg  # type: ignore[misc]
-            t0 = time.perf_counter()
-            pool = None if self._in_process(src) else self._media_pool()
-            if pool is not None:
-                try:
-                    out = pool.submit(key, src).result()  # this thread only waits: the work runs in a process
-                except (CancelledError, PoolClosedError):  # the pool was closed: the job is stopping
+            if len(msg) > 1 or self._in_process(msg[0][1]):  # type: ignore[arg-type, index]
+                if not self._prepare_in_process(msg):  # type: ignore[arg-type]
                     return
-            else:
-                out = prepare_one(self.encoder, src, key, self.instruction, self.probe)
+                continue
+            t0 = time.perf_counter()
+            key, src = msg[0]  # type: ignore[index]
+            out = self._prepare_media(key, src)
+            if out is None:
+                return
             self.progress.add_stage("prepare", time.perf_counter() - t0)
             if isinstance(out, ErrorRecord):
                 self.writer.put_error(out)
-            elif not self._put(self._ready_q, out):
+            elif not self._put(self._ready_q, [out]):
                 return
+
+    def _prepare_in_process(self, items: list[tuple[int, SourceEntry]]) -> bool:
+        """Text (and DALI video) prepared here, handed on after every CHUNK_SECONDS of work so that slow
+        items still reach the batcher early; False when the job is stopping."""
+        pos = 0
+        while pos < len(items):
+            good: list[PreparedEntry] = []
+            t0 = time.perf_counter()
+            while pos < len(items) and (not good or time.perf_counter() - t0 < CHUNK_SECONDS):
+                key, src = items[pos]
+                pos += 1
+                out = prepare_one(self.encoder, src, key, self.instruction, self.probe)
+                if isinstance(out, ErrorRecord):
+                    self.writer.put_error(out)
+                else:
+                    good.append(out)
+            self.progress.add_stage("prepare", time.perf_counter() - t0)
+            if good and not self._put(self._ready_q, good):
+                return False
+        return True
 
     def _batch(self) -> None:
         from wave_rt.embed.batching import BucketBatcher
@@ -249,28 +358,29 @@ class LocalPipeline:
                 continue
             if msg is _DONE:
                 finished += 1
-                if finished == self.workers:
+                if finished == self.decode_threads:
                     emit(batcher.flush())
                     break
                 continue
-            w: PreparedEntry = msg  # type: ignore[assignment]
             last_item = time.monotonic()
-            waiting[w.key] = w
-            pending_tokens += w.num_tokens
-            if not emit(batcher.add(w.key, w.num_tokens)):
-                return
-            if pending_tokens > self.max_pending_tokens and not emit(batcher.flush()):
-                return
-            # Work-conserving: a model thread with nothing to do gets what is waiting once it is worth a
-            # forward, instead of idling until a bucket fills (a job smaller than one budget, e.g. 512 captions
-            # under 32k tokens, would otherwise prepare every item before the first forward).
-            if pending_tokens >= self.early_batch_tokens and self._model_idle() and not emit(batcher.flush()):
-                return
+            for w in msg:  # type: ignore[union-attr]
+                waiting[w.key] = w
+                pending_tokens += w.num_tokens
+                if not emit(batcher.add(w.key, w.num_tokens)):
+                    return
+                if pending_tokens > self.max_pending_tokens and not emit(batcher.flush()):
+                    return
+                # Work-conserving: a model thread with nothing to do gets what is waiting once it is worth a
+                # forward, instead of idling until a bucket fills (a job smaller than one budget, e.g. 512
+                # captions under 32k tokens, would otherwise prepare every item before the first forward).
+                if pending_tokens >= self.early_batch_tokens and self._model_idle() and not emit(batcher.flush()):
+                    return
         for _ in range(self.model_threads):
             if not self._put(self._batch_q, _DONE):
                 break
 
-    def _model(self) -> None:
+    def _model(self, tick: Callable[[], None] | None = None) -> None:
+        """The model loop; `tick` (the job's upkeep, when this runs on the caller's thread) after every poll."""
         stream_ctx: Any = None
         if self.cuda:
             stream_ctx = torch.cuda.stream(torch.cuda.Stream(device=self.encoder.device))
@@ -278,6 +388,8 @@ class LocalPipeline:
         try:
             while not self._stop.is_set():
                 msg = self._get(self._batch_q)
+                if tick is not None:
+                    tick()
                 if msg is None:
                     continue
                 if msg is _DONE:
@@ -299,27 +411,45 @@ class LocalPipeline:
             if stream_ctx is not None:
                 stream_ctx.__exit__(None, None, None)
 
+    def _upkeep(self) -> None:
+        """The job's own duties while the model runs: stop on a writer failure, draw the progress line."""
+        if self.writer.failure is not None:
+            self._fail(self.writer.failure)
+        self.progress.maybe_render()
+
     # ------------------------------------------------------------------ run
     def run(self, pending: Iterable[SourceEntry] | Iterator[SourceEntry]) -> PipelineStats:
         """Process every pending item. KeyboardInterrupt stops the threads cleanly (what the writer holds
         is still committed by the caller's writer.close()) and is reported as interrupted."""
         threads = [threading.Thread(target=self._guard(lambda: self._feed(pending)), name="wave-rt-feed", daemon=True)]
         threads += [threading.Thread(target=self._guard(self._decode), name=f"wave-rt-decode-{i}", daemon=True)
-                    for i in range(self.workers)]
+                    for i in range(self.decode_threads)]
         threads.append(threading.Thread(target=self._guard(self._batch), name="wave-rt-batch", daemon=True))
-        model_threads = [threading.Thread(target=self._guard(self._model), name=f"wave-rt-model-{i}", daemon=True)
-                         for i in range(self.model_threads)]
+        # On a CPU device the forwards run on this thread, the one that loaded the model: OpenMP (libgomp)
+        # gives each thread that starts parallel regions a team of its own, and once two teams exceed the
+        # cores it stops spin-waiting between regions, which made the demo model's many small parallel
+        # regions 1.7x slower in a model thread than on the main thread (measured, interleaved runs; no
+        # difference with one intra-op thread, or with every forward on one thread).
+        inline = not self.cuda and self.model_threads == 1
+        model_threads = [] if inline else [
+            threading.Thread(target=self._guard(self._model), name=f"wave-rt-model-{i}", daemon=True)
+            for i in range(self.model_threads)]
         threads += model_threads
         stats = PipelineStats()
         for t in threads:
             t.start()
         try:
+            if inline:
+                try:
+                    self._model(tick=self._upkeep)
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - re-raised below, after the threads stop
+                    self._fail(exc)
             while any(t.is_alive() for t in model_threads):
-                if self.writer.failure is not None:
-                    self._fail(self.writer.failure)
+                self._upkeep()
                 for t in model_threads:
                     t.join(timeout=0.1)
-                self.progress.maybe_render()
         except KeyboardInterrupt:
             stats.interrupted = True
             self._stop.set()
@@ -330,6 +460,9 @@ class LocalPipeline:
             t.join(timeout=30.0)
         if self.pool is not None:
             stats.worker_crashes, stats.item_timeouts = self.pool.stats.crashes, self.pool.stats.timeouts
+        stats.item_timeouts += self.bridge_timeouts
+        if self.bridged:
+            log.info("%d media items were prepared in threads while the worker processes started", self.bridged)
         stats.batches = self.runner.batches
         stats.oom_splits = self.runner.oom_splits
         if self._failure is not None:

@@ -397,7 +397,8 @@ def measure(kind: str, manifest: Path, encoder: Any, args: argparse.Namespace, w
     return rows
 
 
-def stage_scaling(kind: str, manifest: Path, encoder: Any, procs: list[int], repeats: int) -> list[dict[str, Any]]:
+def stage_scaling(kind: str, manifest: Path, encoder: Any, procs: list[int], repeats: int,
+                  min_items: int = 96) -> list[dict[str, Any]]:
     """The archive job's decode + features + tokens stage (prepare_pool, what the job runs for media items)
     with 1..N worker processes on the same items: items/s, per core, and the ratio to one process."""
     from stagebench import sample_items
@@ -405,7 +406,10 @@ def stage_scaling(kind: str, manifest: Path, encoder: Any, procs: list[int], rep
     from wave_rt.archive.prepare import PreparedEntry
     from wave_rt.archive.prepare_pool import PreparePool, preparer_spec
 
-    items = list(enumerate(sample_items(manifest, 10**9)))
+    # A run must be long against one item (ramp-up and the last item's tail are idle time for all but one worker):
+    # the workload's clips are cycled to at least min_items, the same list for every process count.
+    clips = sample_items(manifest, 10**9)
+    items = list(enumerate(clips * max(1, -(-min_items // len(clips)))))
     spec = preparer_spec(encoder)
     if spec is None:
         raise RuntimeError("the encoder cannot be sent to worker processes")

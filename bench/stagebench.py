@@ -203,7 +203,7 @@ def bench_archive(source: Any, model: Any = None, sample: int = 64, instruction:
     _sync(enc)
     t0 = time.perf_counter()
     vectors = np.zeros((n, int(enc.dim)), np.float32)
-    for group in plan_batches([p.num_tokens for p in prepared], budget, None):
+    for group in plan_batches([p.num_tokens for p in prepared], budget, None, packed=bool(getattr(enc, "packed", False))):
         out = enc.embed_prepared([prepared[i] for i in group])
         vectors[group] = out.detach().float().cpu().numpy()
     _sync(enc)

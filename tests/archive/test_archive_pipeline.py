@@ -213,3 +213,28 @@ def test_cpu_forwards_run_on_the_callers_thread(tmp_path: Path) -> None:
                       max_batch_tokens=300, workers=2, progress=False)
     assert s.embedded == 100 and len(seen) > 1
     assert set(seen) == {threading.current_thread()}
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_archive_batches_follow_the_encoders_budget_rule(tmp_path: Path, packed: bool) -> None:
+    """The job batches as encode() does: a packed encoder's budget counts real tokens (sum of lengths), a padded
+    one's B x longest; every item lands either way."""
+    enc = FakeEncoder()
+    enc.packed = packed
+    batches: list[list[int]] = []
+    orig = enc.embed_prepared
+
+    def spy(batch, normalize=True):  # noqa: ANN001, ANN202
+        batches.append([p.num_tokens for p in batch])
+        return orig(batch, normalize)
+
+    enc.embed_prepared = spy  # type: ignore[method-assign]
+    texts = _texts(200)
+    budget = 400
+    s = embed_archive(_manifest(tmp_path / "m.jsonl", texts), tmp_path / "out", model=enc, max_batch_tokens=budget,
+                      workers=1, progress=False)
+    assert s.embedded == 200 and sum(len(b) for b in batches) == 200
+    cost = [sum(b) if packed else max(b) * len(b) for b in batches]
+    assert max(cost) <= budget
+    if packed:  # real-token budgeting fills batches the padded rule would have split
+        assert max(max(b) * len(b) for b in batches) > budget

@@ -333,7 +333,8 @@ class LocalPipeline:
     def _batch(self) -> None:
         from wave_rt.embed.batching import BucketBatcher
 
-        batcher = BucketBatcher(self.budget, max_pending=4096)
+        # the same budget rule as encode(): real tokens for a packed forward, B x longest for a padded one
+        batcher = BucketBatcher(self.budget, max_pending=4096, packed=bool(getattr(self.encoder, "packed", False)))
         waiting: dict[int, PreparedEntry] = {}
         pending_tokens = 0
         finished = 0

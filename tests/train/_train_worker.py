@@ -40,9 +40,7 @@ def main(argv: list[str]) -> int:
         trainer.save_final()
     if trainer.rank == 0:
         torch.save({"losses": losses, "grads": grads, "params": params}, argv[2])
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # rank 0 may still be writing: leave the group together
-        torch.distributed.destroy_process_group()
+    trainer.close()  # leave the group together, the FSDP units dropped first
     return 0
 
 

@@ -142,7 +142,9 @@ class Trainer:
 
         self.config = config
         self.fsdp = config.run.distributed == "fsdp2"
+        owned = not dist.is_initialized()
         self.rank, self.world, self.device = _dist_setup(config.run.device, need_group=self.fsdp)
+        self._owns_group = owned and dist.is_initialized()  # close() leaves a caller's own group alone
         if config.run.threads > 0:
             torch.set_num_threads(config.run.threads)
         self.recipe: TrainRecipe = get_train_recipe(config.recipe["name"], _overrides(config))
@@ -349,7 +351,7 @@ class Trainer:
         self.step += 1
         t = self.loss_fn.temperature()
         return {"step": self.step, "loss": float(loss), "lr": lr, "grad_norm": float(norm),
-                "temperature": float(t), "rows": len(prepared) * self.world,
+                "temperature": float(t.detach()) if torch.is_tensor(t) else float(t), "rows": len(prepared) * self.world,
                 "skipped": sum(self.source.skipped.values()) + sum(self.load_skipped.values())}
 
     # ------------------------------------------------------------------ loop
@@ -440,6 +442,24 @@ class Trainer:
         return final
 
 
+    def close(self) -> None:
+        """Leave the process group this trainer joined, together with the other ranks. The model, optimizer
+        and FSDP units (which hold the group through their device mesh) are dropped first: a gloo group whose
+        last reference dies during interpreter teardown can abort the process at exit ("terminate called
+        without an active exception", seen once in CI in a two-rank run) after all its work is done."""
+        if not self._owns_group or not dist.is_initialized():
+            return
+        import gc
+
+        dist.barrier()  # rank 0 may still be writing
+        for name in ("model", "modules", "trainable", "optimizer", "scheduler", "loss_fn"):
+            if hasattr(self, name):
+                setattr(self, name, None)
+        gc.collect()
+        dist.destroy_process_group()
+        self._owns_group = False
+
+
 def fit(config: TrainConfig | dict[str, Any] | str | os.PathLike[str], *, resume: bool = False) -> FitResult:
     """Train per `config` (a TrainConfig, a dict of sections, or a TOML file). resume=True continues from
     the run folder's latest checkpoint (exactly: same losses and weights as an uninterrupted run)."""
@@ -448,6 +468,9 @@ def fit(config: TrainConfig | dict[str, Any] | str | os.PathLike[str], *, resume
     elif isinstance(config, dict):
         config = TrainConfig.from_dict(config)
     trainer = Trainer(config)
-    if resume:
-        trainer.resume()
-    return trainer.fit()
+    try:
+        if resume:
+            trainer.resume()
+        return trainer.fit()
+    finally:
+        trainer.close()

@@ -258,8 +258,8 @@ def _add_index(sub: Any) -> argparse.ArgumentParser:
                        description="Build a search index over the vectors of archive DIR (written into DIR).")
     i.add_argument("dir", metavar="DIR", help="an archive directory written by `wave-rt embed`")
     i.add_argument("--kind", default="auto", choices=["auto", "flat", "flat-gpu", "ivf", "hnsw"],
-                   help="auto: exact search, flat-gpu (similarity_topk) on CUDA, else FAISS flat; "
-                        "flat: FAISS exact inner product; ivf: inverted lists; hnsw: graph")
+                   help="auto: exact search, flat-gpu (similarity_topk, torch) on CUDA or where faiss is not "
+                        "installed, else FAISS flat; flat: FAISS exact inner product; ivf: inverted lists; hnsw: graph")
     i.add_argument("--nlist", type=int, default=None, metavar="N", help="IVF lists (default ~4 sqrt(N))")
     i.add_argument("--cpu", action="store_true", help="CPU only: FAISS flat for --kind auto, never GPU FAISS")
     i.set_defaults(func=_cmd_index)

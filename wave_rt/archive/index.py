@@ -75,10 +75,16 @@ def _normalized(x: np.ndarray) -> np.ndarray:
 
 
 def exact_kind() -> str:
-    """`flat-gpu` where CUDA is available (similarity_topk on the GPU), else FAISS `flat`."""
+    """The exact index this machine searches with: `flat-gpu` (FlatTorchIndex, similarity_topk) where CUDA is
+    available, FAISS `flat` on a CPU with faiss installed, else FlatTorchIndex on the CPU (the same scores as
+    FAISS flat): searching an archive never needs the optional faiss package, building an ANN index does."""
+    import importlib.util
+
     import torch
 
-    return "flat-gpu" if torch.cuda.is_available() else "flat"
+    if torch.cuda.is_available() or importlib.util.find_spec("faiss") is None:
+        return "flat-gpu"
+    return "flat"
 
 
 class FlatTorchIndex:

@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     from dasheng.pretrained.pretrained import Dasheng
     from safetensors.torch import save_file
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "model"))
+    from dasheng_random import randomize_constants
+
     manifest = {"partial": True, "plan": plan, "file": FILE, "lengths": list(LENGTHS), "config": TINY,
                 "versions": {"torch": torch.__version__, "torchaudio": torchaudio.__version__,
                              "dasheng": getattr(dasheng, "__version__", "?"), "python": platform.python_version()},
@@ -68,13 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     model = Dasheng(**TINY).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(1.0 + 0.3 * torch.randn_like(p) if name.endswith(("weight", "gamma")) else 0.1 * torch.randn_like(p))
-        bn = model.init_bn[1]
-        bn.running_mean.copy_(-40 + 10 * torch.randn_like(bn.running_mean))
-        bn.running_var.copy_(50 + 20 * torch.rand_like(bn.running_var))
+    randomize_constants(model)
     tensors = {f"weights.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     gen = torch.Generator().manual_seed(args.seed + 1)
     mel_module = model.front_end[0]

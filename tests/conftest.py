@@ -27,13 +27,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # collected rather than skipped, and the run's summary names each one, so a missing check is never silent.
 def _optional_checks() -> list[tuple[str, bool, str]]:
     import importlib.util
-    import shutil
+
+    from wave_rt.train.demo_corpus import espeak_available
 
     return [
         ("torchaudio (no build for the CPU torch we pin)", importlib.util.find_spec("torchaudio") is not None,
          "tests/media/test_media_audio_features.py::test_beats_fbank_matches_torchaudio "
          "(kaldi-native-fbank and committed torchaudio golden outputs always run)"),
-        ("espeak-ng (apt-get install espeak-ng)", shutil.which("espeak-ng") is not None,
+        ("espeak-ng (apt-get install espeak-ng)", espeak_available(),
          "tests/train/test_demo_model.py::test_spoken_words_are_in_the_heldout_corpus"),
     ]
 

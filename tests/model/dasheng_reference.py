@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dasheng_random import randomize_constants
 from torch import nn
 
 DASHENG_VERSION = "0.0.9"
@@ -163,14 +164,7 @@ def reference_encoder(cfg, seed: int = 0):
                       qkv_bias=cfg.qkv_bias, init_values=cfg.init_values, patch_size=tuple(cfg.patch_size),
                       patch_stride=tuple(cfg.patch_stride), target_length=cfg.target_length, n_mels=cfg.n_mels,
                       hop_size=cfg.hop_length)
-        with torch.no_grad():
-            # Non-trivial values everywhere the constructor leaves constants (BN stats, LN affine, biases, gammas).
-            for name, p in ref.named_parameters():
-                if p.ndim == 1:
-                    p.copy_(1.0 + 0.3 * torch.randn_like(p) if name.endswith(("weight", "gamma")) else 0.1 * torch.randn_like(p))
-            bn = ref.init_bn[1]
-            bn.running_mean.copy_(-40 + 10 * torch.randn_like(bn.running_mean))
-            bn.running_var.copy_(50 + 20 * torch.rand_like(bn.running_var))
+        randomize_constants(ref)
     return ref.eval()
 
 

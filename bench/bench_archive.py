@@ -4,7 +4,8 @@ For each workload (texts, audio clips, silent videos, audio-visual clips, genera
 soundfile) it measures, on the same items:
   - each stage alone (bench/stagebench.py: decode, preprocess = features + tokens, model =
     token-budget batches, device-synchronized, write = one Parquet shard), median of --repeats;
-  - the whole job end to end (embed_archive, local engine: stages overlapped), median of --repeats,
+  - the whole job end to end (embed_archive, local engine: stages overlapped), median of --repeats
+    (each repeat runs the stages, then the job, so machine drift falls on both sides of the ratio),
     while GPU utilization is sampled (pynvml, else nvidia-smi) on CUDA;
   - on CUDA, MFU = LLM FLOPs / time / bf16 peak, the FLOPs from wave_rt.model.flops (the one FLOP model:
     real tokens, no embedding table, causal attention per item, the trimmed last layer the packed path
@@ -330,7 +331,11 @@ def measure(kind: str, manifest: Path, encoder: Any, args: argparse.Namespace, w
     stage_runs: dict[str, list[float]] = {s: [] for s in STAGES}
     parallel: dict[str, int] = {}
     report = None
-    for _ in range(args.repeats):
+    e2e: list[float] = []
+    gpu: dict[str, Any] = {}
+    # The serial stages and the job alternate, so that a slow spell of the machine (a shared VM's neighbours,
+    # clocks) lands on both sides of the ratio instead of on whichever ran during it.
+    for r in range(args.repeats):
         report = bench_archive(manifest, encoder=encoder, items=items, max_batch_tokens=budget, workers=args.workers,
                                run_pipeline=False)
         if report.failed:
@@ -338,34 +343,33 @@ def measure(kind: str, manifest: Path, encoder: Any, args: argparse.Namespace, w
         for s in STAGES:
             stage_runs[s].append(report.stages[s].seconds)
             parallel[s] = report.stages[s].parallel
-    assert report is not None
-    n = report.sample
-    tokens = list(report.tokens)
-
-    e2e: list[float] = []
-    gpu: dict[str, Any] = {}
-    for r in range(args.repeats):
         out = work / f"out-{kind}-{r}"
         with GpuSampler() as sampler:
             t0 = time.perf_counter()
             summary = embed_archive(manifest, out, model=encoder, max_batch_tokens=budget, workers=args.workers,
                                     progress=False)
             wall = time.perf_counter() - t0
-        if summary.embedded != n or summary.failed:
-            raise RuntimeError(f"{kind}: the job embedded {summary.embedded} of {n} items ({summary.failed} failed)")
+        if summary.embedded != report.sample or summary.failed:
+            raise RuntimeError(f"{kind}: the job embedded {summary.embedded} of {report.sample} items "
+                               f"({summary.failed} failed)")
         e2e.append(wall)  # the whole call: scan, embedding and the final shard commit
         if r == args.repeats - 1:
             gpu = sampler.summary()
         shutil.rmtree(out, ignore_errors=True)
+    assert report is not None
+    n = report.sample
+    tokens = list(report.tokens)
 
     med = {s: statistics.median(v) for s, v in stage_runs.items()}
     t_e2e = statistics.median(e2e)
     rate = n / t_e2e
     serial = n / sum(med.values())
+    serial_runs = [sum(stage_runs[s][r] for s in STAGES) for r in range(args.repeats)]
     media_s = report.media_seconds
     extra: dict[str, Any] = {"items": n, "tokens": sum(tokens), "tokens_per_item_mean": sum(tokens) / n,
                              "media_seconds": media_s, "media_seconds_per_s": media_s / t_e2e,
-                             "end_to_end_seconds_runs": e2e, "max_batch_tokens": budget, "workers": report.workers,
+                             "end_to_end_seconds_runs": e2e, "serial_seconds_runs": serial_runs,
+                             "ratio_runs": [a / b for a, b in zip(serial_runs, e2e)], "max_batch_tokens": budget, "workers": report.workers,
                              **gpu}
     mfu_model = mfu_e2e = achieved = None
     if facts is not None:

@@ -158,9 +158,24 @@ def test_archive_pipeline_oom_type_matches_torch() -> None:
     assert issubclass(torch.OutOfMemoryError, OutOfMemory)
 
 
-def test_archive_pipeline_idle_model_gets_an_early_batch(tmp_path: Path) -> None:
-    """A job smaller than one token budget: the model must not wait for every item to be prepared. The first
-    forward runs as soon as an eighth of the budget is waiting while the model is idle (fixed job cost, issue 16)."""
+def _with_model_threads(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    """The threaded engine (batcher and model threads, as on CUDA) for a CPU encoder."""
+    from wave_rt.archive.pipeline import LocalPipeline
+
+    real_init = LocalPipeline.__init__
+
+    def init(self, *a, **kw):  # noqa: ANN001, ANN202
+        kw["model_threads"] = n
+        real_init(self, *a, **kw)
+
+    monkeypatch.setattr(LocalPipeline, "__init__", init)
+
+
+def test_archive_pipeline_idle_model_gets_an_early_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job smaller than one token budget, threaded engine: the model must not wait for every item to be
+    prepared. The first forward runs as soon as an eighth of the budget is waiting while the model is idle
+    (fixed job cost, issue 16). (On a CPU device text is prepared between forwards instead, see below.)"""
+    _with_model_threads(monkeypatch, 2)
     enc = FakeEncoder(prepare_delay=0.01)
     sizes: list[int] = []
     prepared_at_first_forward: list[int] = []
@@ -193,6 +208,48 @@ def test_archive_pipeline_idle_model_gets_an_early_batch(tmp_path: Path) -> None
     rows = read_archive(tmp_path / "out")
     ref = FakeEncoder().encode(texts)
     assert np.array_equal(np.stack([rows[f"i{i}"]["embedding"] for i in range(60)]), ref)
+
+
+def test_cpu_text_is_prepared_between_forwards_on_the_callers_thread(tmp_path: Path) -> None:
+    """On a CPU device tokenizing never runs beside a forward (a thread tokenizing beside the forward's OpenMP
+    team slowed the demo model's forwards ~15%): text is prepared on the caller's thread between forwards,
+    a text-only job starts no decode thread, and the pending bound and the batches' budget still hold."""
+    import threading
+
+    enc = FakeEncoder()
+    in_forward = threading.Event()
+    prepare_threads: set[threading.Thread] = set()
+    overlaps: list[str] = []
+    sizes: list[int] = []
+    decode_threads: list[str] = []
+    orig_embed, orig_prepare = enc.embed_prepared, enc.prepare
+
+    def prepare(item, instruction=None, index=None):  # noqa: ANN001, ANN202
+        prepare_threads.add(threading.current_thread())
+        if in_forward.is_set():
+            overlaps.append(str(item))
+        return orig_prepare(item, instruction, index)
+
+    def spy(batch, normalize=True):  # noqa: ANN001, ANN202
+        decode_threads.extend(t.name for t in threading.enumerate() if t.name.startswith("wave-rt-decode"))
+        in_forward.set()
+        try:
+            sizes.append(sum(p.num_tokens for p in batch))
+            return orig_embed(batch, normalize)
+        finally:
+            in_forward.clear()
+
+    enc.embed_prepared, enc.prepare = spy, prepare  # type: ignore[method-assign]
+    texts = _texts(700)
+    s = embed_archive(_manifest(tmp_path / "m.jsonl", texts), tmp_path / "out", model=enc, max_batch_tokens=300,
+                      workers=2, progress=False)
+    assert s.embedded == 700 and s.failed == 0
+    assert prepare_threads == {threading.current_thread()}
+    assert overlaps == []
+    assert decode_threads == []
+    assert len(sizes) > 10 and max(sizes) <= 300  # real tokens <= B x longest <= the budget
+    rows = read_archive(tmp_path / "out")
+    assert np.array_equal(np.stack([rows[f"i{i}"]["embedding"] for i in range(700)]), FakeEncoder().encode(texts))
 
 
 def test_cpu_forwards_run_on_the_callers_thread(tmp_path: Path) -> None:
@@ -238,3 +295,84 @@ def test_archive_batches_follow_the_encoders_budget_rule(tmp_path: Path, packed:
     assert max(cost) <= budget
     if packed:  # real-token budgeting fills batches the padded rule would have split
         assert max(max(b) * len(b) for b in batches) > budget
+
+
+def test_the_last_commit_runs_on_the_thread_that_closes_the_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job's final shard is written by the caller's thread (right after the CPU forwards, another thread
+    took ~8x longer while their OpenMP team still spun); earlier shards by the writer thread; all land."""
+    import threading
+
+    import wave_rt.archive.writer as writer_mod
+
+    writers: list[str] = []
+    real = writer_mod.write_shard
+
+    def spy(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        writers.append(threading.current_thread().name)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(writer_mod, "write_shard", spy)
+    texts = _texts(250)
+    s = embed_archive(_manifest(tmp_path / "m.jsonl", texts), tmp_path / "out", model=FakeEncoder(),
+                      max_batch_tokens=300, shard_rows=100, progress=False)
+    assert s.embedded == 250
+    assert writers == ["wave-rt-writer", "wave-rt-writer", threading.current_thread().name]
+    rows = read_archive(tmp_path / "out")
+    assert np.array_equal(np.stack([rows[f"i{i}"]["embedding"] for i in range(250)]), FakeEncoder().encode(texts))
+
+
+def test_objects_older_than_the_job_are_frozen_while_it_runs(tmp_path: Path) -> None:
+    """Full garbage collections skip the objects that existed before the job (a 0.19 s pause each on the demo
+    setup otherwise) while it runs; afterwards the collector is as it was, and a caller's own freeze is kept."""
+    import gc
+
+    enc = FakeEncoder()
+    frozen_during: list[int] = []
+    orig = enc.embed_prepared
+
+    def spy(batch, normalize=True):  # noqa: ANN001, ANN202
+        frozen_during.append(gc.get_freeze_count())
+        return orig(batch, normalize)
+
+    enc.embed_prepared = spy  # type: ignore[method-assign]
+    assert gc.get_freeze_count() == 0
+    embed_archive(_manifest(tmp_path / "m.jsonl", _texts(20)), tmp_path / "a", model=enc, progress=False)
+    assert frozen_during and min(frozen_during) > 1000
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        mine = gc.get_freeze_count()
+        frozen_during.clear()
+        embed_archive(_manifest(tmp_path / "m2.jsonl", _texts(20)), tmp_path / "b", model=enc, progress=False)
+        # neither frozen again nor unfrozen (a frozen object that dies still leaves the count)
+        assert frozen_during and all(mine - 1000 < n <= mine for n in frozen_during)
+        assert mine - 1000 < gc.get_freeze_count() <= mine
+    finally:
+        gc.unfreeze()
+
+
+@pytest.mark.parametrize("keep", [10_000, 5])
+def test_a_small_source_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep: int) -> None:
+    """The scan keeps what it classified for a source of at most SCAN_KEEP_ITEMS items (read once); a bigger one
+    is read again to stream it. Same archive, same error records (a duplicate id, a malformed row) either way."""
+    import wave_rt.archive.job as job
+
+    monkeypatch.setattr(job, "SCAN_KEEP_ITEMS", keep)
+    reads = [0]
+    real_classify = job._classify
+
+    def counting_classify(*a):  # noqa: ANN002, ANN202
+        reads[0] += 1
+        return real_classify(*a)
+
+    monkeypatch.setattr(job, "_classify", counting_classify)
+    texts = _texts(12)
+    m = _manifest(tmp_path / "m.jsonl", texts, ids=[f"i{i}" for i in range(11)] + ["i3"])
+    with open(m, "a") as f:
+        f.write('{"id": "bad"}\n')
+    s = embed_archive(m, tmp_path / "out", model=FakeEncoder(), progress=False)
+    assert reads[0] == (1 if keep >= 13 else 2)
+    assert s.embedded == 11
+    assert sorted(read_error_ids(tmp_path / "out")) == ["bad", "i3"]
+    rows = read_archive(tmp_path / "out")
+    assert np.array_equal(np.stack([rows[f"i{i}"]["embedding"] for i in range(11)]), FakeEncoder().encode(texts[:11]))

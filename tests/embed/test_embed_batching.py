@@ -76,3 +76,32 @@ def test_packed_bucket_batcher_counts_real_tokens():
     seen = [b for k, n in lengths.items() for b in batcher.add(k, n)] + batcher.flush()
     assert sorted(k for b in seen for k in b) == list(lengths)
     assert all(len(b) == 1 or sum(lengths[k] for k in b) <= 1000 for b in seen)
+
+
+class _ScanningBucketBatcher(BucketBatcher):
+    """The reference rule: a bucket's tokens and longest item recomputed from its items at every add."""
+
+    def _fits(self, k, n):
+        bucket = self._buckets[k]
+        if not bucket:
+            return True
+        if self.max_batch_size is not None and len(bucket) + 1 > self.max_batch_size:
+            return False
+        if self.packed:
+            return n + sum(m for _, m in bucket) <= self.max_batch_tokens
+        return max(n, max(m for _, m in bucket)) * (len(bucket) + 1) <= self.max_batch_tokens
+
+
+@settings(max_examples=150, deadline=None)
+@given(lengths=st.lists(st.integers(1, 3000), min_size=0, max_size=400), budget=st.integers(1, 8000),
+       packed=st.booleans(), batch_size=st.one_of(st.none(), st.integers(1, 40)), max_pending=st.integers(1, 120))
+def test_bucket_batcher_running_totals_equal_the_scanning_rule(lengths, budget, packed, batch_size, max_pending):
+    """The kept per-bucket sums and maxima (O(1) per add) release exactly the batches that rescanning the bucket
+    at every add releases, through full buckets, max_pending releases and flushes."""
+    fast = BucketBatcher(budget, batch_size, max_pending=max_pending, packed=packed)
+    ref = _ScanningBucketBatcher(budget, batch_size, max_pending=max_pending, packed=packed)
+    for k, n in enumerate(lengths):
+        assert fast.add(k, n) == ref.add(k, n)
+        if k % 97 == 96:
+            assert fast.flush() == ref.flush()
+    assert fast.flush() == ref.flush()

@@ -80,6 +80,44 @@ def embed_prepared_entries(runner: ModelRunner, items: list[PreparedEntry]) -> t
 
 
 # ---------------------------------------------------------------------------------------------- engine
+class Batches:
+    """The batcher's state: prepared entries wait in a BucketBatcher (similar lengths share a batch, under the
+    token budget by the encoder's rule: real tokens for a packed forward, B x longest for a padded one)
+    until their batch is full; past max_pending_tokens everything waiting is released."""
+
+    def __init__(self, budget: int, packed: bool, max_pending_tokens: int) -> None:
+        from wave_rt.embed.batching import BucketBatcher
+
+        self._batcher = BucketBatcher(budget, max_pending=4096, packed=packed)
+        self._waiting: dict[int, PreparedEntry] = {}
+        self.pending_tokens = 0
+        self.max_pending_tokens = max_pending_tokens
+
+    def add(self, entry: PreparedEntry) -> list[list[PreparedEntry]]:
+        """Queue one entry; the batches that are ready to run."""
+        self._waiting[entry.key] = entry
+        self.pending_tokens += entry.num_tokens
+        out = self._take(self._batcher.add(entry.key, entry.num_tokens))
+        if self.pending_tokens > self.max_pending_tokens:
+            out += self.flush()
+        return out
+
+    def add_all(self, entries: list[PreparedEntry]) -> list[list[PreparedEntry]]:
+        out: list[list[PreparedEntry]] = []
+        for entry in entries:
+            out += self.add(entry)
+        return out
+
+    def flush(self) -> list[list[PreparedEntry]]:
+        """Everything waiting, as batches."""
+        return self._take(self._batcher.flush())
+
+    def _take(self, key_batches: list[list[Any]]) -> list[list[PreparedEntry]]:
+        groups = [[self._waiting.pop(k) for k in keys] for keys in key_batches]
+        self.pending_tokens -= sum(w.num_tokens for g in groups for w in g)
+        return groups
+
+
 @dataclass
 class PipelineStats:
     batches: int = 0
@@ -116,6 +154,13 @@ class LocalPipeline:
         device = getattr(encoder, "device", torch.device("cpu"))
         self.cuda = torch.device(device).type == "cuda"
         self.model_threads = model_threads or (2 if self.cuda else 1)
+        # On a CPU device the forwards run on the caller's thread (see run) and so does text: tokenizing
+        # a caption in a thread beside a forward whose OpenMP team fills the cores slowed the forwards by
+        # ~15% (measured: 1024 captions, demo model, 2 cores), more than the tokenizing itself costs, so
+        # there text is prepared between forwards instead of beside them. Media still decode in parallel.
+        self.inline = not self.cuda and self.model_threads == 1
+        self._text_q: queue.Queue = queue.Queue(maxsize=16)  # chunks the feeder parses ahead
+        self._decoders: list[threading.Thread] = []
         self.max_pending_tokens = max_pending_tokens or 4 * self.budget
         self.idle_flush_seconds = idle_flush_seconds
         self.probe = probe
@@ -275,17 +320,31 @@ class LocalPipeline:
                 else:
                     it = None
                 if chunk and (media is not None or len(chunk) >= TEXT_CHUNK or it is None):
-                    if not self._put(self._work_q, chunk):
+                    if not self._put(self._text_q if self.inline else self._work_q, chunk):
                         return
                     chunk = []
-                if media is not None and not self._put(self._work_q, [media]):
-                    return
+                if media is not None:
+                    self._start_decoders()
+                    if not self._put(self._work_q, [media]):
+                        return
                 if it is None:
                     return
         finally:
-            for _ in range(self.decode_threads):
+            for _ in range(len(self._decoders)):
                 if not self._put(self._work_q, _DONE):
                     break
+            if self.inline:
+                self._put(self._text_q, _DONE)  # after the decoders' _DONE: their number is final by then
+
+    def _start_decoders(self) -> None:
+        """The decode threads, started once (from run, or in a CPU job from the feeder at its first media
+        item: a text-only CPU job prepares everything on the caller's thread and never needs them)."""
+        if self._decoders:
+            return
+        self._decoders = [threading.Thread(target=self._guard(self._decode), name=f"wave-rt-decode-{i}", daemon=True)
+                          for i in range(self.decode_threads)]
+        for t in self._decoders:
+            t.start()
 
     def _decode(self) -> None:
         while not self._stop.is_set():
@@ -296,7 +355,7 @@ class LocalPipeline:
                 self._put(self._ready_q, _DONE)
                 return
             if len(msg) > 1 or self._in_process(msg[0][1]):  # type: ignore[arg-type, index]
-                if not self._prepare_in_process(msg):  # type: ignore[arg-type]
+                if not self._prepare_in_process(msg, self._put_ready):  # type: ignore[arg-type]
                     return
                 continue
             t0 = time.perf_counter()
@@ -310,9 +369,13 @@ class LocalPipeline:
             elif not self._put(self._ready_q, [out]):
                 return
 
-    def _prepare_in_process(self, items: list[tuple[int, SourceEntry]]) -> bool:
-        """Text (and DALI video) prepared here, handed on after every CHUNK_SECONDS of work so that slow
-        items still reach the batcher early; False when the job is stopping."""
+    def _put_ready(self, entries: list[PreparedEntry]) -> bool:
+        return self._put(self._ready_q, entries)
+
+    def _prepare_in_process(self, items: list[tuple[int, SourceEntry]],
+                            hand_on: Callable[[list[PreparedEntry]], bool]) -> bool:
+        """Text (and DALI video) prepared in this process, handed on after every CHUNK_SECONDS of work so
+        that slow items still reach the batcher early; False when the job is stopping."""
         pos = 0
         while pos < len(items):
             good: list[PreparedEntry] = []
@@ -326,62 +389,49 @@ class LocalPipeline:
                 else:
                     good.append(out)
             self.progress.add_stage("prepare", time.perf_counter() - t0)
-            if good and not self._put(self._ready_q, good):
+            if good and not hand_on(good):
                 return False
         return True
 
     def _batch(self) -> None:
-        from wave_rt.embed.batching import BucketBatcher
-
-        # the same budget rule as encode(): real tokens for a packed forward, B x longest for a padded one
-        batcher = BucketBatcher(self.budget, max_pending=4096, packed=bool(getattr(self.encoder, "packed", False)))
-        waiting: dict[int, PreparedEntry] = {}
-        pending_tokens = 0
+        """The batcher thread (CUDA, or several model threads): ready_q -> Batches -> batch_q."""
+        batches = Batches(self.budget, bool(getattr(self.encoder, "packed", False)), self.max_pending_tokens)
         finished = 0
         last_item = time.monotonic()
 
-        def emit(batches: list[list[Any]]) -> bool:
-            nonlocal pending_tokens
-            for keys in batches:
-                group = [waiting.pop(k) for k in keys]
-                pending_tokens -= sum(w.num_tokens for w in group)
-                if not self._put(self._batch_q, group):
-                    return False
-            return True
+        def emit(out: list[list[PreparedEntry]]) -> bool:
+            return all(self._put(self._batch_q, group) for group in out)
 
         while not self._stop.is_set():
             msg = self._get(self._ready_q)
             if msg is None:
                 # decode is the bottleneck: run what is waiting rather than leave the model idle
-                if waiting and time.monotonic() - last_item > self.idle_flush_seconds and self._batch_q.empty():
-                    if not emit(batcher.flush()):
-                        return
+                if batches.pending_tokens and time.monotonic() - last_item > self.idle_flush_seconds \
+                        and self._batch_q.empty() and not emit(batches.flush()):
+                    return
                 continue
             if msg is _DONE:
                 finished += 1
                 if finished == self.decode_threads:
-                    emit(batcher.flush())
+                    emit(batches.flush())
                     break
                 continue
             last_item = time.monotonic()
             for w in msg:  # type: ignore[union-attr]
-                waiting[w.key] = w
-                pending_tokens += w.num_tokens
-                if not emit(batcher.add(w.key, w.num_tokens)):
-                    return
-                if pending_tokens > self.max_pending_tokens and not emit(batcher.flush()):
+                if not emit(batches.add(w)):
                     return
                 # Work-conserving: a model thread with nothing to do gets what is waiting once it is worth a
                 # forward, instead of idling until a bucket fills (a job smaller than one budget, e.g. 512
                 # captions under 32k tokens, would otherwise prepare every item before the first forward).
-                if pending_tokens >= self.early_batch_tokens and self._model_idle() and not emit(batcher.flush()):
+                if batches.pending_tokens >= self.early_batch_tokens and self._model_idle() \
+                        and not emit(batches.flush()):
                     return
         for _ in range(self.model_threads):
             if not self._put(self._batch_q, _DONE):
                 break
 
-    def _model(self, tick: Callable[[], None] | None = None) -> None:
-        """The model loop; `tick` (the job's upkeep, when this runs on the caller's thread) after every poll."""
+    def _model(self) -> None:
+        """A model thread (CUDA): batch_q -> forward -> writer."""
         stream_ctx: Any = None
         if self.cuda:
             stream_ctx = torch.cuda.stream(torch.cuda.Stream(device=self.encoder.device))
@@ -389,28 +439,108 @@ class LocalPipeline:
         try:
             while not self._stop.is_set():
                 msg = self._get(self._batch_q)
-                if tick is not None:
-                    tick()
                 if msg is None:
                     continue
                 if msg is _DONE:
                     return
-                with self._busy_lock:
-                    self._busy_models += 1
-                t0 = time.perf_counter()
-                try:
-                    block, errors = embed_prepared_entries(self.runner, msg)  # type: ignore[arg-type]
-                finally:
-                    with self._busy_lock:
-                        self._busy_models -= 1
-                self.progress.add_stage("model", time.perf_counter() - t0)
-                for rec in errors:
-                    self.writer.put_error(rec)
-                if block is not None:
-                    self.writer.put_rows(block)
+                self._forward(msg)  # type: ignore[arg-type]
         finally:
             if stream_ctx is not None:
                 stream_ctx.__exit__(None, None, None)
+
+    def _forward(self, batch: list[PreparedEntry]) -> None:
+        with self._busy_lock:
+            self._busy_models += 1
+        t0 = time.perf_counter()
+        try:
+            block, errors = embed_prepared_entries(self.runner, batch)
+        finally:
+            with self._busy_lock:
+                self._busy_models -= 1
+        self.progress.add_stage("model", time.perf_counter() - t0)
+        for rec in errors:
+            self.writer.put_error(rec)
+        if block is not None:
+            self.writer.put_rows(block)
+
+    def _batch_and_model_inline(self, tick: Callable[[], None]) -> None:
+        """Batcher and model on the caller's thread (a CPU device), so that tokenizing never runs beside a
+        forward. Each turn it either prepares (batches the media items the decode threads have ready, else
+        prepares a chunk of text here) or runs full batches. It prepares while input is at hand and less
+        than max_pending_tokens is waiting, then runs every full batch: switching between the two costs
+        ~0.5 ms each way on a CPU (caches, the forward's OpenMP team), so it switches every few batches,
+        not every batch. With nothing at hand, what is waiting runs once it is worth a forward (or has
+        waited idle_flush_seconds), else it waits briefly for either queue. `tick` on every turn."""
+        batches = Batches(self.budget, bool(getattr(self.encoder, "packed", False)), self.max_pending_tokens)
+        full: list[list[PreparedEntry]] = []
+        full_tokens = 0
+        running = False  # running full batches until none is left
+        decoders_done = 0
+        text_done = False
+        last_item = time.monotonic()
+
+        def batch(entries: list[PreparedEntry]) -> bool:
+            nonlocal full_tokens
+            ready = batches.add_all(entries)
+            full.extend(ready)
+            full_tokens += sum(w.num_tokens for group in ready for w in group)
+            return True
+
+        while not self._stop.is_set():
+            tick()
+            if full and not running:
+                at_hand = not self._ready_q.empty() or (not text_done and not self._text_q.empty())
+                running = not at_hand or full_tokens + batches.pending_tokens >= self.max_pending_tokens
+            if running:
+                group = full.pop(0)
+                full_tokens -= sum(w.num_tokens for w in group)
+                running = bool(full)
+                self._forward(group)
+                continue
+            try:
+                msg = self._ready_q.get_nowait()
+            except queue.Empty:
+                msg = None
+            if msg is None and not text_done:
+                chunk = self._text_q_nowait()
+                if chunk is None and not batches.pending_tokens and not full:
+                    chunk = self._get(self._text_q, timeout=0.005)  # nothing to run: wait a little for text
+                if chunk is _DONE:
+                    text_done = True
+                    continue
+                if chunk is not None:
+                    last_item = time.monotonic()
+                    if not self._prepare_in_process(chunk, batch):  # type: ignore[arg-type]
+                        return
+                    continue
+            if msg is None:
+                if full:
+                    continue  # nothing at hand after all: the next turn runs them
+                if text_done and decoders_done == len(self._decoders):
+                    batch_all = batches.flush()
+                    if not batch_all:
+                        return
+                    full += batch_all
+                elif batches.pending_tokens >= self.early_batch_tokens or (
+                        batches.pending_tokens and time.monotonic() - last_item > self.idle_flush_seconds):
+                    full += batches.flush()  # work-conserving, as in _batch
+                elif text_done:
+                    msg = self._get(self._ready_q, timeout=0.005)
+                elif batches.pending_tokens:
+                    time.sleep(0.001)  # a few items wait for more: let the feeder and decode threads run
+                if msg is None:
+                    continue
+            if msg is _DONE:
+                decoders_done += 1
+                continue
+            last_item = time.monotonic()
+            batch(msg)  # type: ignore[arg-type]
+
+    def _text_q_nowait(self) -> Any:
+        try:
+            return self._text_q.get_nowait()
+        except queue.Empty:
+            return None
 
     def _upkeep(self) -> None:
         """The job's own duties while the model runs: stop on a writer failure, draw the progress line."""
@@ -422,19 +552,20 @@ class LocalPipeline:
     def run(self, pending: Iterable[SourceEntry] | Iterator[SourceEntry]) -> PipelineStats:
         """Process every pending item. KeyboardInterrupt stops the threads cleanly (what the writer holds
         is still committed by the caller's writer.close()) and is reported as interrupted."""
+        if not self.inline:
+            self._start_decoders()
         threads = [threading.Thread(target=self._guard(lambda: self._feed(pending)), name="wave-rt-feed", daemon=True)]
-        threads += [threading.Thread(target=self._guard(self._decode), name=f"wave-rt-decode-{i}", daemon=True)
-                    for i in range(self.decode_threads)]
-        threads.append(threading.Thread(target=self._guard(self._batch), name="wave-rt-batch", daemon=True))
-        # On a CPU device the forwards run on this thread, the one that loaded the model: OpenMP (libgomp)
-        # gives each thread that starts parallel regions a team of its own, and once two teams exceed the
-        # cores it stops spin-waiting between regions, which made the demo model's many small parallel
-        # regions 1.7x slower in a model thread than on the main thread (measured, interleaved runs; no
-        # difference with one intra-op thread, or with every forward on one thread).
-        inline = not self.cuda and self.model_threads == 1
+        # On a CPU device batching and the forwards run on this thread, the one that loaded the model: OpenMP
+        # (libgomp) gives each thread that starts parallel regions a team of its own, and once two teams
+        # exceed the cores it stops spin-waiting between regions, which made the demo model's many small
+        # parallel regions 1.7x slower in a model thread than on the main thread (measured, interleaved runs;
+        # no difference with one intra-op thread, or with every forward on one thread).
+        inline = self.inline
         model_threads = [] if inline else [
             threading.Thread(target=self._guard(self._model), name=f"wave-rt-model-{i}", daemon=True)
             for i in range(self.model_threads)]
+        if not inline:
+            threads.append(threading.Thread(target=self._guard(self._batch), name="wave-rt-batch", daemon=True))
         threads += model_threads
         stats = PipelineStats()
         for t in threads:
@@ -442,7 +573,7 @@ class LocalPipeline:
         try:
             if inline:
                 try:
-                    self._model(tick=self._upkeep)
+                    self._batch_and_model_inline(tick=self._upkeep)
                 except KeyboardInterrupt:
                     raise
                 except BaseException as exc:  # noqa: BLE001 - re-raised below, after the threads stop
@@ -457,7 +588,7 @@ class LocalPipeline:
         self._stop.set()
         if self.pool is not None:
             self.pool.close()  # wakes decode threads waiting on a result (their futures are cancelled)
-        for t in threads:
+        for t in threads + self._decoders:  # the feeder first: it may start the decoders until it ends
             t.join(timeout=30.0)
         if self.pool is not None:
             stats.worker_crashes, stats.item_timeouts = self.pool.stats.crashes, self.pool.stats.timeouts

@@ -69,6 +69,9 @@ class BucketBatcher:
             edge *= ratio
         self._edges = edges
         self._buckets: list[list[tuple[Hashable, int]]] = [[] for _ in range(num_buckets)]
+        # each bucket's token sum and longest item, kept as items come: _fits is O(1), not O(bucket)
+        self._sums = [0] * num_buckets
+        self._longest = [0] * num_buckets
         self._pending = 0
 
     def _bucket_of(self, n: int) -> int:
@@ -77,30 +80,33 @@ class BucketBatcher:
                 return k
         return len(self._edges)
 
-    def _fits(self, bucket: list[tuple[Hashable, int]], n: int) -> bool:
+    def _fits(self, k: int, n: int) -> bool:
+        bucket = self._buckets[k]
         if not bucket:
             return True
         size = len(bucket) + 1
         if self.max_batch_size is not None and size > self.max_batch_size:
             return False
         if self.packed:
-            return n + sum(m for _, m in bucket) <= self.max_batch_tokens
-        longest = max(n, max(m for _, m in bucket))
-        return longest * size <= self.max_batch_tokens
+            return n + self._sums[k] <= self.max_batch_tokens
+        return max(n, self._longest[k]) * size <= self.max_batch_tokens
 
     def _release(self, k: int) -> list[Hashable]:
         batch = [key for key, _ in self._buckets[k]]
         self._pending -= len(batch)
         self._buckets[k] = []
+        self._sums[k] = self._longest[k] = 0
         return batch
 
     def add(self, key: Hashable, num_tokens: int) -> list[list[Hashable]]:
         """Queue one item; return the batches that became full."""
         out: list[list[Hashable]] = []
         k = self._bucket_of(num_tokens)
-        if not self._fits(self._buckets[k], num_tokens):
+        if not self._fits(k, num_tokens):
             out.append(self._release(k))
         self._buckets[k].append((key, num_tokens))
+        self._sums[k] += num_tokens
+        self._longest[k] = max(self._longest[k], num_tokens)
         self._pending += 1
         if self._pending > self.max_pending:
             fullest = max(range(len(self._buckets)), key=lambda b: len(self._buckets[b]))
@@ -114,6 +120,7 @@ class BucketBatcher:
             if self._buckets[k]:
                 items = self._buckets[k]
                 self._buckets[k] = []
+                self._sums[k] = self._longest[k] = 0
                 self._pending -= len(items)
                 lengths = [n for _, n in items]
                 for group in plan_batches(lengths, self.max_batch_tokens, self.max_batch_size, packed=self.packed):

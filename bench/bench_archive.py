@@ -4,8 +4,10 @@ For each workload (texts, audio clips, silent videos, audio-visual clips, genera
 soundfile) it measures, on the same items:
   - each stage alone (bench/stagebench.py: decode, preprocess = features + tokens, model =
     token-budget batches, device-synchronized, write = one Parquet shard), median of --repeats;
-  - the whole job end to end (embed_archive, local engine: stages overlapped), median of --repeats
-    (each repeat runs the stages, then the job, so machine drift falls on both sides of the ratio),
+  - the whole job end to end (embed_archive, local engine: stages overlapped), median of the repeats
+    (--repeats, more where a job is shorter than --min-seconds; each repeat runs the stages, then the job,
+    so machine drift falls on both sides of the ratio; the rows also give the median of the per-repeat
+    ratios with a bootstrap 95% interval),
     while GPU utilization is sampled (pynvml, else nvidia-smi) on CUDA;
   - on CUDA, MFU = LLM FLOPs / time / bf16 peak, the FLOPs from wave_rt.model.flops (the one FLOP model:
     real tokens, no embedding table, causal attention per item, the trimmed last layer the packed path
@@ -13,6 +15,7 @@ soundfile) it measures, on the same items:
     an 8192^3 bf16 GEMM measured in this run, once for the model stage alone and once end to end.
 
 Rows: "<workload>: end to end" compares the overlapped job with the same stages run one after another;
+"text: fixed per-job cost" is a 16-caption job against its stages (what every job pays once);
 "<workload>: <stage> ceiling" is the rate that stage alone sustains with its parallelism (ratio = how far
 above the end-to-end rate it is: the bottleneck has the smallest ratio); "<workload>: LLM MFU" on CUDA.
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import math
 import os
 import shutil
 import statistics
@@ -335,7 +339,9 @@ def measure(kind: str, manifest: Path, encoder: Any, args: argparse.Namespace, w
     gpu: dict[str, Any] = {}
     # The serial stages and the job alternate, so that a slow spell of the machine (a shared VM's neighbours,
     # clocks) lands on both sides of the ratio instead of on whichever ran during it.
-    for r in range(args.repeats):
+    repeats = args.repeats
+    r = 0
+    while r < repeats:
         report = bench_archive(manifest, encoder=encoder, items=items, max_batch_tokens=budget, workers=args.workers,
                                run_pipeline=False)
         if report.failed:
@@ -353,9 +359,12 @@ def measure(kind: str, manifest: Path, encoder: Any, args: argparse.Namespace, w
             raise RuntimeError(f"{kind}: the job embedded {summary.embedded} of {report.sample} items "
                                f"({summary.failed} failed)")
         e2e.append(wall)  # the whole call: scan, embedding and the final shard commit
-        if r == args.repeats - 1:
-            gpu = sampler.summary()
+        if r == 0 and args.min_seconds > 0:
+            # a short job gets more pairs (like timeit's autorange): its ratio is noisy on a shared machine
+            repeats = max(args.repeats, min(60, math.ceil(args.min_seconds / wall)))
+        gpu = sampler.summary()  # of the last repeat
         shutil.rmtree(out, ignore_errors=True)
+        r += 1
     assert report is not None
     n = report.sample
     tokens = list(report.tokens)
@@ -364,12 +373,15 @@ def measure(kind: str, manifest: Path, encoder: Any, args: argparse.Namespace, w
     t_e2e = statistics.median(e2e)
     rate = n / t_e2e
     serial = n / sum(med.values())
-    serial_runs = [sum(stage_runs[s][r] for s in STAGES) for r in range(args.repeats)]
+    serial_runs = [sum(stage_runs[s][r] for s in STAGES) for r in range(repeats)]
+    paired = [a / b for a, b in zip(serial_runs, e2e)]
     media_s = report.media_seconds
     extra: dict[str, Any] = {"items": n, "tokens": sum(tokens), "tokens_per_item_mean": sum(tokens) / n,
                              "media_seconds": media_s, "media_seconds_per_s": media_s / t_e2e,
                              "end_to_end_seconds_runs": e2e, "serial_seconds_runs": serial_runs,
-                             "ratio_runs": [a / b for a, b in zip(serial_runs, e2e)], "max_batch_tokens": budget, "workers": report.workers,
+                             "ratio_runs": paired, "ratio_paired_median": statistics.median(paired),
+                             "ratio_paired_median_ci95": _bootstrap_median_ci(paired), "repeats": repeats,
+                             "max_batch_tokens": budget, "workers": report.workers,
                              **gpu}
     mfu_model = mfu_e2e = achieved = None
     if facts is not None:
@@ -396,9 +408,54 @@ def measure(kind: str, manifest: Path, encoder: Any, args: argparse.Namespace, w
     mfu_txt = f"  MFU model {mfu_model:.1%} / end to end {mfu_e2e:.1%}" if mfu_model is not None else ""
     util = gpu.get("gpu_util_mean")
     util_txt = f"  GPU util {util:.0f}%" if util is not None else ""
-    print(f"{kind:6s} {n:4d} items  {rate:8.2f} items/s (serial {serial:7.2f})  media {media_s / t_e2e:7.1f} s/s  "
+    ci = extra["ratio_paired_median_ci95"]
+    ci_txt = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+    print(f"{kind:6s} {n:4d} items  {rate:8.2f} items/s (serial {serial:7.2f}, x{rate / serial:.3f}; paired median "
+          f"x{extra['ratio_paired_median']:.3f}{ci_txt} over {repeats} repeats)  media {media_s / t_e2e:7.1f} s/s  "
           f"busy/item: {stage_txt}{mfu_txt}{util_txt}", flush=True)
     return rows
+
+
+def _bootstrap_median_ci(values: list[float], draws: int = 2000) -> list[float] | None:
+    """95% interval of the median by resampling (fixed seed); None for fewer than 5 values."""
+    if len(values) < 5:
+        return None
+    rng = np.random.default_rng(0)
+    arr = np.asarray(values)
+    meds = np.sort(np.median(rng.choice(arr, size=(draws, len(arr))), axis=1))
+    return [float(meds[int(0.025 * draws)]), float(meds[int(0.975 * draws) - 1])]
+
+
+def fixed_cost(manifest: Path, encoder: Any, args: argparse.Namespace, work: Path, items: int = 16) -> dict[str, Any]:
+    """The job's fixed cost: a job of the first `items` captions against its stages run one after another
+    (serial and job alternate; 3x --repeats pairs, each small). What is left is what every job pays once:
+    the source scan, the manifest and journal writes, threads, the final commit."""
+    from stagebench import bench_archive, sample_items
+
+    from wave_rt.archive.job import embed_archive
+
+    small = work / "text-fixed.jsonl"
+    small.write_text("".join(manifest.read_text().splitlines(keepends=True)[:items]))
+    chosen = sample_items(small, items)
+    budget = args.max_batch_tokens or encoder.default_max_batch_tokens
+    serial, e2e = [], []
+    for r in range(3 * args.repeats):
+        report = bench_archive(small, encoder=encoder, items=chosen, max_batch_tokens=budget, workers=args.workers,
+                               run_pipeline=False)
+        serial.append(sum(report.stages[s].seconds for s in STAGES))
+        out = work / f"out-fixed-{r}"
+        t0 = time.perf_counter()
+        summary = embed_archive(small, out, model=encoder, max_batch_tokens=budget, workers=args.workers, progress=False)
+        e2e.append(time.perf_counter() - t0)
+        shutil.rmtree(out, ignore_errors=True)
+        if summary.embedded != len(chosen):
+            raise RuntimeError(f"the fixed-cost job embedded {summary.embedded} of {len(chosen)} captions")
+    fixed_ms = statistics.median([1000 * (a - b) for a, b in zip(e2e, serial)])
+    print(f"text   fixed per-job cost: {fixed_ms:.1f} ms ({items} captions: job {1000 * statistics.median(e2e):.1f} ms, "
+          f"stages {1000 * statistics.median(serial):.1f} ms)", flush=True)
+    return row(f"text: fixed per-job cost ({items} captions)", "the same stages one after another",
+               1000 * statistics.median(serial), 1000 * statistics.median(e2e), "ms", higher_is_better=False,
+               fixed_ms=fixed_ms, end_to_end_ms_runs=[1000 * x for x in e2e], serial_ms_runs=[1000 * x for x in serial])
 
 
 def stage_scaling(kind: str, manifest: Path, encoder: Any, procs: list[int], repeats: int,
@@ -492,6 +549,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, else fp32")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--min-seconds", type=float, default=10.0,
+                    help="per kind, at least this much end-to-end job time: a short job runs more repeats (0: exactly "
+                         "--repeats)")
     ap.add_argument("--workers", type=int, default=None, help="decode threads (default: the job's default)")
     ap.add_argument("--max-batch-tokens", type=int, default=None)
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: an 8192^3 GEMM measured in this run)")
@@ -513,6 +573,7 @@ def main(argv: list[str] | None = None) -> None:
     cuda = device.type == "cuda"
     if args.quick:
         args.workload = "quick"
+        args.min_seconds = 0.0  # a smoke run: exactly --repeats
     workload_name = args.workload or ("gpu" if cuda else "cpu")
     args.model_config = args.model_config or ("7b" if cuda else "demo")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype] if args.dtype else (
@@ -570,6 +631,8 @@ def main(argv: list[str] | None = None) -> None:
         todo = [k for k in kinds if k in manifests]
         for i, kind in enumerate(todo):
             rows += measure(kind, manifests[kind], encoder, args, tmp, facts, peak)
+            if kind == "text":
+                rows.append(fixed_cost(manifests[kind], encoder, args, tmp))
             if args.json or not args.quick:
                 # after every kind: a run cut off by its time cap keeps the kinds it finished, marked partial
                 cmd = "python bench/bench_archive.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from wave_rt.archive.journal import ErrorRecord
@@ -76,10 +76,10 @@ class PreparedEntry:
     modality: str
     instruction: str | None  # what the item was embedded with (None: the model's default / text target)
     prepared: Any  # PreparedItem
+    num_tokens: int = field(init=False)  # read per item by the batcher, the runner and the writer's accounting
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.prepared.num_tokens)
+    def __post_init__(self) -> None:
+        self.num_tokens = int(self.prepared.num_tokens)
 
     def row(self) -> ShardRow:
         return ShardRow(id=self.src.id, path=self.src.path, modality=self.modality,

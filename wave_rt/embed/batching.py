@@ -7,6 +7,7 @@ keeps that padding small.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Hashable, Sequence
 
 
@@ -75,10 +76,7 @@ class BucketBatcher:
         self._pending = 0
 
     def _bucket_of(self, n: int) -> int:
-        for k, edge in enumerate(self._edges):
-            if n <= edge:
-                return k
-        return len(self._edges)
+        return bisect.bisect_left(self._edges, n)  # the first bucket whose edge is >= n (the last: none is)
 
     def _fits(self, k: int, n: int) -> bool:
         bucket = self._buckets[k]

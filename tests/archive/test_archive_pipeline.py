@@ -297,18 +297,25 @@ def test_archive_batches_follow_the_encoders_budget_rule(tmp_path: Path, packed:
         assert max(max(b) * len(b) for b in batches) > budget
 
 
-def test_the_last_commit_runs_on_the_thread_that_closes_the_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The job's final shard is written by the caller's thread (right after the CPU forwards, another thread
-    took ~8x longer while their OpenMP team still spun); earlier shards by the writer thread; all land."""
+@pytest.mark.parametrize("threaded", [False, True])
+def test_where_the_writer_commits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threaded: bool) -> None:
+    """On a CPU device (one model thread on the caller's) there is no writer thread: every shard is committed by
+    the caller's thread. With model threads (as on CUDA) the writer thread commits, except the job's final
+    shard: the closing thread writes it (right after CPU forwards, another thread took ~8x longer while their
+    OpenMP team still spun). All rows land either way."""
     import threading
 
     import wave_rt.archive.writer as writer_mod
 
+    if threaded:
+        _with_model_threads(monkeypatch, 2)
     writers: list[str] = []
+    names: list[str] = []
     real = writer_mod.write_shard
 
     def spy(*a, **kw):  # noqa: ANN002, ANN003, ANN202
         writers.append(threading.current_thread().name)
+        names.extend(t.name for t in threading.enumerate())
         return real(*a, **kw)
 
     monkeypatch.setattr(writer_mod, "write_shard", spy)
@@ -316,7 +323,9 @@ def test_the_last_commit_runs_on_the_thread_that_closes_the_writer(tmp_path: Pat
     s = embed_archive(_manifest(tmp_path / "m.jsonl", texts), tmp_path / "out", model=FakeEncoder(),
                       max_batch_tokens=300, shard_rows=100, progress=False)
     assert s.embedded == 250
-    assert writers == ["wave-rt-writer", "wave-rt-writer", threading.current_thread().name]
+    me = threading.current_thread().name
+    assert writers == (["wave-rt-writer", "wave-rt-writer", me] if threaded else [me, me, me])
+    assert ("wave-rt-writer" in names) == threaded
     rows = read_archive(tmp_path / "out")
     assert np.array_equal(np.stack([rows[f"i{i}"]["embedding"] for i in range(250)]), FakeEncoder().encode(texts))
 
@@ -376,3 +385,41 @@ def test_a_small_source_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert sorted(read_error_ids(tmp_path / "out")) == ["bad", "i3"]
     rows = read_archive(tmp_path / "out")
     assert np.array_equal(np.stack([rows[f"i{i}"]["embedding"] for i in range(11)]), FakeEncoder().encode(texts[:11]))
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_commit_seconds_and_a_failing_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threaded: bool) -> None:
+    """Both writer modes: commit_seconds=0 commits as rows come (several shards under a huge shard_rows); a
+    shard write that fails stops the job with WriterFailed, keeps what was committed, and a rerun completes
+    the archive with every row exactly once."""
+    import wave_rt.archive.writer as writer_mod
+    from wave_rt.archive.writer import WriterFailed
+
+    if threaded:
+        _with_model_threads(monkeypatch, 2)
+    texts = _texts(300)
+    m = _manifest(tmp_path / "m.jsonl", texts)
+    s = embed_archive(m, tmp_path / "a", model=FakeEncoder(), max_batch_tokens=300, shard_rows=10**6,
+                      commit_seconds=0, progress=False)
+    assert s.embedded == 300 and len(list((tmp_path / "a").glob("part-*.parquet"))) > 1
+
+    real = writer_mod.write_shard
+    calls = [0]
+
+    def failing(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError(28, "No space left on device")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(writer_mod, "write_shard", failing)
+    with pytest.raises(WriterFailed, match="No space left"):
+        embed_archive(m, tmp_path / "b", model=FakeEncoder(), max_batch_tokens=300, shard_rows=50,
+                      progress=False)
+    kept = read_archive(tmp_path / "b")
+    assert len(kept) == 50
+    monkeypatch.setattr(writer_mod, "write_shard", real)
+    s = embed_archive(m, tmp_path / "b", model=FakeEncoder(), max_batch_tokens=300, shard_rows=50, progress=False)
+    rows = read_archive(tmp_path / "b")
+    assert s.embedded == 250 and len(rows) == 300
+    assert np.array_equal(np.stack([rows[f"i{i}"]["embedding"] for i in range(300)]), FakeEncoder().encode(texts))

@@ -258,7 +258,7 @@ def _run_job(src: ArchiveSource, out_dir: Path, model: Any, opts: JobOptions, st
     from wave_rt.archive.writer import ArchiveWriter
 
     writer = ArchiveWriter(out_dir, journal, errors, manifest.dim, opts.embedding_dtype,
-                           opts.rows_per_shard(manifest.dim), opts.commit_seconds, prog).start()
+                           opts.rows_per_shard(manifest.dim), opts.commit_seconds, prog)  # the engine starts it
     pending = pending_items(src, done, errors.reported_duplicates, writer.put_error, classified)
     interrupted = False
     failure: BaseException | None = None

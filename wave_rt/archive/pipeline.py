@@ -569,6 +569,8 @@ class LocalPipeline:
         """The job's own duties while the model runs: stop on a writer failure, draw the progress line."""
         if self.writer.failure is not None:
             self._fail(self.writer.failure)
+            return
+        self.writer.upkeep()
         self.progress.maybe_render()
 
     # ------------------------------------------------------------------ run
@@ -576,6 +578,7 @@ class LocalPipeline:
         """Process every pending item. KeyboardInterrupt stops the threads cleanly (what the writer holds
         is still committed by the caller's writer.close()) and is reported as interrupted."""
         if not self.inline:
+            self.writer.start()  # on a CPU device the caller's thread writes too (see ArchiveWriter.start)
             self._start_decoders()
         threads = [threading.Thread(target=self._guard(lambda: self._feed(pending)), name="wave-rt-feed", daemon=True)]
         # On a CPU device batching and the forwards run on this thread, the one that loaded the model: OpenMP

@@ -250,6 +250,7 @@ def run_ray(pending: Iterator[SourceEntry], writer: ArchiveWriter, model: Any, o
         raise ValueError(f"run_ray runs engine='ray' jobs, not engine={options.engine!r}")
     ray = ensure_ray(options.ray_address)
     rdata = _require_ray_data()
+    writer.start()  # results arrive on this thread: the writer's own thread commits while it pulls the next
     progress = writer.progress
     stats = PipelineStats()
     gpus = int(ray.cluster_resources().get("GPU", 0))

@@ -1,4 +1,5 @@
-"""The writer thread: the only code that touches the output directory while a job runs.
+"""The writer: the only code that touches the output directory while a job runs, on a thread of its own
+(after start()) or, on a CPU device's local engine, on the threads that hand it work, one at a time.
 
 It buffers embedded rows and commits them as a shard when the buffer holds `shard_rows` rows or
 `commit_seconds` have passed since the last commit (so a kill loses at most that much work), and
@@ -60,16 +61,33 @@ class ArchiveWriter:
         self.shards_written = 0
         self._q: queue.Queue = queue.Queue(maxsize=max_messages)
         self._thread = threading.Thread(target=self._loop, name="wave-rt-writer", daemon=True)
+        self._threaded = False  # until start(): each put is handled on the caller's thread, under _lock
+        self._lock = threading.Lock()
         self._failure: BaseException | None = None
         self._last_commit = time.monotonic()
         self._next = journal.next_number()
 
     # ------------------------------------------------------------------ producer side (any thread)
     def start(self) -> ArchiveWriter:
+        """Hand the work to the writer thread from now on. Without it, every put is handled on the thread that
+        makes it: the local engine on a CPU device does so, where a writer thread woken beside the forwards
+        took a core from their OpenMP team."""
+        self._threaded = True
         self._thread.start()
         return self
 
     def _put(self, msg: object) -> None:
+        if not self._threaded:
+            with self._lock:
+                if self._failure is not None:
+                    raise WriterFailed(f"the archive writer stopped: {self._failure}") from self._failure
+                try:
+                    self._handle(msg)
+                except BaseException as exc:
+                    self._failure = exc
+                    log.error("archive writer failed: %s", exc)
+                    raise WriterFailed(f"the archive writer stopped: {exc}") from exc
+            return
         while True:
             if self._failure is not None:
                 raise WriterFailed(f"the archive writer stopped: {self._failure}") from self._failure
@@ -85,6 +103,13 @@ class ArchiveWriter:
     def put_error(self, rec: ErrorRecord) -> None:
         self._put(rec)
 
+    def upkeep(self) -> None:
+        """Without the writer thread: commit what is buffered once commit_seconds have passed (the thread does
+        this on its own every 0.2 s)."""
+        if not self._threaded and self._failure is None and len(self.buffer) \
+                and time.monotonic() - self._last_commit >= self.commit_seconds:
+            self._put(None)
+
     def close(self) -> None:
         """Commit what is buffered and stop; re-raises a failure of the writer thread."""
         if self._thread.is_alive():
@@ -94,7 +119,7 @@ class ArchiveWriter:
                 pass
             self._thread.join()
         if self._failure is None:
-            # The last commit runs on the caller's thread, which on a CPU device ran the forwards: their
+            # The last commit runs on the caller's thread (with or without the writer thread), which on a CPU device ran the forwards: their
             # OpenMP team spins on the cores for a while after the last one, and the same commit on another
             # thread took ~8x longer then (measured: 40 vs 5 ms for 1024 rows, demo model, 2 cores).
             try:
@@ -121,24 +146,28 @@ class ArchiveWriter:
                     msg = None
                 if msg is _STOP:
                     return  # close() commits what is left
-                if isinstance(msg, EmbeddedRows):
-                    self.buffer.add(msg.rows, msg.embeddings)
-                    self.progress.add(done=len(msg.rows), tokens=msg.tokens, audio_seconds=msg.audio_seconds,
-                                      video_seconds=msg.video_seconds)
-                elif isinstance(msg, ErrorRecord):
-                    t0 = time.perf_counter()
-                    self.errors.append(msg)
-                    self.errors_written += 1
-                    self.progress.add(failed=1)
-                    self.progress.add_stage("write", time.perf_counter() - t0)
-                while len(self.buffer) >= self.shard_rows:
-                    self._commit(self.shard_rows)
-                if len(self.buffer) and time.monotonic() - self._last_commit >= self.commit_seconds:
-                    self._commit(len(self.buffer))
-                self.progress.maybe_render()
+                self._handle(msg)
         except BaseException as exc:  # noqa: BLE001 - handed to the producers, which re-raise it
             self._failure = exc
             log.error("archive writer failed: %s", exc)
+
+    def _handle(self, msg: object) -> None:
+        """One message (None: only the time check), then the commits that are due."""
+        if isinstance(msg, EmbeddedRows):
+            self.buffer.add(msg.rows, msg.embeddings)
+            self.progress.add(done=len(msg.rows), tokens=msg.tokens, audio_seconds=msg.audio_seconds,
+                              video_seconds=msg.video_seconds)
+        elif isinstance(msg, ErrorRecord):
+            t0 = time.perf_counter()
+            self.errors.append(msg)
+            self.errors_written += 1
+            self.progress.add(failed=1)
+            self.progress.add_stage("write", time.perf_counter() - t0)
+        while len(self.buffer) >= self.shard_rows:
+            self._commit(self.shard_rows)
+        if len(self.buffer) and time.monotonic() - self._last_commit >= self.commit_seconds:
+            self._commit(len(self.buffer))
+        self.progress.maybe_render()
 
     def _commit_all(self) -> None:
         while len(self.buffer):

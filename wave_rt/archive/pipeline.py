@@ -1,13 +1,21 @@
 """The local engine: decode workers -> length-bucketed batches under a token budget -> model -> writer.
 
+On CUDA (or with several model threads):
+
     feeder ──work_q──> decode workers (threads: probe, decode, features, tokenize = encoder.prepare; media
                         items are handed to spawn worker processes (prepare_pool) and the thread only waits,
                         so decoding scales with cores and a stuck or crashing decoder is contained; text goes
                         in chunks of TEXT_CHUNK items, one queue hand-off per chunk, not per caption)
-           ──ready_q──> batcher (BucketBatcher: similar lengths share a batch, B x longest <= budget)
+           ──ready_q──> batcher (Batches: similar lengths share a batch under the budget)
            ──batch_q──> model thread(s) (embed_prepared; on CUDA each thread has its own stream, so one
                         batch's host->device copy and collation overlap the other's compute)
-           ──writer──>  shards + errors.jsonl
+           ──writer──>  shards + errors.jsonl (the writer's own thread)
+
+On a CPU device the forward's OpenMP team fills the cores, and any thread that runs beside it slows it
+down, so the caller's thread batches, runs the model and writes, and prepares text between forwards:
+
+    feeder ──text_q──> caller's thread: text chunks prepared, batched, run, written in turns
+           ──work_q──> decode workers (started at the first media item; as above) ──ready_q──> caller's thread
 
 Every queue is bounded and the batcher holds at most `max_pending_tokens` tokens, so memory stays
 flat whatever the source's length. Out-of-memory errors split the batch and lower the token cap

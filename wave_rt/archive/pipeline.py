@@ -458,8 +458,8 @@ class LocalPipeline:
             if stream_ctx is not None:
                 stream_ctx.__exit__(None, None, None)
 
-    def _forward(self, batch: list[PreparedEntry], hold: list[EmbeddedRows] | None = None) -> None:
-        """One batch through the model; its rows to the writer, or into `hold` for the caller to hand on."""
+    def _forward(self, batch: list[PreparedEntry]) -> None:
+        """One batch through the model, its rows and errors to the writer."""
         with self._busy_lock:
             self._busy_models += 1
         t0 = time.perf_counter()
@@ -472,15 +472,7 @@ class LocalPipeline:
         for rec in errors:
             self.writer.put_error(rec)
         if block is not None:
-            if hold is not None:
-                hold.append(block)
-            else:
-                self.writer.put_rows(block)
-
-    def _hand_on_rows(self, held: list[EmbeddedRows]) -> None:
-        for block in held:
             self.writer.put_rows(block)
-        held.clear()
 
     def _batch_and_model_inline(self, tick: Callable[[], None]) -> None:
         """Batcher and model on the caller's thread (a CPU device), so that tokenizing never runs beside a
@@ -488,45 +480,31 @@ class LocalPipeline:
         prepares a chunk of text here) or runs full batches. It prepares while input is at hand and less
         than max_pending_tokens is waiting, then runs every full batch: switching between the two costs
         ~0.5 ms each way on a CPU (caches, the forward's OpenMP team), so it switches every few batches,
-        not every batch. The rows of a run of batches go to the writer when the run ends: its thread, woken
-        beside a forward, took a core from the forward's OpenMP team (~5 ms per 1024 captions, measured).
-        With nothing at hand, what is waiting runs once it is worth a forward (or has waited
-        idle_flush_seconds), else it waits briefly for either queue. `tick` on every turn."""
-        held: list[EmbeddedRows] = []
-        try:
-            self._inline_turns(tick, held)
-        finally:
-            if self.writer.failure is None:
-                self._hand_on_rows(held)  # also after a failure: what was embedded is committed
-
-    def _inline_turns(self, tick: Callable[[], None], held: list[EmbeddedRows]) -> None:
+        not every batch. The writer has no thread here (the pipeline does not start it): its work runs on
+        this thread too, as each batch's rows are handed to it. With nothing at hand, what is waiting runs
+        once it is worth a forward (or has waited idle_flush_seconds), else it waits briefly for either
+        queue. `tick` on every turn."""
         batches = Batches(self.budget, bool(getattr(self.encoder, "packed", False)), self.max_pending_tokens)
         full: list[list[PreparedEntry]] = []
-        full_tokens = 0
         running = False  # running full batches until none is left
         decoders_done = 0
         text_done = False
         last_item = time.monotonic()
 
         def batch(entries: list[PreparedEntry]) -> bool:
-            nonlocal full_tokens
-            ready = batches.add_all(entries)
-            full.extend(ready)
-            full_tokens += sum(w.num_tokens for group in ready for w in group)
+            full.extend(batches.add_all(entries))
             return True
 
         while not self._stop.is_set():
             tick()
             if full and not running:
                 at_hand = not self._ready_q.empty() or (not text_done and not self._text_q.empty())
-                running = not at_hand or full_tokens + batches.pending_tokens >= self.max_pending_tokens
+                held = batches.pending_tokens + sum(w.num_tokens for group in full for w in group)
+                running = not at_hand or held >= self.max_pending_tokens
             if running:
                 group = full.pop(0)
-                full_tokens -= sum(w.num_tokens for w in group)
                 running = bool(full)
-                self._forward(group, held)
-                if not running:
-                    self._hand_on_rows(held)
+                self._forward(group)
                 continue
             try:
                 msg = self._ready_q.get_nowait()
@@ -548,10 +526,9 @@ class LocalPipeline:
                 if full:
                     continue  # nothing at hand after all: the next turn runs them
                 if text_done and decoders_done == len(self._decoders):
-                    batch_all = batches.flush()
-                    if not batch_all:
+                    full += batches.flush()
+                    if not full:
                         return
-                    full += batch_all
                 elif batches.pending_tokens >= self.early_batch_tokens or (
                         batches.pending_tokens and time.monotonic() - last_item > self.idle_flush_seconds):
                     full += batches.flush()  # work-conserving, as in _batch

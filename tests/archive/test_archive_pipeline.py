@@ -425,10 +425,11 @@ def test_commit_seconds_and_a_failing_disk(tmp_path: Path, monkeypatch: pytest.M
     assert np.array_equal(np.stack([rows[f"i{i}"]["embedding"] for i in range(300)]), FakeEncoder().encode(texts))
 
 
-def test_cpu_job_holds_at_most_the_pending_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("stall", [False, True])
+def test_cpu_job_holds_at_most_the_pending_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stall: bool) -> None:
     """On a CPU device the caller's thread prepares while input is at hand and runs batches once
     max_pending_tokens wait: tokens prepared but not yet embedded never exceed that bound plus one text
-    chunk, with a feeder that stalls now and then (early batches) as well as one that never does."""
+    chunk, with a feeder that never stalls and with one that stalls now and then (early batches)."""
     import time as time_mod
 
     import wave_rt.archive.job as job
@@ -449,27 +450,26 @@ def test_cpu_job_holds_at_most_the_pending_bound(tmp_path: Path, monkeypatch: py
                 time_mod.sleep(0.002)
             yield item
 
+    if stall:
+        monkeypatch.setattr(job, "pending_items", stalling)
     texts = _texts(600)
     longest = max(2 + len(t) // 4 for t in texts)
-    for stall in (False, True):
-        if stall:
-            monkeypatch.setattr(job, "pending_items", stalling)
-        enc = FakeEncoder()
-        outstanding, peak = [0], [0]
-        orig_prepare, orig_embed = enc.prepare, enc.embed_prepared
+    enc = FakeEncoder()
+    outstanding, peak = [0], [0]
+    orig_prepare, orig_embed = enc.prepare, enc.embed_prepared
 
-        def prepare(item, instruction=None, index=None):  # noqa: ANN001, ANN202
-            out = orig_prepare(item, instruction, index)
-            outstanding[0] += out.num_tokens
-            peak[0] = max(peak[0], outstanding[0])
-            return out
+    def prepare(item, instruction=None, index=None):  # noqa: ANN001, ANN202
+        out = orig_prepare(item, instruction, index)
+        outstanding[0] += out.num_tokens
+        peak[0] = max(peak[0], outstanding[0])
+        return out
 
-        def embed(batch, normalize=True):  # noqa: ANN001, ANN202
-            outstanding[0] -= sum(p.num_tokens for p in batch)
-            return orig_embed(batch, normalize)
+    def embed(batch, normalize=True):  # noqa: ANN001, ANN202
+        outstanding[0] -= sum(p.num_tokens for p in batch)
+        return orig_embed(batch, normalize)
 
-        enc.prepare, enc.embed_prepared = prepare, embed  # type: ignore[method-assign]
-        s = embed_archive(_manifest(tmp_path / f"m{stall}.jsonl", texts), tmp_path / f"out{stall}", model=enc,
-                          max_batch_tokens=120, progress=False)
-        assert s.embedded == 600 and outstanding[0] == 0
-        assert 300 <= peak[0] <= 300 + TEXT_CHUNK * longest
+    enc.prepare, enc.embed_prepared = prepare, embed  # type: ignore[method-assign]
+    s = embed_archive(_manifest(tmp_path / "m.jsonl", texts), tmp_path / "out", model=enc, max_batch_tokens=120,
+                      progress=False)
+    assert s.embedded == 600 and outstanding[0] == 0
+    assert 300 <= peak[0] <= 300 + TEXT_CHUNK * longest

@@ -324,22 +324,34 @@ class GpuSampler:
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-def measure(kind: str, manifest: Path, encoder: Any, args: argparse.Namespace, work: Path,
-            facts: DecoderShape | None, peak: float | None) -> list[dict[str, Any]]:
-    from stagebench import bench_archive, sample_items
+@dataclass
+class Pairs:
+    """Alternating runs on the same items: the stages one after another (stagebench), then the whole job."""
+
+    stage_runs: dict[str, list[float]]  # seconds per stage, one entry per repeat
+    e2e: list[float]  # the whole embed_archive call per repeat: scan, embedding and the final shard commit
+    report: Any  # the last repeat's stagebench report
+    gpu: dict[str, Any]  # GPU utilization during the last repeat's job
+
+    @property
+    def serial_runs(self) -> list[float]:
+        return [sum(self.stage_runs[s][r] for s in STAGES) for r in range(len(self.e2e))]
+
+
+def run_pairs(kind: str, manifest: Path, items: list[Any], encoder: Any, args: argparse.Namespace, work: Path,
+              repeats: int, min_seconds: float) -> Pairs:
+    """`repeats` pairs, more where a job is shorter than `min_seconds` (like timeit's autorange: a short job's
+    ratio is noisy on a shared machine). The stages and the job alternate, so that a slow spell of the machine
+    (a shared VM's neighbours, clocks) lands on both sides of the ratio instead of on whichever ran during it."""
+    from stagebench import bench_archive
 
     from wave_rt.archive.job import embed_archive
 
-    items = sample_items(manifest, 10**9)
     budget = args.max_batch_tokens or encoder.default_max_batch_tokens
     stage_runs: dict[str, list[float]] = {s: [] for s in STAGES}
-    parallel: dict[str, int] = {}
-    report = None
     e2e: list[float] = []
+    report: Any = None
     gpu: dict[str, Any] = {}
-    # The serial stages and the job alternate, so that a slow spell of the machine (a shared VM's neighbours,
-    # clocks) lands on both sides of the ratio instead of on whichever ran during it.
-    repeats = args.repeats
     r = 0
     while r < repeats:
         report = bench_archive(manifest, encoder=encoder, items=items, max_batch_tokens=budget, workers=args.workers,
@@ -348,7 +360,6 @@ def measure(kind: str, manifest: Path, encoder: Any, args: argparse.Namespace, w
             raise RuntimeError(f"{kind}: {report.failed} items failed to decode")
         for s in STAGES:
             stage_runs[s].append(report.stages[s].seconds)
-            parallel[s] = report.stages[s].parallel
         out = work / f"out-{kind}-{r}"
         with GpuSampler() as sampler:
             t0 = time.perf_counter()
@@ -358,14 +369,25 @@ def measure(kind: str, manifest: Path, encoder: Any, args: argparse.Namespace, w
         if summary.embedded != report.sample or summary.failed:
             raise RuntimeError(f"{kind}: the job embedded {summary.embedded} of {report.sample} items "
                                f"({summary.failed} failed)")
-        e2e.append(wall)  # the whole call: scan, embedding and the final shard commit
-        if r == 0 and args.min_seconds > 0:
-            # a short job gets more pairs (like timeit's autorange): its ratio is noisy on a shared machine
-            repeats = max(args.repeats, min(60, math.ceil(args.min_seconds / wall)))
-        gpu = sampler.summary()  # of the last repeat
+        e2e.append(wall)
+        if r == 0 and min_seconds > 0:
+            repeats = max(repeats, min(60, math.ceil(min_seconds / wall)))
+        gpu = sampler.summary()
         shutil.rmtree(out, ignore_errors=True)
         r += 1
-    assert report is not None
+    return Pairs(stage_runs, e2e, report, gpu)
+
+
+def measure(kind: str, manifest: Path, encoder: Any, args: argparse.Namespace, work: Path,
+            facts: DecoderShape | None, peak: float | None) -> list[dict[str, Any]]:
+    from stagebench import sample_items
+
+    items = sample_items(manifest, 10**9)
+    budget = args.max_batch_tokens or encoder.default_max_batch_tokens
+    pairs = run_pairs(kind, manifest, items, encoder, args, work, args.repeats, args.min_seconds)
+    stage_runs, e2e, report, gpu = pairs.stage_runs, pairs.e2e, pairs.report, pairs.gpu
+    repeats = len(e2e)
+    parallel = {s: report.stages[s].parallel for s in STAGES}
     n = report.sample
     tokens = list(report.tokens)
 
@@ -373,7 +395,7 @@ def measure(kind: str, manifest: Path, encoder: Any, args: argparse.Namespace, w
     t_e2e = statistics.median(e2e)
     rate = n / t_e2e
     serial = n / sum(med.values())
-    serial_runs = [sum(stage_runs[s][r] for s in STAGES) for r in range(repeats)]
+    serial_runs = pairs.serial_runs
     paired = [a / b for a, b in zip(serial_runs, e2e)]
     media_s = report.media_seconds
     extra: dict[str, Any] = {"items": n, "tokens": sum(tokens), "tokens_per_item_mean": sum(tokens) / n,
@@ -430,26 +452,12 @@ def fixed_cost(manifest: Path, encoder: Any, args: argparse.Namespace, work: Pat
     """The job's fixed cost: a job of the first `items` captions against its stages run one after another
     (serial and job alternate; 3x --repeats pairs, each small). What is left is what every job pays once:
     the source scan, the manifest and journal writes, threads, the final commit."""
-    from stagebench import bench_archive, sample_items
-
-    from wave_rt.archive.job import embed_archive
+    from stagebench import sample_items
 
     small = work / "text-fixed.jsonl"
     small.write_text("".join(manifest.read_text().splitlines(keepends=True)[:items]))
-    chosen = sample_items(small, items)
-    budget = args.max_batch_tokens or encoder.default_max_batch_tokens
-    serial, e2e = [], []
-    for r in range(3 * args.repeats):
-        report = bench_archive(small, encoder=encoder, items=chosen, max_batch_tokens=budget, workers=args.workers,
-                               run_pipeline=False)
-        serial.append(sum(report.stages[s].seconds for s in STAGES))
-        out = work / f"out-fixed-{r}"
-        t0 = time.perf_counter()
-        summary = embed_archive(small, out, model=encoder, max_batch_tokens=budget, workers=args.workers, progress=False)
-        e2e.append(time.perf_counter() - t0)
-        shutil.rmtree(out, ignore_errors=True)
-        if summary.embedded != len(chosen):
-            raise RuntimeError(f"the fixed-cost job embedded {summary.embedded} of {len(chosen)} captions")
+    pairs = run_pairs("text-fixed", small, sample_items(small, items), encoder, args, work, 3 * args.repeats, 0.0)
+    serial, e2e = pairs.serial_runs, pairs.e2e
     fixed_ms = statistics.median([1000 * (a - b) for a, b in zip(e2e, serial)])
     print(f"text   fixed per-job cost: {fixed_ms:.1f} ms ({items} captions: job {1000 * statistics.median(e2e):.1f} ms, "
           f"stages {1000 * statistics.median(serial):.1f} ms)", flush=True)

@@ -76,21 +76,23 @@ class ArchiveWriter:
         self._thread.start()
         return self
 
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise WriterFailed(f"the archive writer stopped: {self._failure}") from self._failure
+
     def _put(self, msg: object) -> None:
         if not self._threaded:
             with self._lock:
-                if self._failure is not None:
-                    raise WriterFailed(f"the archive writer stopped: {self._failure}") from self._failure
+                self._raise_if_failed()
                 try:
                     self._handle(msg)
                 except BaseException as exc:
                     self._failure = exc
                     log.error("archive writer failed: %s", exc)
-                    raise WriterFailed(f"the archive writer stopped: {exc}") from exc
+                    self._raise_if_failed()
             return
         while True:
-            if self._failure is not None:
-                raise WriterFailed(f"the archive writer stopped: {self._failure}") from self._failure
+            self._raise_if_failed()
             try:
                 self._q.put(msg, timeout=0.2)
                 return
@@ -119,9 +121,9 @@ class ArchiveWriter:
                 pass
             self._thread.join()
         if self._failure is None:
-            # The last commit runs on the caller's thread (with or without the writer thread), which on a CPU device ran the forwards: their
-            # OpenMP team spins on the cores for a while after the last one, and the same commit on another
-            # thread took ~8x longer then (measured: 40 vs 5 ms for 1024 rows, demo model, 2 cores).
+            # The last commit runs on the caller's thread, with or without the writer thread: on a CPU device
+            # that thread ran the forwards, whose OpenMP team spins on the cores for a while after the last
+            # one, and the same commit on another thread took ~8x longer then (40 vs 5 ms for 1024 rows).
             try:
                 self._commit_all()
             except BaseException as exc:  # noqa: BLE001 - re-raised below as WriterFailed, like the thread's
@@ -129,8 +131,7 @@ class ArchiveWriter:
                 log.error("archive writer failed: %s", exc)
         self.journal.close()
         self.errors.close()
-        if self._failure is not None:
-            raise WriterFailed(f"the archive writer stopped: {self._failure}") from self._failure
+        self._raise_if_failed()
 
     @property
     def failure(self) -> BaseException | None:

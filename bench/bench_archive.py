@@ -2,8 +2,9 @@
 
 For each workload (texts, audio clips, silent videos, audio-visual clips, generated here with PyAV and
 soundfile) it measures, on the same items:
-  - each stage alone (bench/stagebench.py: decode, preprocess = features + tokens, model =
-    token-budget batches, device-synchronized, write = one Parquet shard), median of --repeats;
+  - each stage alone (bench/stagebench.py: read = the manifest parsed into items, decode, preprocess =
+    features + tokens, model = token-budget batches, device-synchronized, write = the rows and one Parquet
+    shard), median of --repeats;
   - the whole job end to end (embed_archive, local engine: stages overlapped), median of the repeats
     (--repeats, more where a job is shorter than --min-seconds; each repeat runs the stages, then the job,
     so machine drift falls on both sides of the ratio; the rows also give the median of the per-repeat
@@ -55,7 +56,7 @@ from harness import device_name, row, write_result  # noqa: E402
 
 from wave_rt.model.flops import DecoderShape, decoder_flops, measure_gemm_tflops  # noqa: E402
 
-STAGES = ("decode", "preprocess", "model", "write")
+STAGES = ("read", "decode", "preprocess", "model", "write")
 
 
 # ---------------------------------------------------------------------------------------------- workloads
@@ -354,8 +355,9 @@ def run_pairs(kind: str, manifest: Path, items: list[Any], encoder: Any, args: a
     gpu: dict[str, Any] = {}
     r = 0
     while r < repeats:
-        report = bench_archive(manifest, encoder=encoder, items=items, max_batch_tokens=budget, workers=args.workers,
-                               run_pipeline=False)
+        # the stages read the manifest too (timed: the job reads it), the same items as `items`
+        report = bench_archive(manifest, encoder=encoder, sample=len(items), max_batch_tokens=budget,
+                               workers=args.workers, run_pipeline=False)
         if report.failed:
             raise RuntimeError(f"{kind}: {report.failed} items failed to decode")
         for s in STAGES:

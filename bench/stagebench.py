@@ -4,10 +4,11 @@ million-item run:
     python bench/stagebench.py SOURCE [--sample N] [--model PATH] [--device DEV] [--dtype ...] [--json FILE]
 
 Stages, each timed alone over the same first N items of SOURCE (after one untimed warm-up item):
+  read        the source's rows or files -> items (the manifest parsed, as the job reads it)
   decode      open + demux + decode the media (wave_rt.media loaders with the model's settings)
   preprocess  features and tokens: encoder.prepare() minus the decode time of the same item
   model       embed_prepared over token-budget batches (device-synchronized)
-  write       one Parquet shard of the sample's rows (temp dir, fsync, rename)
+  write       the sample's rows and one Parquet shard of them (temp dir, fsync, rename)
 then the whole job end to end (the local engine, stages overlapped) on the same sample. A stage's
 ceiling is items / (seconds / parallel workers); the lowest ceiling is the bottleneck.
 """
@@ -136,14 +137,17 @@ def bench_archive(source: Any, model: Any = None, sample: int = 64, instruction:
                   modality: str = "auto", device: Any = None, dtype: Any = None, max_batch_tokens: int | None = None,
                   workers: int | None = None, encoder: Any = None, items: list[SourceEntry] | None = None,
                   run_pipeline: bool = True) -> StageReport:
-    """Measure the stages on the first `sample` items of `source` (or on `items`)."""
+    """Measure the stages on the first `sample` items of `source` (or on `items`, already read: then the
+    report has no "read" stage)."""
     from wave_rt.archive.job import load_encoder
     from wave_rt.archive.options import JobOptions
     from wave_rt.embed.batching import plan_batches
 
     if sample <= 0:
         raise ValueError("sample must be positive")
+    t0 = time.perf_counter()
     chosen = items if items is not None else sample_items(source, sample, modality)
+    t_read = time.perf_counter() - t0
     if not chosen:
         raise ValueError(f"{source}: no items to benchmark")
     opts = JobOptions(instruction=instruction, modality=modality, device=device, dtype=dtype,
@@ -197,6 +201,8 @@ def bench_archive(source: Any, model: Any = None, sample: int = 64, instruction:
     n = len(prepared)
     if n == 0:
         raise ValueError(f"{source}: every sampled item failed to decode")
+    if items is None:
+        report.stages["read"] = StageTime(t_read, n, 1)
     report.stages["decode"] = StageTime(t_decode, n, n_workers)
     report.stages["preprocess"] = StageTime(t_prep, n, n_workers)
 
@@ -209,11 +215,15 @@ def bench_archive(source: Any, model: Any = None, sample: int = 64, instruction:
     _sync(enc)
     report.stages["model"] = StageTime(time.perf_counter() - t0, n, 1)
 
-    rows = [ShardRow(s.id, s.path, m, None if p.duration is None else float(p.duration), s.text, instruction)
-            for (s, m), p in zip(kept, prepared)]
     with tempfile.TemporaryDirectory(prefix="wave-rt-bench-") as tmp:
-        write_shard(tmp, 99999, rows[:1], vectors[:1], int(enc.dim), "float32")  # warm-up: Parquet/zstd init
+        s0, m0 = kept[0]
+        write_shard(tmp, 99999, [ShardRow(s0.id, s0.path, m0, None, s0.text, instruction)], vectors[:1], int(enc.dim),
+                    "float32")  # warm-up: Parquet/zstd init
         t0 = time.perf_counter()
+        # the rows are built here, as the job builds them per batch
+        rows = [ShardRow(s.id, s.path, m, None if p.duration is None else float(p.duration), s.text,
+                         None if m == "text" else (s.instruction if s.instruction is not None else instruction))
+                for (s, m), p in zip(kept, prepared)]
         write_shard(tmp, 0, rows, vectors, int(enc.dim), "float32")
         report.stages["write"] = StageTime(time.perf_counter() - t0, n, 1)
 

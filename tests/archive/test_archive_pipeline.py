@@ -53,6 +53,25 @@ def test_archive_pipeline_runner_lowers_then_regrows_cap() -> None:
     assert max(enc.calls[:-4]) * 12 <= 100  # every successful batch under the OOM threshold
 
 
+@pytest.mark.parametrize("oom_above", [None, 150])
+def test_runner_block_keeps_input_order_around_failures(oom_above: int | None) -> None:
+    """run_block's array is the successful items' vectors in input order, whatever order the forwards ran
+    in (longest first, halves after an out-of-memory split) and whichever items failed; run() agrees."""
+    texts = _texts(33)
+    for i in (0, 9, 32):
+        texts[i] = f"poison {i}"
+    enc = FakeEncoder(oom_above=oom_above, fail_on={texts[0], texts[9], texts[32]})
+    items = [enc.prepare(t) for t in texts]
+    emb, good, failed = ModelRunner(enc, max_batch_tokens=10_000).run_block(items)
+    assert good == [i for i in range(33) if i not in (0, 9, 32)] and sorted(failed) == [0, 9, 32]
+    assert emb.dtype == np.float32 and np.array_equal(emb, FakeEncoder().encode([texts[i] for i in good]))
+    ok, failed2 = ModelRunner(FakeEncoder(oom_above=oom_above, fail_on=enc.fail_on), max_batch_tokens=10_000).run(items)
+    assert sorted(ok) == good and sorted(failed2) == [0, 9, 32]
+    assert all(np.array_equal(ok[i], emb[j]) for j, i in enumerate(good))
+    none_ok, _, all_failed = ModelRunner(enc, max_batch_tokens=10_000).run_block([items[0], items[9]])
+    assert none_ok.size == 0 and sorted(all_failed) == [0, 1]
+
+
 def test_archive_pipeline_single_item_oom_is_retryable(tmp_path: Path) -> None:
     texts = ["short", "z" * 1200, "also short"]  # the long one is 302 tokens: over the OOM threshold alone
     src = _manifest(tmp_path / "m.jsonl", texts)
@@ -473,3 +492,54 @@ def test_cpu_job_holds_at_most_the_pending_bound(tmp_path: Path, monkeypatch: py
                       progress=False)
     assert s.embedded == 600 and outstanding[0] == 0
     assert 300 <= peak[0] <= 300 + TEXT_CHUNK * longest
+
+
+@pytest.mark.parametrize("media_first", [False, True])
+def test_cpu_text_window(tmp_path: Path, media_first: bool) -> None:
+    """A text-only CPU job prepares TEXT_WINDOW_BATCHES budgets of tokens between runs of forwards (each switch
+    costs the work after it its caches), so it switches a few times, not every few batches; once a media item
+    has come, the usual max_pending_tokens bound holds (media features are large)."""
+    from wave_rt.archive.pipeline import TEXT_CHUNK, TEXT_WINDOW_BATCHES
+
+    budget = 600  # the two bounds differ by more than a text chunk's tokens
+    texts = _texts(1500)
+    longest = max(2 + len(t) // 4 for t in texts)
+    rows = [{"id": f"i{i}", "text": t} for i, t in enumerate(texts)]
+    if media_first:
+        clip = tmp_path / "clip.wav"
+        clip.write_bytes(b"\0" * 1000)  # the fake encoder reads only the size
+        rows.insert(0, {"id": "clip", "path": str(clip)})
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    enc = FakeEncoder()
+    outstanding, peak, phases, last = [0], [0], [0], ["prepare"]
+    orig_prepare, orig_embed = enc.prepare, enc.embed_prepared
+
+    def prepare(item, instruction=None, index=None):  # noqa: ANN001, ANN202
+        out = orig_prepare(item, instruction, index)
+        outstanding[0] += out.num_tokens
+        peak[0] = max(peak[0], outstanding[0])
+        last[0] = "prepare"
+        return out
+
+    def embed(batch, normalize=True):  # noqa: ANN001, ANN202
+        if last[0] == "prepare":
+            phases[0] += 1
+        last[0] = "forward"
+        outstanding[0] -= sum(p.num_tokens for p in batch)
+        return orig_embed(batch, normalize)
+
+    enc.prepare, enc.embed_prepared = prepare, embed  # type: ignore[method-assign]
+    s = embed_archive(manifest, tmp_path / "out", model=enc, max_batch_tokens=budget, decode="threads", progress=False)
+    assert s.embedded == len(rows) and outstanding[0] == 0
+    total = sum(2 + len(t) // 4 for t in texts)
+    slack = TEXT_CHUNK * longest
+    if media_first:
+        assert peak[0] <= 4 * budget + slack + 60  # the usual bound, plus the clip's tokens (8 + size % 50)
+    else:
+        window = TEXT_WINDOW_BATCHES * budget
+        assert window <= peak[0] <= window + slack
+        assert phases[0] <= total // window + 2
+    embedded = read_archive(tmp_path / "out")
+    assert np.array_equal(np.stack([embedded[f"i{i}"]["embedding"] for i in range(len(texts))]),
+                          FakeEncoder().encode(texts))

@@ -25,7 +25,7 @@ def test_archive_stagebench_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -
     report_path = tmp_path / "report.json"
     assert run([str(media), "--sample", "50", "--json", str(report_path)]) == 0
     table = capsys.readouterr().out
-    for stage in ("decode", "preprocess", "model", "write"):
+    for stage in ("read", "decode", "preprocess", "model", "write"):
         assert f"  {stage} " in table
     assert table.count("<- bottleneck") == 1 and "end to end (overlapped)" in table
 
@@ -33,7 +33,7 @@ def test_archive_stagebench_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert rep["sample"] == len(GOOD_MEDIA) + len(BAD_MEDIA) and rep["failed"] == len(BAD_MEDIA)
     assert rep["modalities"] == {"audio": 5, "av": 1, "video": 1}
     assert len(rep["tokens"]) == len(GOOD_MEDIA) and min(rep["tokens"]) > 0
-    assert set(rep["stages"]) == {"decode", "preprocess", "model", "write"}
+    assert list(rep["stages"]) == ["read", "decode", "preprocess", "model", "write"]
     for name, st in rep["stages"].items():
         assert st["items"] == len(GOOD_MEDIA) and st["seconds"] >= 0, name
     assert rep["stages"]["decode"]["seconds"] > 0 and rep["stages"]["model"]["seconds"] > 0

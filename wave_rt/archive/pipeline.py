@@ -29,13 +29,13 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from wave_rt.archive.journal import ErrorRecord
@@ -70,21 +70,31 @@ CHUNK_SECONDS = 0.02  # ... or fewer, when preparing them takes longer than this
 # started once the job's first media item has waited this long, so a job whose media the threads finish
 # sooner never pays the pool's start-up (~3 s of a core: spawn, import torch, build the processor).
 POOL_START_AFTER = 1.0
+# On a CPU device a text-only stretch of a job prepares up to this many batches' worth of tokens before it runs
+# them (media: max_pending_tokens, 4 batches): each switch between preparing and running costs the work after
+# it its caches and the forward's OpenMP team (measured, 1024 captions, demo model, 2 cores: the job's work
+# outside the forwards took 69 ms interleaved with real forwards against 58 ms with a no-op model; a window
+# of 16 batches instead of 4 cut the job's lag behind its serial stages by ~6 ms of ~20). Prepared text is
+# small (token ids and positions, well under 1 KB per caption), so the window costs a few MB.
+TEXT_WINDOW_BATCHES = 16
 
 
 def embed_prepared_entries(runner: ModelRunner, items: list[PreparedEntry]) -> tuple[EmbeddedRows | None, list[ErrorRecord]]:
     """One batch of prepared entries -> (embedded rows for the writer, error records)."""
-    ok, failed = runner.run([w.prepared for w in items])
+    emb, good, failed = runner.run_block([w.prepared for w in items])
     errors = [error_record(items[i].src, "model", exc, retryable=True) for i, exc in sorted(failed.items())]
-    good = [i for i in range(len(items)) if i in ok]
     if not good:
         return None, errors
-    rows = [items[i].row() for i in good]
-    emb = np.stack([ok[i] for i in good]).astype(np.float32, copy=False)
-    tokens = sum(items[i].num_tokens for i in good)
-    audio = sum(float(items[i].prepared.duration or 0.0) for i in good if items[i].modality in ("audio", "av"))
-    video = sum(float(items[i].prepared.duration or 0.0) for i in good if items[i].modality in ("video", "av"))
-    return EmbeddedRows(rows, emb, tokens, audio, video), errors
+    kept = items if len(good) == len(items) else [items[i] for i in good]
+    tokens = 0
+    audio = video = 0.0
+    for w in kept:
+        tokens += w.num_tokens
+        if w.modality != "text":
+            seconds = float(w.prepared.duration or 0.0)
+            audio += seconds if w.modality in ("audio", "av") else 0.0
+            video += seconds if w.modality in ("video", "av") else 0.0
+    return EmbeddedRows([w.row() for w in kept], emb, tokens, audio, video), errors
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -126,6 +136,28 @@ class Batches:
         groups = [[self._waiting.pop(k) for k in keys] for keys in key_batches]
         self.pending_tokens -= sum(w.num_tokens for g in groups for w in g)
         return groups
+
+
+class _FullBatches:
+    """Batches ready to run, oldest first, and the tokens they hold (read on every turn of the inline loop)."""
+
+    def __init__(self) -> None:
+        self._groups: deque[tuple[list[PreparedEntry], int]] = deque()
+        self.tokens = 0
+
+    def extend(self, groups: list[list[PreparedEntry]]) -> None:
+        for group in groups:
+            n = sum(w.num_tokens for w in group)
+            self._groups.append((group, n))
+            self.tokens += n
+
+    def pop(self) -> list[PreparedEntry]:
+        group, n = self._groups.popleft()
+        self.tokens -= n
+        return group
+
+    def __bool__(self) -> bool:
+        return bool(self._groups)
 
 
 @dataclass
@@ -172,6 +204,9 @@ class LocalPipeline:
         self._text_q: queue.Queue = queue.Queue(maxsize=16)  # chunks the feeder parses ahead
         self._decoders: list[threading.Thread] = []
         self.max_pending_tokens = max_pending_tokens or 4 * self.budget
+        # the inline loop's bound while no media item has come (see TEXT_WINDOW_BATCHES); a bound the caller
+        # sets holds for text too
+        self.text_pending_tokens = max_pending_tokens or TEXT_WINDOW_BATCHES * self.budget
         self.idle_flush_seconds = idle_flush_seconds
         self.probe = probe
         self.decode = options.decode
@@ -478,14 +513,14 @@ class LocalPipeline:
         """Batcher and model on the caller's thread (a CPU device), so that tokenizing never runs beside a
         forward. Each turn it either prepares (batches the media items the decode threads have ready, else
         prepares a chunk of text here) or runs full batches. It prepares while input is at hand and less
-        than max_pending_tokens is waiting, then runs every full batch: switching between the two costs
-        ~0.5 ms each way on a CPU (caches, the forward's OpenMP team), so it switches every few batches,
-        not every batch. The writer has no thread here (the pipeline does not start it): its work runs on
-        this thread too, as each batch's rows are handed to it. With nothing at hand, what is waiting runs
+        than max_pending_tokens is waiting (text_pending_tokens while the job has seen only text), then runs
+        every full batch: switching between the two costs the work after it its caches and the forward's
+        OpenMP team, so it switches every few batches, not every batch. The writer has no thread here (the
+        pipeline does not start it): its work runs on this thread too, as each batch's rows are handed to it. With nothing at hand, what is waiting runs
         once it is worth a forward (or has waited idle_flush_seconds), else it waits briefly for either
         queue. `tick` on every turn."""
         batches = Batches(self.budget, bool(getattr(self.encoder, "packed", False)), self.max_pending_tokens)
-        full: list[list[PreparedEntry]] = []
+        full = _FullBatches()
         running = False  # running full batches until none is left
         decoders_done = 0
         text_done = False
@@ -497,12 +532,14 @@ class LocalPipeline:
 
         while not self._stop.is_set():
             tick()
+            # text only so far: the longer window (fewer switches); from the first media item, the usual bound
+            limit = batches.max_pending_tokens = self.max_pending_tokens if self._decoders else self.text_pending_tokens
             if full and not running:
                 at_hand = not self._ready_q.empty() or (not text_done and not self._text_q.empty())
-                held = batches.pending_tokens + sum(w.num_tokens for group in full for w in group)
-                running = not at_hand or held >= self.max_pending_tokens
+                held = batches.pending_tokens + full.tokens
+                running = not at_hand or held >= limit
             if running:
-                group = full.pop(0)
+                group = full.pop()
                 running = bool(full)
                 self._forward(group)
                 continue
@@ -526,12 +563,12 @@ class LocalPipeline:
                 if full:
                     continue  # nothing at hand after all: the next turn runs them
                 if text_done and decoders_done == len(self._decoders):
-                    full += batches.flush()
+                    full.extend(batches.flush())
                     if not full:
                         return
                 elif batches.pending_tokens >= self.early_batch_tokens or (
                         batches.pending_tokens and time.monotonic() - last_item > self.idle_flush_seconds):
-                    full += batches.flush()  # work-conserving, as in _batch
+                    full.extend(batches.flush())  # work-conserving, as in _batch
                 elif text_done:
                     msg = self._get(self._ready_q, timeout=0.005)
                 elif batches.pending_tokens:

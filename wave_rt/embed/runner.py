@@ -40,11 +40,22 @@ class ModelRunner:
 
     def run(self, prepared: list[Any]) -> tuple[dict[int, np.ndarray], dict[int, BaseException]]:
         """Embed a batch; returns ({index: embedding}, {index: exception}) covering every index."""
-        ok: dict[int, np.ndarray] = {}
+        emb, good, failed = self.run_block(prepared)
+        return {i: emb[j] for j, i in enumerate(good)}, failed
+
+    def run_block(self, prepared: list[Any]) -> tuple[np.ndarray, list[int], dict[int, BaseException]]:
+        """Embed a batch; returns (float32 [len(good), dim] in input order, the indices that succeeded in
+        ascending order, {index: exception}); `good` and the exceptions cover every index. The archive's
+        form: one array per batch, not a vector per item to stack again."""
+        out: list[np.ndarray] = []  # the [n, dim] result, made by the first forward that succeeds
+        done = np.zeros(len(prepared), dtype=bool)
         failed: dict[int, BaseException] = {}
         order = sorted(range(len(prepared)), key=lambda i: -int(prepared[i].num_tokens))
-        self._run(prepared, order, ok, failed)
-        return ok, failed
+        self._run(prepared, order, out, done, failed)
+        good = np.flatnonzero(done)
+        if not out:
+            return np.empty((0, 0), np.float32), [], failed
+        return (out[0] if len(good) == len(prepared) else out[0][good]), good.tolist(), failed
 
     def _padded(self, prepared: list[Any], idx: list[int]) -> int:
         """Tokens the forward processes: the real tokens in a packed batch, the padded rectangle otherwise."""
@@ -52,12 +63,12 @@ class ModelRunner:
             return sum(int(prepared[i].num_tokens) for i in idx)
         return len(idx) * max(int(prepared[i].num_tokens) for i in idx)
 
-    def _run(self, prepared: list[Any], idx: list[int], ok: dict[int, np.ndarray],
+    def _run(self, prepared: list[Any], idx: list[int], out: list[np.ndarray], done: np.ndarray,
              failed: dict[int, BaseException]) -> None:
         if len(idx) > 1 and self._padded(prepared, idx) > self.cap:
             half = len(idx) // 2
-            self._run(prepared, idx[:half], ok, failed)
-            self._run(prepared, idx[half:], ok, failed)
+            self._run(prepared, idx[:half], out, done, failed)
+            self._run(prepared, idx[half:], out, done, failed)
             return
         try:
             emb = self.encoder.embed_prepared([prepared[i] for i in idx], normalize=self.normalize)
@@ -75,16 +86,16 @@ class ModelRunner:
             log.warning("out of memory on a batch of %d (%d padded tokens): splitting; token cap now %d",
                         len(idx), self._padded(prepared, idx), self.cap)
             half = len(idx) // 2
-            self._run(prepared, idx[:half], ok, failed)
-            self._run(prepared, idx[half:], ok, failed)
+            self._run(prepared, idx[:half], out, done, failed)
+            self._run(prepared, idx[half:], out, done, failed)
             return
         except Exception as exc:  # noqa: BLE001 - isolate the item that breaks the forward
             if not self.isolate_errors:
                 raise
             if len(idx) > 1:
                 half = len(idx) // 2
-                self._run(prepared, idx[:half], ok, failed)
-                self._run(prepared, idx[half:], ok, failed)
+                self._run(prepared, idx[:half], out, done, failed)
+                self._run(prepared, idx[half:], out, done, failed)
                 return
             with self._lock:
                 self._consecutive_failures += 1
@@ -95,8 +106,10 @@ class ModelRunner:
             failed[idx[0]] = exc
             return
         emb = emb.detach().to("cpu", torch.float32).numpy()
-        for j, i in enumerate(idx):
-            ok[i] = emb[j]
+        if not out:
+            out.append(np.empty((len(done), emb.shape[1]), np.float32))
+        out[0][idx] = emb
+        done[idx] = True
         with self._lock:
             self.batches += 1
             self._consecutive_failures = 0

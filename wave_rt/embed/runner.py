@@ -50,8 +50,7 @@ class ModelRunner:
         out: list[np.ndarray] = []  # the [n, dim] result, made by the first forward that succeeds
         done = np.zeros(len(prepared), dtype=bool)
         failed: dict[int, BaseException] = {}
-        order = sorted(range(len(prepared)), key=lambda i: -int(prepared[i].num_tokens))
-        self._run(prepared, order, out, done, failed)
+        self._run(prepared, list(range(len(prepared))), out, done, failed)
         good = np.flatnonzero(done)
         if not out:
             return np.empty((0, 0), np.float32), [], failed
@@ -63,12 +62,19 @@ class ModelRunner:
             return sum(int(prepared[i].num_tokens) for i in idx)
         return len(idx) * max(int(prepared[i].num_tokens) for i in idx)
 
+    def _split(self, prepared: list[Any], idx: list[int], out: list[np.ndarray], done: np.ndarray,
+               failed: dict[int, BaseException]) -> None:
+        """The two halves of a batch by length (longest first), so that each half's padding stays small;
+        a batch that is not split runs in its own order (a forward does not care)."""
+        order = sorted(idx, key=lambda i: -int(prepared[i].num_tokens))
+        half = len(order) // 2
+        self._run(prepared, order[:half], out, done, failed)
+        self._run(prepared, order[half:], out, done, failed)
+
     def _run(self, prepared: list[Any], idx: list[int], out: list[np.ndarray], done: np.ndarray,
              failed: dict[int, BaseException]) -> None:
         if len(idx) > 1 and self._padded(prepared, idx) > self.cap:
-            half = len(idx) // 2
-            self._run(prepared, idx[:half], out, done, failed)
-            self._run(prepared, idx[half:], out, done, failed)
+            self._split(prepared, idx, out, done, failed)
             return
         try:
             emb = self.encoder.embed_prepared([prepared[i] for i in idx], normalize=self.normalize)
@@ -85,17 +91,13 @@ class ModelRunner:
                 return
             log.warning("out of memory on a batch of %d (%d padded tokens): splitting; token cap now %d",
                         len(idx), self._padded(prepared, idx), self.cap)
-            half = len(idx) // 2
-            self._run(prepared, idx[:half], out, done, failed)
-            self._run(prepared, idx[half:], out, done, failed)
+            self._split(prepared, idx, out, done, failed)
             return
         except Exception as exc:  # noqa: BLE001 - isolate the item that breaks the forward
             if not self.isolate_errors:
                 raise
             if len(idx) > 1:
-                half = len(idx) // 2
-                self._run(prepared, idx[:half], out, done, failed)
-                self._run(prepared, idx[half:], out, done, failed)
+                self._split(prepared, idx, out, done, failed)
                 return
             with self._lock:
                 self._consecutive_failures += 1
@@ -106,9 +108,12 @@ class ModelRunner:
             failed[idx[0]] = exc
             return
         emb = emb.detach().to("cpu", torch.float32).numpy()
-        if not out:
-            out.append(np.empty((len(done), emb.shape[1]), np.float32))
-        out[0][idx] = emb
+        if len(idx) == len(done):
+            out.append(emb)  # the whole batch at once, in its order
+        else:
+            if not out:
+                out.append(np.empty((len(done), emb.shape[1]), np.float32))
+            out[0][idx] = emb
         done[idx] = True
         with self._lock:
             self.batches += 1

@@ -543,3 +543,80 @@ def test_cpu_text_window(tmp_path: Path, media_first: bool) -> None:
     embedded = read_archive(tmp_path / "out")
     assert np.array_equal(np.stack([embedded[f"i{i}"]["embedding"] for i in range(len(texts))]),
                           FakeEncoder().encode(texts))
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_cpu_rows_go_to_the_writer_after_each_run_of_forwards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              slow: bool) -> None:
+    """On a CPU device the forwards of a run of full batches are back to back: their rows reach the writer
+    when the run ends, or once DELIVER_AFTER_SECONDS have passed since its first forward (a slow model still
+    hands rows on as it goes)."""
+    import time as time_mod
+
+    import wave_rt.archive.pipeline as pipeline
+    from wave_rt.archive.writer import ArchiveWriter
+
+    monkeypatch.setattr(pipeline, "DELIVER_AFTER_SECONDS", 0.05 if slow else 60.0)
+    events: list[str] = []
+    real_put = ArchiveWriter.put_rows
+
+    def put_rows(self, block):  # noqa: ANN001, ANN202
+        events.append("rows")
+        return real_put(self, block)
+
+    monkeypatch.setattr(ArchiveWriter, "put_rows", put_rows)
+    enc = FakeEncoder()
+    orig = enc.embed_prepared
+
+    def embed(batch, normalize=True):  # noqa: ANN001, ANN202
+        events.append("forward")
+        if slow:
+            time_mod.sleep(0.03)
+        return orig(batch, normalize)
+
+    orig_prepare = enc.prepare
+
+    def prepare(item, instruction=None, index=None):  # noqa: ANN001, ANN202
+        events.append("prepare")
+        return orig_prepare(item, instruction, index)
+
+    enc.embed_prepared, enc.prepare = embed, prepare  # type: ignore[method-assign]
+    texts = _texts(400)
+    s = embed_archive(_manifest(tmp_path / "m.jsonl", texts), tmp_path / "out", model=enc, max_batch_tokens=100,
+                      progress=False)
+    assert s.embedded == 400
+    trace = "".join({"forward": "f", "rows": "r", "prepare": "p"}[e] for e in events)
+    runs = [run for run in trace.split("p") if "f" in run]  # runs of forwards, with the rows handed on among them
+    assert len(runs) >= 2 and trace.count("f") > 20
+    if slow:  # 0.03 s a forward, rows handed on 0.05 s after the first forward not yet handed on
+        assert max(len(stretch) for run in runs for stretch in run.split("r")) <= 2
+    else:  # every run: its forwards back to back, then its rows (the last: then the input's leftovers likewise)
+        assert all(run.endswith("r") for run in runs), trace
+        assert all(run.rstrip("r").count("r") == 0 for run in runs[:-1]), trace
+    rows = read_archive(tmp_path / "out")
+    assert np.array_equal(np.stack([rows[f"i{i}"]["embedding"] for i in range(400)]), FakeEncoder().encode(texts))
+
+
+def test_cpu_interrupted_run_keeps_the_batches_it_computed(tmp_path: Path) -> None:
+    """A KeyboardInterrupt in the middle of a run of forwards: the batches already computed still reach the
+    archive, so the resumed job embeds only the rest."""
+    enc = FakeEncoder()
+    orig = enc.embed_prepared
+    seen: list[list[float]] = []
+
+    def embed(batch, normalize=True):  # noqa: ANN001, ANN202
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        seen.append([p.num_tokens for p in batch])
+        return orig(batch, normalize)
+
+    enc.embed_prepared = embed  # type: ignore[method-assign]
+    texts = _texts(300)
+    src, out = _manifest(tmp_path / "m.jsonl", texts), tmp_path / "out"
+    s1 = embed_archive(src, out, model=enc, max_batch_tokens=100, progress=False)
+    assert s1.interrupted and not s1.complete
+    assert s1.embedded == sum(len(b) for b in seen) > 0 and len(read_archive(out)) == s1.embedded
+    s2 = embed_archive(src, out, model=FakeEncoder(), max_batch_tokens=100, progress=False)
+    assert s2.embedded == 300 - s1.embedded and s2.complete
+    rows = read_archive(out)
+    assert np.array_equal(np.stack([rows[f"i{i}"]["embedding"] for i in range(300)]), FakeEncoder().encode(texts))

@@ -108,8 +108,9 @@ def kaldi_numpy(x: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- fuzz
-def run_fuzz(n: int, seed: int) -> int:
-    """tests/media/media_fuzz.py's corpus at benchmark size: n mutated files through the loaders."""
+def run_fuzz(n: int, seed: int, write_json: bool = True) -> int:
+    """tests/media/media_fuzz.py's corpus at benchmark size: n mutated files through the loaders. Writes
+    bench/results/media_fuzz_<device>.json as it goes (every 500 inputs, marked partial until the end)."""
     import time
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "media"))
@@ -118,11 +119,37 @@ def run_fuzz(n: int, seed: int) -> int:
     report = media_fuzz.FuzzReport()
     t0 = time.perf_counter()
     seeds = media_fuzz.seed_media()
+    by_format: dict[str, int] = {}
+    by_mutation: dict[str, int] = {}
+    done = 0
+    cmd = f"python bench/bench_media.py --fuzz {n}" + (f" --fuzz-seed {seed}" if seed else "")
+
+    def save(partial: bool) -> None:
+        if not write_json:
+            return
+        typed = report.results + sum(report.media_errors.values())
+        rows = [row("fuzz: loader runs ending in a result or a typed MediaError", "loader runs", report.runs, typed,
+                    "runs", inputs=done, results=report.results, media_errors=dict(sorted(report.media_errors.items())),
+                    untyped=len(report.findings)),
+                row("fuzz: slowest loader run", "the 10 s allowed per input", 10.0, report.max_seconds, "s",
+                    higher_is_better=False, slowest=report.slowest)]
+        write_result("media_fuzz", rows, cmd, suffix="cpu" if not torch.cuda.is_available() else None, extra={
+            "inputs_planned": n, "inputs_done": done, "seed": seed, "partial": partial,
+            "elapsed_s": time.perf_counter() - t0, "by_format": dict(sorted(by_format.items())),
+            "by_mutation": dict(sorted(by_mutation.items())), "findings": report.findings[:50],
+            "limits": {"max_decode_seconds": media_fuzz.FUZZ_LIMITS.max_decode_seconds,
+                       "max_seconds": media_fuzz.FUZZ_LIMITS.max_seconds}})
+
     for case in media_fuzz.cases(n, seed=seed, seeds=seeds):
         media_fuzz.run_case(case, report)
-        if case.index and case.index % 1000 == 0:
-            print(f"  {case.index} inputs, {len(report.findings)} findings, slowest {report.max_seconds:.2f} s",
+        done += 1
+        by_format[case.fmt] = by_format.get(case.fmt, 0) + 1
+        by_mutation[case.mutation] = by_mutation.get(case.mutation, 0) + 1
+        if done % 500 == 0:
+            save(partial=done < n)
+            print(f"  {done} inputs, {len(report.findings)} findings, slowest {report.max_seconds:.2f} s",
                   flush=True)
+    save(partial=False)
     over = report.max_seconds > 10.0
     print(f"fuzz: {n} inputs (seed {seed}), {report.runs} loader runs in {time.perf_counter() - t0:.0f} s: "
           f"{report.results} results, media errors {report.media_errors}, {len(report.findings)} untyped; "

@@ -17,8 +17,9 @@ down, so the caller's thread batches, runs the model and writes, and prepares te
     feeder ──text_q──> caller's thread: text chunks prepared, batched, run, written in turns
            ──work_q──> decode workers (started at the first media item; as above) ──ready_q──> caller's thread
 
-Every queue is bounded and the batcher holds at most `max_pending_tokens` tokens, so memory stays
-flat whatever the source's length. Out-of-memory errors split the batch and lower the token cap
+Every queue is bounded and the batcher holds at most `max_pending_tokens` tokens (on a CPU device, while the
+job has seen only text, `text_pending_tokens`: see TEXT_WINDOW_BATCHES), so memory stays flat whatever the
+source's length. Out-of-memory errors split the batch and lower the token cap
 (raised again slowly after successes); an item that fails alone is reported, not fatal.
 """
 

@@ -177,6 +177,7 @@ def bench_archive(source: Any, model: Any = None, sample: int = 64, instruction:
     t_decode = t_prep = 0.0
     prepared = []
     kept: list[tuple[SourceEntry, str]] = []
+    instructions: list[str | None] = []  # what each item is embedded with, as the job records it
     for src in chosen:
         try:
             t0 = time.perf_counter()
@@ -195,6 +196,7 @@ def bench_archive(source: Any, model: Any = None, sample: int = 64, instruction:
         t_prep += max(0.0, (t2 - t1) - (t1 - tp)) if mod != "text" else (t2 - t1)
         prepared.append(p)
         kept.append((src, mod))
+        instructions.append(instr)
         report.modalities[mod] = report.modalities.get(mod, 0) + 1
         report.tokens.append(int(p.num_tokens))
         report.media_seconds += float(p.duration or 0.0)
@@ -221,9 +223,8 @@ def bench_archive(source: Any, model: Any = None, sample: int = 64, instruction:
                     "float32")  # warm-up: Parquet/zstd init
         t0 = time.perf_counter()
         # the rows are built here, as the job builds them per batch
-        rows = [ShardRow(s.id, s.path, m, None if p.duration is None else float(p.duration), s.text,
-                         None if m == "text" else (s.instruction if s.instruction is not None else instruction))
-                for (s, m), p in zip(kept, prepared)]
+        rows = [ShardRow(s.id, s.path, m, None if p.duration is None else float(p.duration), s.text, instr)
+                for (s, m), p, instr in zip(kept, prepared, instructions)]
         write_shard(tmp, 0, rows, vectors, int(enc.dim), "float32")
         report.stages["write"] = StageTime(time.perf_counter() - t0, n, 1)
 

@@ -87,11 +87,6 @@ TEXT_WINDOW_BATCHES = 16
 DELIVER_AFTER_SECONDS = 1.0
 
 
-def embed_prepared_entries(runner: ModelRunner, items: list[PreparedEntry]) -> tuple[EmbeddedRows | None, list[ErrorRecord]]:
-    """One batch of prepared entries -> (embedded rows for the writer, error records)."""
-    return rows_of(items, *runner.run_block([w.prepared for w in items]))
-
-
 def rows_of(items: list[PreparedEntry], emb: np.ndarray, good: list[int],
             failed: dict[int, BaseException]) -> tuple[EmbeddedRows | None, list[ErrorRecord]]:
     """A batch's forward (ModelRunner.run_block's result) -> (embedded rows for the writer, error records)."""

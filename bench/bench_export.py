@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     from bench_model import Workload, make_items, small_config
     from harness import git_commit
     from wave_rt.export.bench_latency import run_bench_latency
-    from wave_rt.model.presets import QWEN_TOKEN_IDS, omni_7b_config_dict
+    from presets import QWEN_TOKEN_IDS, omni_7b_config_dict
 
     from wave_rt.config import WaveConfig
     from wave_rt.model.wave_model import WaveModel
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     model = WaveModel.build(cfg, device=device, dtype=dtype, init="random", seed=0)
     n = args.items
     work = Workload(texts=n if "text" in modalities else 0, audios=n if "audio" in modalities else 0,
-                    audio_seconds=10.0, videos=0, video_seconds=0.0, frame_hw=(28, 28))
+                    audio_seconds=10.0, videos=0, avs=0, video_seconds=0.0, frame_hw=(28, 28))
     by_mod: dict[str, list] = {}
     for p in make_items(cfg, work):
         by_mod.setdefault(p.modality, []).append(p)

@@ -58,7 +58,7 @@ def _config(preset: str, size: str, ids: dict[str, int]) -> WaveConfig:
             data["audio_encoder_config"].update(embed_dim=128, depth=4, num_heads=4, target_length=1008)
         data["wave_rt"] = {"projection_dim": data["text_config"]["hidden_size"]}
     elif size == "7b":
-        from wave_rt.model.presets import omni_7b_config_dict
+        from presets import omni_7b_config_dict
 
         data = omni_7b_config_dict(recipe="last_token", use_beats=False)
         for key, tok in (("audio_token_index", "<|AUDIO|>"), ("image_token_index", "<|IMAGE|>"),

@@ -49,7 +49,7 @@ def build_model(config: str, device: torch.device, lora_r: int) -> tuple[Any, An
     from wave_rt.train.recipes import get_train_recipe
 
     if config == "7b":
-        from wave_rt.model.presets import omni_7b_config_dict
+        from presets import omni_7b_config_dict
 
         cfg = WaveConfig.from_dict(omni_7b_config_dict("all_layer", use_beats=False))
         dtype = torch.bfloat16
@@ -194,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         ot, om, oerr = measure(ours_fn, args.repeats)
         print(f"B={b}: reference {rt} s {rm} B {rerr or ''} | gradcache(chunk {chunk}) {ot} s {om} B {oerr or ''}",
               flush=True)
-        rows.append(row(f"step_time B={b}", "full-batch graph + full-matrix CE (WAVE)", rt or 0.0, ot or 0.0, "s",
+        rows.append(row(f"step_time B={b}", "full-batch graph + full-matrix CE (WAVE)", rt, ot, "s",
                         higher_is_better=False, baseline_error=rerr, error=oerr, device=device_name()))
-        rows.append(row(f"peak_memory B={b}", "full-batch graph + full-matrix CE (WAVE)", rm or 0.0, om or 0.0,
+        rows.append(row(f"peak_memory B={b}", "full-batch graph + full-matrix CE (WAVE)", rm, om,
                         "bytes", higher_is_better=False, baseline_error=rerr, error=oerr))
         save(partial=True)
 

@@ -32,6 +32,10 @@ WORK=${WORK:-$(mktemp -d)}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 OUT WORK DRY
 commit=${WAVE_RT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+# results measured on uncommitted code say so (bench/results itself is where they are written)
+if [ -z "${WAVE_RT_COMMIT:-}" ] && [ -n "$(git status --porcelain --untracked-files=no -- . ':(top,exclude)bench/results' 2>/dev/null)" ]; then
+  commit="$commit+dirty"
+fi
 export WAVE_RT_COMMIT=$commit
 start=$(date +%s)
 touch "$WORK/.start"

@@ -57,8 +57,13 @@ def git_commit() -> str:
     if os.environ.get("WAVE_RT_COMMIT"):  # the device machine gets a copy of the tree without .git
         return os.environ["WAVE_RT_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, check=True).stdout.strip()
+        # a measurement of uncommitted code must not carry a clean commit's name
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ":(top,exclude)bench/results"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -148,9 +153,10 @@ class PeakMemory:
             self.peak_bytes = self._peak - self._base
 
 
-def row(case: str, baseline: str, baseline_value: float, value: float, unit: str,
+def row(case: str, baseline: str, baseline_value: float | None, value: float | None, unit: str,
         ceiling_value: float | None = None, higher_is_better: bool = True, **extra: Any) -> dict[str, Any]:
-    """ratio > 1 always means 'ours is better' (faster, or less memory)."""
+    """ratio > 1 always means 'ours is better' (faster, or less memory); a side that failed (out of memory) is
+    None, with its reason in the extra fields, and the ratio is None."""
     if baseline_value and value:
         ratio = value / baseline_value if higher_is_better else baseline_value / value
     else:

@@ -7,5 +7,5 @@
 # save) is the GPU-marked test below, on the tiny model, ahead of the long step.
 stage_train() {
   step 150 -- $PY -m pytest -q -m gpu -p no:cacheprovider --timeout 140 -rA tests/train/test_fsdp2.py
-  step 420 -- $PY bench/bench_train.py --config 7b --batches 1024,4096 --chunk 64 --repeats 1
+  step 420 -- $PY bench/bench_train.py --config 7b --batches 64,1024,4096 --chunk 64 --repeats 1
 }

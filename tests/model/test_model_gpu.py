@@ -47,3 +47,23 @@ def test_low_precision_error_at_most_twice_pytorch(tiny_token_ids, whisper_fe, d
         err_ours = (ours - want).abs().max().item()
         err_torch = (slow - want).abs().max().item()
         assert err_ours <= 2 * err_torch + 1e-6, (case.name, err_ours, err_torch)
+
+
+def test_fp32_head_under_bf16_autocast_matches_fp32_linear(tiny_token_ids):
+    """Training keeps the fusion head in fp32 while the backbone runs bf16 under autocast (bench_train.py, the
+    Trainer's bf16 mode): the head must take the nn.Linear path, which autocast casts, not the one-dtype fused
+    kernel (which raised KernelArgumentError on this layout). Checked against the head evaluated in float64 on
+    the same bf16 layer states."""
+    model = omni_model(tiny_token_ids, "all_layer", False, seed=5).to("cuda", torch.bfloat16)
+    for p in model.classify_linear.parameters():
+        p.data = p.data.float()
+    hidden = model.config.text_config.hidden_size
+    states = torch.randn(3, model.classify_linear[0].in_features // hidden, hidden, device="cuda", dtype=torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = model.apply_head("all_layer", states)
+    first, act, second = model.classify_linear
+    x = states.double().reshape(states.shape[0], -1)
+    want = torch.nn.functional.linear(act(torch.nn.functional.linear(x, first.weight.double(), first.bias.double())),
+                                      second.weight.double(), second.bias.double())
+    # bf16 matmuls under autocast: a loose bound, but a wrong layer order or a dropped bias is off by O(1)
+    assert torch.allclose(got.double(), want, rtol=5e-2, atol=5e-2), (got.double() - want).abs().max().item()

@@ -401,6 +401,10 @@ def _fused_first_layer(layer_states: torch.Tensor, weight: torch.Tensor, bias: t
     CPU, layer_states.reshape(B, L*D) is already a free view and one GEMM is the fastest path)."""
     if not layer_states.is_cuda:
         return None
+    if weight.dtype != layer_states.dtype or (bias is not None and bias.dtype != layer_states.dtype):
+        # training keeps the head in fp32 under bf16 autocast: nn.Linear lets autocast cast it; the kernel
+        # takes one dtype
+        return None
     try:
         from wave_rt.kernels import layer_fusion_mlp
     except ImportError:

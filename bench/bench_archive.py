@@ -596,7 +596,7 @@ def main(argv: list[str] | None = None) -> None:
         from harness import RESULTS, dry_run_report
 
         media = [Path(args.media_dir) / "probe"] if args.media_dir else []
-        raise SystemExit(dry_run_report("bench_archive.py", [RESULTS / "archive.json", *media],
+        raise SystemExit(dry_run_report("bench_archive.py", [RESULTS / f"archive_{'_'.join(kinds)}.json", *media],
                                         [Path(args.model)] if args.model else []))
     w = WORKLOADS[workload_name]
     w = Workload(**{**w.__dict__, **{f: 0 for k, f in (("text", "texts"), ("audio", "audios"), ("video", "videos"),
@@ -647,6 +647,10 @@ def main(argv: list[str] | None = None) -> None:
                 # after every kind: a run cut off by its time cap keeps the kinds it finished, marked partial
                 cmd = "python bench/bench_archive.py " + " ".join(argv if argv is not None else sys.argv[1:])
                 suffix = f"{args.model_config if args.model is None else 'checkpoint'}_{workload_name}_{device.type}"
+                if set(kinds) != {"text", "audio", "video", "av"}:
+                    # one file per subset: the GPU stage runs text,audio then video,av, and the second must not
+                    # overwrite the first (it did on the H200, 2026-11-27)
+                    suffix += "_" + "_".join(kinds)
                 path = write_result("archive", rows, cmd, suffix=suffix,
                                     extra={"model": encoder.model_id, "model_config": args.model_config,
                                            "dtype": str(dtype).replace("torch.", ""), "workload": w.__dict__,

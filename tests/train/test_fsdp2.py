@@ -189,6 +189,72 @@ def test_fsdp2_bf16_mixed_precision_keeps_fp32_master_weights(tiny_ckpts):
         dist.destroy_process_group()
 
 
+
+def test_fsdp2_bf16_gradcache_with_deferred_sync_and_an_unused_tower(tiny_ckpts):
+    """bf16 MixedPrecisionPolicy (a reduce dtype set) + GradCache with the reduce-scatter deferred to the last
+    chunk, on a text-only batch that never runs the audio tower: FSDP2's post-backward of a chunk without
+    gradient sync reads every unit's unsharded parameter, which a unit that never ran did not have
+    (AttributeError '_unsharded_param'; it killed the CUDA Trainer test on an H200). Two steps; each step's
+    gradients match the unsharded fp32 full-batch step's (bf16 rounding apart)."""
+    import torch.distributed as dist
+
+    from wave_rt.embed.processor import WaveProcessor, load_tokenizer
+    from wave_rt.model.loading import load_wave_model
+    from wave_rt.train.adapters import add_lora, set_trainable
+    from wave_rt.train.encode import embed_items
+    from wave_rt.train.gradcache import full_batch_step, gradcache_step
+    from wave_rt.train.objective import ContrastiveLoss
+    from wave_rt.train.recipes import get_train_recipe
+    from wave_rt.train.sharding import full_tensor, init_single_rank_group, set_gradient_sync, shard_model
+
+    recipe = get_train_recipe("wave", {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0})
+    ckpt = tiny_ckpts["all_layer"]
+
+    def build():
+        torch.manual_seed(0)
+        model, cfg = load_wave_model(ckpt, device="cpu", dtype=torch.float32, recipe=recipe.pooling)
+        add_lora(model, recipe)
+        perturb_lora(model)
+        set_trainable(model, recipe)
+        return model.train(), WaveProcessor(cfg, load_tokenizer(ckpt))
+
+    loss_fn = ContrastiveLoss(0.05)
+    batches = [pair_items(6, seed=s) for s in (11, 12)]
+
+    def grads_of(model, proc, sharded: bool) -> list[dict[str, torch.Tensor]]:
+        def encode(chunk):
+            return embed_items(model, [proc.prepare(x) for x in chunk], proc.ids["pad"], device=torch.device("cpu"),
+                               dtype=torch.float32)
+
+        out = []
+        for queries, targets in batches:
+            model.zero_grad(set_to_none=True)
+            sides = [[queries[:4], queries[4:]], [targets[:4], targets[4:]]]
+            if sharded:
+                gradcache_step(encode, sides, loss_fn, before_backward=lambda last: set_gradient_sync(model, last))
+            else:
+                full_batch_step(encode, sides, loss_fn)
+            out.append({n: full_tensor(p.grad).float().clone() for n, p in model.named_parameters()
+                        if p.requires_grad and p.grad is not None})
+        return out
+
+    ref_model, proc = build()
+    assert ref_model.audio_tower is not None
+    want = grads_of(ref_model, proc, sharded=False)
+    init_single_rank_group("gloo")
+    try:
+        model, proc = build()
+        shard_model(model, torch.device("cpu"), param_dtype=torch.bfloat16)
+        got = grads_of(model, proc, sharded=True)
+    finally:
+        dist.destroy_process_group()
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert g.keys() == w.keys() and any(".lora_B." in n for n in g), (step, sorted(set(g) ^ set(w)))
+        for name in w:
+            cos = torch.nn.functional.cosine_similarity(g[name].flatten(), w[name].flatten(), dim=0)
+            assert cos > 0.98 or w[name].abs().max() == 0, (step, name, float(cos))
+
+
 @pytest.mark.gpu
 def test_fsdp2_cuda_nccl_bf16_trainer_matches_unsharded(tiny_ckpts, tmp_path):
     """What the CPU cannot check: NCCL collectives, units loaded on the CPU and moved to the GPU as they are

@@ -57,6 +57,14 @@ def shard_model(model: nn.Module, device: torch.device, *, param_dtype: torch.dt
         assert isinstance(unit, FSDPModule)
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM; NCCL zero-copy)
+    if param_dtype is not None:
+        # A unit that has never run (the audio tower in a text-only step) has no unsharded parameter yet, and
+        # FSDP2's post-backward of a backward without gradient sync (every GradCache chunk but the last)
+        # reads it when a reduce dtype is set: AttributeError '_unsharded_param' (torch 2.11 and 2.13, on
+        # CUDA and CPU). One all-gather and reshard per unit creates it; the reshard frees the storage.
+        for unit in units:
+            unit.unshard()
+            unit.reshard()
     return units
 
 

@@ -61,7 +61,8 @@ def shard_model(model: nn.Module, device: torch.device, *, param_dtype: torch.dt
         # A unit that has never run (the audio tower in a text-only step) has no unsharded parameter yet, and
         # FSDP2's post-backward of a backward without gradient sync (every GradCache chunk but the last)
         # reads it when a reduce dtype is set: AttributeError '_unsharded_param' (torch 2.11 and 2.13, on
-        # CUDA and CPU). One all-gather and reshard per unit creates it; the reshard frees the storage.
+        # CUDA and CPU; upstream: pytorch/pytorch#194058). One all-gather and reshard per unit creates it;
+        # the reshard frees the storage.
         for unit in units:
             unit.unshard()
             unit.reshard()

@@ -57,3 +57,24 @@ def test_bench_latency_refuses_a_bundle_of_another_model(tmp_path, wave_bundle):
                         "--backends", "onnxruntime", "--modalities", "text", "--iters", "2", "--out",
                         str(tmp_path / "x.json"))
     assert code == EXIT_ERROR and "another model" in err
+
+
+def test_latency_warmup_runs_every_batch_before_timing() -> None:
+    """A batch first seen inside the timed loop pays its first-shape costs there (p99 877 ms vs p50 29 ms for
+    eager 7B text on an H200): the warm-up covers every batch once, however small --warmup is."""
+    import torch
+
+    from wave_rt.export.bench_latency import measure
+
+    class Batch:
+        def __init__(self, i: int) -> None:
+            self.i = i
+
+        def to(self, device, dtype):
+            return self
+
+    calls: list[int] = []
+    times = measure(lambda b: calls.append(b.i), [Batch(i) for i in range(5)], torch.device("cpu"), warmup=2,
+                    iters=4, dtype=torch.float32)
+    assert len(times) == 4 and len(calls) == 5 + 4
+    assert sorted(calls[:5]) == [0, 1, 2, 3, 4], calls

@@ -44,7 +44,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -333,6 +333,9 @@ class Pairs:
     e2e: list[float]  # the whole embed_archive call per repeat: scan, embedding and the final shard commit
     report: Any  # the last repeat's stagebench report
     gpu: dict[str, Any]  # GPU utilization during the last repeat's job
+    # the job's own accounting per repeat (JobSummary): forwards, busy seconds per stage, setup and embedding
+    # wall time; against the stages' forwards and model seconds it tells slower forwards from lost overlap
+    job_runs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def serial_runs(self) -> list[float]:
@@ -353,6 +356,7 @@ def run_pairs(kind: str, manifest: Path, items: list[Any], encoder: Any, args: a
     e2e: list[float] = []
     report: Any = None
     gpu: dict[str, Any] = {}
+    job_runs: list[dict[str, Any]] = []
     r = 0
     while r < repeats:
         # the stages read the manifest too (timed: the job reads it), the same items as `items`
@@ -372,12 +376,15 @@ def run_pairs(kind: str, manifest: Path, items: list[Any], encoder: Any, args: a
             raise RuntimeError(f"{kind}: the job embedded {summary.embedded} of {report.sample} items "
                                f"({summary.failed} failed)")
         e2e.append(wall)
+        job_runs.append({"batches": summary.batches, "setup_seconds": summary.setup_seconds,
+                         "embedding_seconds": summary.wall_seconds,
+                         "busy_seconds": {k: float(v) for k, v in summary.stage_seconds.items()}})
         if r == 0 and min_seconds > 0:
             repeats = max(repeats, min(60, math.ceil(min_seconds / wall)))
         gpu = sampler.summary()
         shutil.rmtree(out, ignore_errors=True)
         r += 1
-    return Pairs(stage_runs, e2e, report, gpu)
+    return Pairs(stage_runs, e2e, report, gpu, job_runs)
 
 
 def measure(kind: str, manifest: Path, encoder: Any, args: argparse.Namespace, work: Path,
@@ -406,6 +413,7 @@ def measure(kind: str, manifest: Path, encoder: Any, args: argparse.Namespace, w
                              "ratio_runs": paired, "ratio_paired_median": statistics.median(paired),
                              "ratio_paired_median_ci95": _bootstrap_median_ci(paired), "repeats": repeats,
                              "max_batch_tokens": budget, "workers": report.workers,
+                             "stage_model_batches": report.model_batches, "job_runs": pairs.job_runs,
                              **gpu}
     mfu_model = mfu_e2e = achieved = None
     if facts is not None:
@@ -437,6 +445,10 @@ def measure(kind: str, manifest: Path, encoder: Any, args: argparse.Namespace, w
     print(f"{kind:6s} {n:4d} items  {rate:8.2f} items/s (serial {serial:7.2f}, x{rate / serial:.3f}; paired median "
           f"x{extra['ratio_paired_median']:.3f}{ci_txt} over {repeats} repeats)  media {media_s / t_e2e:7.1f} s/s  "
           f"busy/item: {stage_txt}{mfu_txt}{util_txt}", flush=True)
+    job = pairs.job_runs[-1]
+    print(f"{'':6s} job: {job['batches']} forwards, model busy {job['busy_seconds'].get('model', 0.0):.3f} s, setup "
+          f"{job['setup_seconds']:.3f} s, embedding {job['embedding_seconds']:.3f} s of {e2e[-1]:.3f} s "
+          f"(stages: {report.model_batches} forwards, model {stage_runs['model'][-1]:.3f} s)", flush=True)
     return rows
 
 

@@ -58,6 +58,7 @@ class StageReport:
     pipeline_items: int = 0
     max_batch_tokens: int = 0
     workers: int = 0
+    model_batches: int = 0  # forwards the model stage ran (the job's own count is JobSummary.batches)
 
     @property
     def pipeline_rate(self) -> float:
@@ -212,6 +213,7 @@ def bench_archive(source: Any, model: Any = None, sample: int = 64, instruction:
     t0 = time.perf_counter()
     vectors = np.zeros((n, int(enc.dim)), np.float32)
     for group in plan_batches([p.num_tokens for p in prepared], budget, None, packed=bool(getattr(enc, "packed", False))):
+        report.model_batches += 1
         out = enc.embed_prepared([prepared[i] for i in group])
         vectors[group] = out.detach().float().cpu().numpy()
     _sync(enc)

@@ -109,3 +109,16 @@ def test_bench_export_runs_end_to_end_on_the_small_config(tmp_path: Path) -> Non
     doc = json.loads(out.read_text())
     assert set(doc["latency"]["eager"]) == {"text", "audio"}, doc["latency"]
     assert all(v["n"] == 2 and v["p50_ms"] > 0 for v in doc["latency"]["eager"].values()), doc["latency"]
+
+
+def test_tests_stage_covers_every_gpu_test_folder() -> None:
+    """The tests stage names its folders (so the kernels, whose autotuning is slow, run last): a GPU test in
+    a folder it does not name would never run on a lent GPU."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "tests"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    files = {line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line and line.startswith("tests/")}
+    assert len(files) >= 5, proc.stdout[-2000:]
+    stage = (ROOT / "bench/gpu_stages/tests.sh").read_text()
+    named = {w.rstrip("\\") for w in stage.split() if w.startswith("tests")}
+    missing = {f for f in files if not any(f == n or f.startswith(n.rstrip("/") + "/") for n in named)}
+    assert not missing, missing

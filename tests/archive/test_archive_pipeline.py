@@ -620,3 +620,28 @@ def test_cpu_interrupted_run_keeps_the_batches_it_computed(tmp_path: Path) -> No
     assert s2.embedded == 300 - s1.embedded and s2.complete
     rows = read_archive(out)
     assert np.array_equal(np.stack([rows[f"i{i}"]["embedding"] for i in range(300)]), FakeEncoder().encode(texts))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_jobs_reuse_the_model_streams_and_their_memory(tmp_path: Path) -> None:
+    """Job after job in one process: the model threads run on the same CUDA streams, so the second job reuses
+    the blocks the first freed (the caching allocator reuses a block only on its own stream) and the reserved
+    memory does not grow; with a fresh stream per job it grew by the job's working set each time."""
+    from wave_rt.archive.pipeline import model_stream
+    from wave_rt.embed.encoder import WaveEncoder
+
+    assert model_stream("cuda", 0) is model_stream(torch.device("cuda", torch.cuda.current_device()), 0)
+    assert model_stream("cuda", 0) is not model_stream("cuda", 1)
+    enc = WaveEncoder.from_pretrained(None, device="cuda", dtype=torch.float32)
+    src = _manifest(tmp_path / "m.jsonl", _texts(300))
+    first = embed_archive(src, tmp_path / "a", model=enc, max_batch_tokens=2048, progress=False)
+    torch.cuda.synchronize()
+    reserved = torch.cuda.memory_reserved()
+    second = embed_archive(src, tmp_path / "b", model=enc, max_batch_tokens=2048, progress=False)
+    torch.cuda.synchronize()
+    assert first.embedded == second.embedded == 300 and first.batches > 1
+    assert torch.cuda.memory_reserved() <= reserved, (torch.cuda.memory_reserved(), reserved)
+    a, b = read_archive(tmp_path / "a"), read_archive(tmp_path / "b")
+    assert a.keys() == b.keys() and len(a) == 300
+    assert all(np.allclose(a[k]["embedding"], b[k]["embedding"], atol=1e-5) for k in a)

@@ -168,6 +168,25 @@ class _FullBatches:
         return bool(self._groups)
 
 
+_STREAMS: dict[tuple[int, int], Any] = {}
+_STREAMS_LOCK = threading.Lock()
+
+
+def model_stream(device: torch.device | str, index: int) -> Any:
+    """The CUDA stream of model thread `index` on `device`, the same one for every job of the process. The
+    caching allocator reuses a freed block only on the stream that allocated it, and torch.cuda.Stream()
+    hands out the next of 32 pooled streams: fresh streams per job made each job allocate its working set
+    anew (cudaMalloc, paid in the job's fixed cost) and let the reserved memory of a process that runs job
+    after job grow up to one working set per stream. Jobs running at once on one device share these streams,
+    which orders their forwards; their results are unaffected."""
+    device = torch.device(device)
+    key = (device.index if device.index is not None else torch.cuda.current_device(), index)
+    with _STREAMS_LOCK:
+        if key not in _STREAMS:
+            _STREAMS[key] = torch.cuda.Stream(device=torch.device("cuda", key[0]))
+        return _STREAMS[key]
+
+
 @dataclass
 class PipelineStats:
     batches: int = 0
@@ -483,11 +502,11 @@ class LocalPipeline:
             if not self._put(self._batch_q, _DONE):
                 break
 
-    def _model(self) -> None:
+    def _model(self, index: int = 0) -> None:
         """A model thread (CUDA): batch_q -> forward -> writer."""
         stream_ctx: Any = None
         if self.cuda:
-            stream_ctx = torch.cuda.stream(torch.cuda.Stream(device=self.encoder.device))
+            stream_ctx = torch.cuda.stream(model_stream(self.encoder.device, index))
             stream_ctx.__enter__()
         try:
             while not self._stop.is_set():
@@ -647,7 +666,7 @@ class LocalPipeline:
         # no difference with one intra-op thread, or with every forward on one thread).
         inline = self.inline
         model_threads = [] if inline else [
-            threading.Thread(target=self._guard(self._model), name=f"wave-rt-model-{i}", daemon=True)
+            threading.Thread(target=self._guard(lambda i=i: self._model(i)), name=f"wave-rt-model-{i}", daemon=True)
             for i in range(self.model_threads)]
         if not inline:
             threads.append(threading.Thread(target=self._guard(self._batch), name="wave-rt-batch", daemon=True))

@@ -635,13 +635,19 @@ def test_cuda_jobs_reuse_the_model_streams_and_their_memory(tmp_path: Path) -> N
     assert model_stream("cuda", 0) is not model_stream("cuda", 1)
     enc = WaveEncoder.from_pretrained(None, device="cuda", dtype=torch.float32)
     src = _manifest(tmp_path / "m.jsonl", _texts(300))
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_reserved()  # the weights
     first = embed_archive(src, tmp_path / "a", model=enc, max_batch_tokens=2048, progress=False)
     torch.cuda.synchronize()
-    reserved = torch.cuda.memory_reserved()
-    second = embed_archive(src, tmp_path / "b", model=enc, max_batch_tokens=2048, progress=False)
+    one_job = torch.cuda.memory_reserved() - base
+    for i in range(5):
+        last = embed_archive(src, tmp_path / f"b{i}", model=enc, max_batch_tokens=2048, progress=False)
     torch.cuda.synchronize()
-    assert first.embedded == second.embedded == 300 and first.batches > 1
-    assert torch.cuda.memory_reserved() <= reserved, (torch.cuda.memory_reserved(), reserved)
-    a, b = read_archive(tmp_path / "a"), read_archive(tmp_path / "b")
+    assert first.embedded == last.embedded == 300 and first.batches > 1
+    # which thread gets which batch is a race, so a later job may need a larger block on a stream than the
+    # first did; per-job streams would reserve ~6 working sets here
+    assert one_job > 0 and torch.cuda.memory_reserved() - base <= 2 * one_job, (torch.cuda.memory_reserved(), base,
+                                                                                one_job)
+    a, b = read_archive(tmp_path / "a"), read_archive(tmp_path / "b4")
     assert a.keys() == b.keys() and len(a) == 300
     assert all(np.allclose(a[k]["embedding"], b[k]["embedding"], atol=1e-5) for k in a)

@@ -126,30 +126,34 @@ def test_fsdp2_checkpoint_resumes_exactly(runs):
         assert rel(resumed["params"][name], value) <= 1e-6, name
 
 
+def _lora_model(ckpt: Path):
+    """(the tiny checkpoint with the WAVE recipe's LoRA, perturbed so B != 0, in train mode; its processor)."""
+    from wave_rt.embed.processor import WaveProcessor, load_tokenizer
+    from wave_rt.model.loading import load_wave_model
+    from wave_rt.train.adapters import add_lora, set_trainable
+    from wave_rt.train.recipes import get_train_recipe
+
+    recipe = get_train_recipe("wave", {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0})
+    torch.manual_seed(0)
+    model, cfg = load_wave_model(ckpt, device="cpu", dtype=torch.float32, recipe=recipe.pooling)
+    add_lora(model, recipe)
+    perturb_lora(model)
+    set_trainable(model, recipe)
+    return model.train(), WaveProcessor(cfg, load_tokenizer(ckpt))
+
+
 def test_fsdp2_bf16_mixed_precision_keeps_fp32_master_weights(tiny_ckpts):
     """shard_model(param_dtype=bf16) on one rank: the forward and backward run in bf16 (the loss differs
     from fp32's by bf16 rounding only), the sharded parameters, their gradients and the clipped norm stay
     fp32, and every trainable tensor gets a gradient close to the fp32 one."""
     import torch.distributed as dist
 
-    from wave_rt.embed.processor import WaveProcessor, load_tokenizer
-    from wave_rt.model.loading import load_wave_model
-    from wave_rt.train.adapters import add_lora, set_trainable
     from wave_rt.train.encode import embed_items
     from wave_rt.train.objective import ContrastiveLoss
-    from wave_rt.train.recipes import get_train_recipe
     from wave_rt.train.sharding import clip_grad_norm, full_tensor, init_single_rank_group, shard_model
 
-    recipe = get_train_recipe("wave", {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0})
-    ckpt = tiny_ckpts["all_layer"]
-
     def build():
-        torch.manual_seed(0)
-        model, cfg = load_wave_model(ckpt, device="cpu", dtype=torch.float32, recipe=recipe.pooling)
-        add_lora(model, recipe)
-        perturb_lora(model)
-        set_trainable(model, recipe)
-        return model.train(), WaveProcessor(cfg, load_tokenizer(ckpt))
+        return _lora_model(tiny_ckpts["all_layer"])
 
     queries, targets = pair_items(6, seed=5)
     loss_fn = ContrastiveLoss(0.05)
@@ -198,25 +202,13 @@ def test_fsdp2_bf16_gradcache_with_deferred_sync_and_an_unused_tower(tiny_ckpts)
     gradients match the unsharded fp32 full-batch step's (bf16 rounding apart)."""
     import torch.distributed as dist
 
-    from wave_rt.embed.processor import WaveProcessor, load_tokenizer
-    from wave_rt.model.loading import load_wave_model
-    from wave_rt.train.adapters import add_lora, set_trainable
     from wave_rt.train.encode import embed_items
     from wave_rt.train.gradcache import full_batch_step, gradcache_step
     from wave_rt.train.objective import ContrastiveLoss
-    from wave_rt.train.recipes import get_train_recipe
     from wave_rt.train.sharding import full_tensor, init_single_rank_group, set_gradient_sync, shard_model
 
-    recipe = get_train_recipe("wave", {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0})
-    ckpt = tiny_ckpts["all_layer"]
-
     def build():
-        torch.manual_seed(0)
-        model, cfg = load_wave_model(ckpt, device="cpu", dtype=torch.float32, recipe=recipe.pooling)
-        add_lora(model, recipe)
-        perturb_lora(model)
-        set_trainable(model, recipe)
-        return model.train(), WaveProcessor(cfg, load_tokenizer(ckpt))
+        return _lora_model(tiny_ckpts["all_layer"])
 
     loss_fn = ContrastiveLoss(0.05)
     batches = [pair_items(6, seed=s) for s in (11, 12)]

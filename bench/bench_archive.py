@@ -378,7 +378,10 @@ def run_pairs(kind: str, manifest: Path, items: list[Any], encoder: Any, args: a
         e2e.append(wall)
         job_runs.append({"batches": summary.batches, "setup_seconds": summary.setup_seconds,
                          "embedding_seconds": summary.wall_seconds,
-                         "busy_seconds": {k: float(v) for k, v in summary.stage_seconds.items()}})
+                         "busy_seconds": {k: float(v) for k, v in summary.stage_seconds.items()},
+                         "first_forward_at": summary.first_forward_at,
+                         "last_forward_end_at": summary.last_forward_end_at,
+                         "model_active_seconds": summary.model_active_seconds})
         if r == 0 and min_seconds > 0:
             repeats = max(repeats, min(60, math.ceil(min_seconds / wall)))
         gpu = sampler.summary()
@@ -445,11 +448,21 @@ def measure(kind: str, manifest: Path, encoder: Any, args: argparse.Namespace, w
     print(f"{kind:6s} {n:4d} items  {rate:8.2f} items/s (serial {serial:7.2f}, x{rate / serial:.3f}; paired median "
           f"x{extra['ratio_paired_median']:.3f}{ci_txt} over {repeats} repeats)  media {media_s / t_e2e:7.1f} s/s  "
           f"busy/item: {stage_txt}{mfu_txt}{util_txt}", flush=True)
-    job = pairs.job_runs[-1]
-    print(f"{'':6s} job: {job['batches']} forwards, model busy {job['busy_seconds'].get('model', 0.0):.3f} s, setup "
-          f"{job['setup_seconds']:.3f} s, embedding {job['embedding_seconds']:.3f} s of {e2e[-1]:.3f} s "
-          f"(stages: {report.model_batches} forwards, model {stage_runs['model'][-1]:.3f} s)", flush=True)
+    print(f"{'':6s} {job_timeline(pairs.job_runs[-1], e2e[-1])} (stages: {report.model_batches} forwards, "
+          f"model {stage_runs['model'][-1]:.3f} s)", flush=True)
     return rows
+
+
+def job_timeline(job: dict[str, Any], e2e: float) -> str:
+    """Where a job's wall time went: setup, the lead-in before its first forward, the forwards' span (of which
+    some forward ran for ..., the rest the model waited for input), the tail after the last forward."""
+    text = (f"job: {job['batches']} forwards, setup {job['setup_seconds']:.3f} s, embedding "
+            f"{job['embedding_seconds']:.3f} s of {e2e:.3f} s")
+    first, last, active = job.get("first_forward_at"), job.get("last_forward_end_at"), job.get("model_active_seconds")
+    if first is None or last is None or active is None:
+        return text + f", model busy {job['busy_seconds'].get('model', 0.0):.3f} s"
+    return text + (f" = lead-in {first:.3f} s + forwards {last - first:.3f} s (running {active:.3f} s, waiting "
+                   f"{max(0.0, last - first - active):.3f} s) + tail {job['embedding_seconds'] - last:.3f} s")
 
 
 def _bootstrap_median_ci(values: list[float], draws: int = 2000) -> list[float] | None:

@@ -299,3 +299,71 @@ def test_bridged_item_past_the_timeout_is_abandoned_and_reported(tmp_path: Path)
     assert isinstance(rec, ErrorRecord) and rec.error == "DecodeTimeoutError" and not rec.retryable
     assert "per-item timeout of 0.3 s" in rec.message
     assert pipe.bridge_timeouts == 1 and pipe.bridged == 1
+
+
+def test_a_second_close_waits_for_the_first_and_reaps_nothing_twice(tmp_path: Path) -> None:
+    # The pipeline's last decode thread closes the pool while the job may close it again: the later call
+    # must return only once every worker is reaped, whichever thread got there first.
+    import threading
+
+    pool = PreparePool(FakeEncoder(), None, 2)
+    list(pool.imap(_items(write_wavs(tmp_path, ["a.wav", "b.wav"]))))  # the workers are up and have worked
+    procs = [w.process for w in pool._workers]
+    entered, first_done = threading.Event(), threading.Event()
+    real_close = pool._close
+
+    def slow_close() -> None:
+        entered.set()
+        real_close()
+        threading.Event().wait(0.3)  # the second call arrives while the first is still reaping
+        first_done.set()
+
+    pool._close = slow_close  # type: ignore[method-assign]
+    t = threading.Thread(target=pool.close)
+    t.start()
+    assert entered.wait(30)
+    pool.close()
+    assert first_done.is_set() and all(not p.is_alive() for p in procs)
+    t.join(30)
+    pool.close()  # a third call: nothing left to do
+    with pytest.raises(Exception, match="closed"):
+        pool.submit(0, SourceEntry("x", text="late"))
+
+
+def test_workers_stop_when_the_last_item_is_decoded_not_after_the_last_forward(tmp_path: Path,
+                                                                              monkeypatch) -> None:
+    # Stopping the worker processes takes each one its interpreter's shutdown; the pipeline's last decode
+    # thread starts it as soon as nothing is left to decode, so it overlaps the model's last forwards.
+    import time
+
+    from wave_rt.archive import prepare_pool
+
+    events: list[tuple[str, float]] = []
+    real_close = prepare_pool.PreparePool.close
+
+    def close(self):  # noqa: ANN001, ANN202
+        events.append(("close", time.monotonic()))
+        real_close(self)
+
+    real_embed = FakeEncoder.embed_prepared
+
+    def slow_embed(self, batch, normalize=True):  # noqa: ANN001, ANN202
+        time.sleep(0.5)  # a forward that takes a while, as a large model's does
+        out = real_embed(self, batch, normalize)
+        events.append(("forward", time.monotonic()))
+        return out
+
+    monkeypatch.setattr(prepare_pool.PreparePool, "close", close)
+    monkeypatch.setattr(FakeEncoder, "embed_prepared", slow_embed)
+    media = tmp_path / "media"
+    write_wavs(media, [f"a{i}.wav" for i in range(6)])
+    s = embed_archive(media, tmp_path / "out", model=FakeEncoder(), workers=2, decode="processes",
+                      max_batch_tokens=64, progress=False)
+    assert s.embedded == 6 and s.batches >= 2
+    closes = [t for e, t in events if e == "close"]
+    last_forward = max(t for e, t in events if e == "forward")
+    assert len(closes) == 2  # the last decode thread's, then the job's (which finds it done)
+    assert closes[0] < last_forward
+    assert s.first_forward_at is not None and s.last_forward_end_at is not None
+    assert 0 < s.first_forward_at < s.last_forward_end_at <= s.wall_seconds
+    assert s.model_active_seconds is not None and 0.5 * s.batches <= s.model_active_seconds <= s.wall_seconds

@@ -295,6 +295,9 @@ def _run_job(src: ArchiveSource, out_dir: Path, model: Any, opts: JobOptions, st
     summary.stage_seconds = dict(prog.stage_seconds)
     summary.workers = n_workers
     summary.wall_seconds = prog.elapsed
+    if prog.first_forward_at is not None:
+        summary.first_forward_at, summary.last_forward_end_at = prog.first_forward_at, prog.last_forward_end_at
+        summary.model_active_seconds = prog.model_active_seconds
     summary.setup_seconds = max(0.0, time.monotonic() - t_start - prog.elapsed)
     summary.interrupted = interrupted
     summary.complete = not interrupted and failure is None

@@ -230,6 +230,7 @@ class LocalPipeline:
         self.inline = not self.cuda and self.model_threads == 1
         self._text_q: queue.Queue = queue.Queue(maxsize=16)  # chunks the feeder parses ahead
         self._decoders: list[threading.Thread] = []
+        self._decoders_finished = 0
         self.max_pending_tokens = max_pending_tokens or 4 * self.budget
         # the inline loop's bound while no media item has come (see TEXT_WINDOW_BATCHES); a bound the caller
         # sets holds for text too
@@ -425,6 +426,7 @@ class LocalPipeline:
                 continue
             if msg is _DONE:
                 self._put(self._ready_q, _DONE)
+                self._decoder_done()
                 return
             if len(msg) > 1 or self._in_process(msg[0][1]):  # type: ignore[arg-type, index]
                 if not self._prepare_in_process(msg, self._put_ready):  # type: ignore[arg-type]
@@ -440,6 +442,17 @@ class LocalPipeline:
                 self.writer.put_error(out)
             elif not self._put(self._ready_q, [out]):
                 return
+
+    def _decoder_done(self) -> None:
+        """The last decode thread to finish closes the worker processes: no media item is left to decode, and
+        their shutdown (each process exits its interpreter, ~0.1-1 s) then overlaps the model's last forwards
+        instead of adding to the job's tail (run() closes the pool again, which waits for this close)."""
+        with self._pool_lock:
+            self._decoders_finished += 1
+            last = self._decoders_finished == len(self._decoders)
+            pool = self.pool
+        if last and pool is not None:
+            pool.close()
 
     def _put_ready(self, entries: list[PreparedEntry]) -> bool:
         return self._put(self._ready_q, entries)
@@ -527,13 +540,13 @@ class LocalPipeline:
     def _run_batch(self, batch: list[PreparedEntry]) -> tuple[np.ndarray, list[int], dict[int, BaseException]]:
         with self._busy_lock:
             self._busy_models += 1
-        t0 = time.perf_counter()
+        t0 = self.progress.forward_started()
         try:
             return self.runner.run_block([w.prepared for w in batch])
         finally:
             with self._busy_lock:
                 self._busy_models -= 1
-            self.progress.add_stage("model", time.perf_counter() - t0)
+            self.progress.forward_ended(t0)
 
     def _deliver(self, batch: list[PreparedEntry], result: tuple[np.ndarray, list[int], dict[int, BaseException]]) -> None:
         block, errors = rows_of(batch, *result)

@@ -219,6 +219,8 @@ class PreparePool:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
+        self._close_lock = threading.Lock()
+        self._reaped = False
         self._broken: PoolBrokenError | None = None
         self._start_failures = 0
         self._generation = 0
@@ -296,6 +298,15 @@ class PreparePool:
             yield ahead.popleft().result()
 
     def close(self) -> None:
+        """Cancel what is queued, stop the workers and reap them. Safe to call again, from any thread: a later
+        call returns once the first has finished."""
+        with self._close_lock:
+            if self._reaped:
+                return
+            self._close()
+            self._reaped = True
+
+    def _close(self) -> None:
         with self._lock:
             self._closed = True
             pending = list(self._pending)

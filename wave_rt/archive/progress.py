@@ -36,6 +36,12 @@ class JobSummary:
     video_seconds: float = 0.0
     setup_seconds: float = 0.0  # source scan, resume recovery, model load
     wall_seconds: float = 0.0  # embedding itself (what the rates divide by)
+    # when the forwards ran, in seconds from the start of wall_seconds (None: no forward, or the Ray engine):
+    # wall = lead-in before the first forward + the forwards' span + the tail after the last one, and the span
+    # less model_active_seconds is the time the model waited between forwards
+    first_forward_at: float | None = None
+    last_forward_end_at: float | None = None
+    model_active_seconds: float | None = None  # time during which at least one forward ran (same engines)
     stage_seconds: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
     workers: int = 0
     batches: int = 0
@@ -73,6 +79,14 @@ class JobSummary:
                                        f"{self.rate(self.tokens):,.0f} tokens/s, "
                                        f"audio {self.rate(self.audio_seconds):,.2f} s/s, "
                                        f"video {self.rate(self.video_seconds):,.2f} s/s"))
+            if self.first_forward_at is not None and self.last_forward_end_at is not None \
+                    and self.model_active_seconds is not None:
+                span = self.last_forward_end_at - self.first_forward_at
+                share = f" ({self.model_active_seconds / span:.0%})" if span > 0 else ""
+                rows.append(("model timeline", f"first forward after {_duration(self.first_forward_at)}; forwards "
+                                               f"running {_duration(self.model_active_seconds)} of the "
+                                               f"{_duration(span)} from the first to the last{share}; "
+                                               f"{_duration(self.wall_seconds - self.last_forward_end_at)} after"))
             busy = ", ".join(f"{s} {self.stage_seconds.get(s, 0.0):.2f} s" for s in STAGES)
             rows.append(("stage busy time", f"{busy} ({self.workers} {'Ray' if self.engine == 'ray' else 'decode'} worker(s), {self.batches} batches"
                                             + (f", {self.oom_splits} OOM splits" if self.oom_splits else "") + ")"))
@@ -109,6 +123,11 @@ class Progress:
         self.stage_seconds = {s: 0.0 for s in STAGES}
         self._lock = threading.Lock()
         self.start = time.monotonic()
+        self.first_forward_at: float | None = None  # seconds since start (see JobSummary)
+        self.last_forward_end_at: float | None = None
+        self.model_active_seconds = 0.0
+        self._forwards_running = 0
+        self._active_since = 0.0
         self._last_render = self.start if not self.tty else 0.0
         self._drawn = False
 
@@ -125,6 +144,28 @@ class Progress:
     def add_stage(self, stage: str, seconds: float) -> None:
         with self._lock:
             self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+
+    def forward_started(self) -> float:
+        """A forward begins (on any model thread); returns its start time for forward_ended."""
+        now = time.monotonic()
+        with self._lock:
+            if self._forwards_running == 0:
+                self._active_since = now
+            self._forwards_running += 1
+            if self.first_forward_at is None:
+                self.first_forward_at = now - self.start
+        return now
+
+    def forward_ended(self, started: float) -> None:
+        """The forward begun at `started` is done: its busy time (summed over threads, as every stage's) and the
+        time during which at least one forward ran (model_active_seconds: two model threads overlap)."""
+        now = time.monotonic()
+        with self._lock:
+            self.stage_seconds["model"] = self.stage_seconds.get("model", 0.0) + (now - started)
+            self._forwards_running -= 1
+            if self._forwards_running == 0:
+                self.model_active_seconds += now - self._active_since
+            self.last_forward_end_at = now - self.start
 
     @property
     def elapsed(self) -> float:

@@ -19,6 +19,7 @@ from wave_rt.media import (
     MissingStreamError,
     TruncatedMediaError,
     UnsupportedCodecError,
+    UnsupportedFrameShapeError,
     load_audio,
     load_av,
     load_video,
@@ -28,7 +29,7 @@ from wave_rt.media import (
 
 def test_error_hierarchy():
     for cls in (CorruptMediaError, EmptyMediaError, TruncatedMediaError, UnsupportedCodecError, MissingStreamError,
-                MediaTooLongError, MediaTooLargeError, MediaNotFoundError):
+                MediaTooLongError, MediaTooLargeError, MediaNotFoundError, UnsupportedFrameShapeError):
         assert issubclass(cls, wave_rt.MediaError) and issubclass(cls, wave_rt.WaveRTError)
 
 
@@ -121,6 +122,26 @@ def test_cut_off_stream_without_header_lies(tmp_path):
     (tmp_path / "cut_half.flac").write_bytes(data[: len(data) // 2])
     with pytest.raises(TruncatedMediaError, match="declare 20.00 s"):
         load_audio(str(tmp_path / "cut_half.flac"))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_damaged_data_of_full_length_is_corrupt_not_truncated(tmp_path, seed):
+    """Flipped bytes inside a FLAC of full length: the decoder drops or refuses frames mid-file, but the bytes
+    are all there, so the file is damaged (CorruptMediaError), not cut off; the same file halved is cut off."""
+    path = tmp_path / "tone.flac"
+    t = np.arange(16000 * 3) / 16000
+    sf.write(path, (0.4 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000)
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(seed)
+    for i in rng.integers(2000, len(data) - 100, 200):
+        data[i] ^= 0xFF
+    damaged = tmp_path / "damaged.flac"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(CorruptMediaError, match="damaged.flac.*damaged"):
+        load_audio(str(damaged))
+    (tmp_path / "halved.flac").write_bytes(path.read_bytes()[: len(data) // 2])
+    with pytest.raises(TruncatedMediaError, match="halved.flac"):
+        load_audio(str(tmp_path / "halved.flac"))
 
 
 def test_every_media_error_names_the_source(media):

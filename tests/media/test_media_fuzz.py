@@ -14,7 +14,8 @@ import media_fuzz  # noqa: E402
 from wave_rt.media import CorruptMediaError, DecodeTimeoutError, MediaLimits, load_av, load_video  # noqa: E402
 
 # Issue 16's repro: a valid 2 s H.264 + AAC MP4 with 7 bits flipped that kept load_video seeking back over the
-# same frames for ~90 s of CPU until the global max_frames_decoded=200000 stopped it.
+# same frames for ~90 s of CPU until the global max_frames_decoded=200000 stopped it (then the frame budget, in
+# 0.2 s; now the first seek that lands back makes it decode front to back, as ffmpeg and decord read it).
 REPRO = Path(__file__).resolve().parent / "data" / "slow-decode-7bitflips.mp4"
 
 
@@ -41,14 +42,36 @@ def test_mutated_media_end_in_a_result_or_a_media_error(seeds):
     assert report.results > 0 and sum(report.media_errors.values()) > 0
 
 
-def test_decode_work_is_bounded_by_what_the_stream_declares(seeds, tmp_path):
-    # The frame budget comes from the stream's declared duration x frame rate: a global cap far above it
-    # must not be what stops a decoder that keeps seeking back over the same frames.
+def test_a_stream_that_seeks_back_is_decoded_once_front_to_back(seeds, monkeypatch):
+    # Its seeks land back over frames already decoded: the first frame after the seek tells, and the clip is
+    # decoded in one forward pass (what ffmpeg and decord do with it: 20 frames), not seek after seek.
+    from wave_rt.media.backends import cpu
+
+    passes: list[bool] = []
+    real = cpu._decode_frames
+
+    def counted(*a, seek, **kw):  # noqa: ANN002, ANN003, ANN202
+        passes.append(seek)
+        return real(*a, seek=seek, **kw)
+
+    monkeypatch.setattr(cpu, "_decode_frames", counted)
     data = REPRO.read_bytes()
+    clip = load_video(data, backend="cpu", limits=MediaLimits(max_frames_decoded=10**9))
+    assert passes == [True, False]
+    assert clip.frames.shape[0] == 4 and clip.duration == 2.0
+    # its audio track has flipped bits mid-file: damaged, not cut off (the bytes go on past the failure)
+    with pytest.raises(CorruptMediaError, match="decoding audio fails at byte .* damaged"):
+        load_av(data, backend="cpu")
+
+
+def test_decode_work_is_bounded_by_what_the_stream_declares(monkeypatch):
+    # The frame budget (from the stream's declared duration x frame rate, or its packet count) stops a decoder
+    # that yields more frames than the stream declares, far below the global max_frames_decoded cap.
+    from wave_rt.media.backends import cpu
+
+    monkeypatch.setattr(cpu.VideoIndex, "frame_budget", lambda self: 5)
     with pytest.raises(CorruptMediaError, match="what the stream declares"):
-        load_video(data, backend="cpu", limits=MediaLimits(max_frames_decoded=10**9))
-    with pytest.raises(CorruptMediaError, match="what the stream declares"):
-        load_av(data, backend="cpu", limits=MediaLimits(max_frames_decoded=10**9))
+        load_video(REPRO.read_bytes(), backend="cpu", limits=MediaLimits(max_frames_decoded=10**9))
 
 
 def test_wall_clock_budget_per_decode(seeds):

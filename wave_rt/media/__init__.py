@@ -19,6 +19,7 @@ from wave_rt.media.errors import (
     MissingStreamError,
     TruncatedMediaError,
     UnsupportedCodecError,
+    UnsupportedFrameShapeError,
 )
 from wave_rt.media.features_audio import beats_fbank, whisper_log_mel
 from wave_rt.media.features_video import VideoFeatures, patchify_video, smart_resize
@@ -32,5 +33,6 @@ __all__ = [
     "probe", "MediaInfo", "whisper_log_mel", "beats_fbank", "patchify_video", "VideoFeatures", "smart_resize",
     "MediaLimits", "resolve_backend", "MediaError", "EmptyMediaError", "CorruptMediaError", "TruncatedMediaError",
     "UnsupportedCodecError", "MissingStreamError", "MediaTooLongError", "MediaTooLargeError", "MediaNotFoundError",
+    "UnsupportedFrameShapeError",
     "DecodeTimeoutError",
 ]

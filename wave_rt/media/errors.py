@@ -16,6 +16,7 @@ __all__ = [
     "MissingStreamError",
     "MediaTooLongError",
     "MediaTooLargeError",
+    "UnsupportedFrameShapeError",
     "DecodeTimeoutError",
 ]
 
@@ -46,6 +47,11 @@ class MediaTooLongError(MediaError):
 
 class MediaTooLargeError(MediaError):
     """The file or its decoded frames exceed a size limit of MediaLimits."""
+
+
+class UnsupportedFrameShapeError(MediaError):
+    """The video decodes, but its frames are narrower than the model's video processor accepts (an aspect
+    ratio over 200:1, the limit of Qwen2-VL's smart_resize)."""
 
 
 class DecodeTimeoutError(MediaError):

@@ -43,14 +43,17 @@ class VideoFeatures:
     video_second_per_grid: float  # temporal_patch_size / fps
 
 
+MAX_ASPECT_RATIO = 200  # Qwen2-VL's smart_resize refuses longer-to-shorter side ratios above this
+
+
 def smart_resize(height: int, width: int, factor: int = FACTOR, min_pixels: int = 784,
                  max_pixels: int = 176400) -> tuple[int, int]:
     """Qwen2-VL's target size: both sides multiples of `factor`, area within [min_pixels, max_pixels],
     aspect ratio kept as closely as those allow."""
     if min(height, width) <= 0:
         raise ValueError(f"frame size must be positive, got {height}x{width}")
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"aspect ratio must be at most 200, got {height}x{width}")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"aspect ratio must be at most {MAX_ASPECT_RATIO}, got {height}x{width}")
     h = round(height / factor) * factor
     w = round(width / factor) * factor
     if h * w > max_pixels:

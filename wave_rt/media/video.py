@@ -10,13 +10,16 @@ import numpy as np
 import torch
 
 from wave_rt.media.backends import resolve_backend
+from wave_rt.media.errors import UnsupportedFrameShapeError
+from wave_rt.media.features_video import MAX_ASPECT_RATIO
 from wave_rt.media.limits import MediaLimits, resolve
 from wave_rt.media.source import MediaSource, Source, as_source
 
 
 @dataclass
 class VideoClip:
-    frames: torch.Tensor  # uint8 [T, H, W, 3] RGB at the decoded size (on the GPU when DALI decoded it there)
+    frames: torch.Tensor  # uint8 [T, H, W, 3] RGB at the decoded size, turned upright as the stream's display
+    # matrix says (on the GPU when DALI decoded it there)
     timestamps: torch.Tensor  # float64 [T] seconds from the first frame
     fps: float  # effective sampling rate T / duration: what WAVE divides temporal_patch_size by
     duration: float  # frame count / average frame rate, as decord reports it
@@ -55,6 +58,9 @@ def _load_video(source: Source, fps: float, max_frames: int, backend: str, lim: 
     from wave_rt.media.backends.cpu import decode_video_frames, video_index
 
     index = video_index(source, lim)
+    if max(index.width, index.height) > MAX_ASPECT_RATIO * min(index.width, index.height):
+        raise UnsupportedFrameShapeError(source.label, f"frames of {index.width}x{index.height} pixels: the video "
+                                         f"processor takes aspect ratios up to {MAX_ASPECT_RATIO}:1")
     ids = sample_frame_ids(index.num_frames, index.avg_fps, fps, max_frames)
     frames = None
     if resolve_backend(backend) == "dali":
@@ -63,6 +69,8 @@ def _load_video(source: Source, fps: float, max_frames: int, backend: str, lim: 
         frames = dali.decode_video(source, index, ids, lim)
     if frames is None:
         frames = torch.from_numpy(decode_video_frames(source, index, ids, lim))
+    if index.rotation:  # turned as the display matrix says, as players, ffmpeg and decord show the clip
+        frames = torch.rot90(frames, index.rotation // 90, dims=(1, 2)).contiguous()
     t0 = index.pts[0]
     timestamps = torch.tensor([float((index.pts[i] - t0) * index.time_base) for i in ids], dtype=torch.float64)
     duration = index.duration

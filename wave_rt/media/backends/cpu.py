@@ -180,35 +180,49 @@ def decode_audio(source: Source, limits: MediaLimits) -> DecodedAudio:
         deadline = Deadline(limits.max_decode_seconds)
         chunks: list[np.ndarray] = []
         total = 0
+        delivered = 0.0  # seconds of stream the demuxer handed over (packet times): what the bytes still held
+        packet = None
         try:
-            for frame in container.decode(stream):
-                deadline.check(source.label, "decoding audio")
-                if frame.sample_rate and frame.sample_rate != sr:
-                    raise CorruptMediaError(source.label, f"sample rate changes mid-stream ({sr} -> {frame.sample_rate} Hz)")
-                fmt = frame.format
-                chunk = first_channel_float(frame.to_ndarray(), fmt.name, fmt.is_planar, frame.layout.nb_channels)
-                total += chunk.shape[0]
-                if cap is not None and total > cap:
-                    raise MediaTooLongError(source.label, f"audio is longer than MediaLimits.max_seconds={limits.max_seconds}")
-                if budget is not None and total > budget:
-                    raise CorruptMediaError(
-                        source.label, f"audio decodes to more than {AUDIO_BUDGET_FACTOR:g}x the {declared:.2f} s "
-                                      "its headers declare")
-                chunks.append(chunk)
+            for packet in container.demux(stream):
+                if packet.pts is not None and packet.duration and stream.time_base is not None:
+                    delivered = max(delivered, float((packet.pts + packet.duration) * stream.time_base))
+                for frame in packet.decode():
+                    deadline.check(source.label, "decoding audio")
+                    if frame.sample_rate and frame.sample_rate != sr:
+                        raise CorruptMediaError(source.label, f"sample rate changes mid-stream ({sr} -> {frame.sample_rate} Hz)")
+                    fmt = frame.format
+                    chunk = first_channel_float(frame.to_ndarray(), fmt.name, fmt.is_planar, frame.layout.nb_channels)
+                    total += chunk.shape[0]
+                    if cap is not None and total > cap:
+                        raise MediaTooLongError(source.label, f"audio is longer than MediaLimits.max_seconds={limits.max_seconds}")
+                    if budget is not None and total > budget:
+                        raise CorruptMediaError(
+                            source.label, f"audio decodes to more than {AUDIO_BUDGET_FACTOR:g}x the {declared:.2f} s "
+                                          "its headers declare")
+                    chunks.append(chunk)
         except MediaError:
             raise
         except Exception as exc:  # FFmpeg raises many error types mid-stream; each becomes a typed MediaError
-            if total and declared is not None and total / sr < 0.9 * declared - 0.5:
-                # The data stops well short of what the headers declare: a cut-off file, not a corrupt one.
+            at = getattr(packet, "pos", None)
+            if total and declared is not None and total / sr < 0.9 * declared - 0.5 and (
+                    at is None or at < 0 or at + getattr(packet, "size", 0) >= source.size - _TAIL_BYTES):
+                # The data stops well short of what the headers declare, at the end of the bytes: a cut-off file.
                 raise TruncatedMediaError(
                     source.label, f"headers declare {declared:.2f} s of audio but decoding fails after "
                                   f"{total / sr:.2f} s ({exc})") from None
+            if at is not None and at >= 0:
+                raise CorruptMediaError(source.label, f"decoding audio fails at byte {at} of {source.size}, after "
+                                                      f"{total / sr:.2f} s: the data there is damaged ({exc})") from None
             raise media_error(source, exc, "decoding audio") from None
     if total == 0:
         raise EmptyMediaError(source.label, "the audio stream holds no samples")
     samples = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
-    check_complete(source, container.format.name, total / sr, declared, "audio")
+    check_complete(source, container.format.name, total / sr, declared, "audio", delivered=delivered)
     return DecodedAudio(samples, sr, channels, declared)
+
+
+# A failure this close to the end of the bytes is where a cut-off file ends (its last packet is partial).
+_TAIL_BYTES = 4096
 
 
 # Containers whose headers state the duration exactly (not an estimate from the bitrate, as MP3/ADTS have).
@@ -219,11 +233,17 @@ def _exact_duration(container_format: str) -> bool:
     return any(f in container_format.split(",") for f in _EXACT_DURATION)
 
 
-def check_complete(source: Source, container_format: str, got: float, declared: float | None, what: str) -> None:
-    """A file whose headers promise much more than the decoder delivered was cut off."""
+def check_complete(source: Source, container_format: str, got: float, declared: float | None, what: str,
+                   delivered: float | None = None) -> None:
+    """A file whose headers promise much more than the decoder delivered was cut off, unless its packets did
+    cover the declared time (`delivered`, seconds of packets demuxed) and the decoder dropped them as damaged."""
     if declared is None or not _exact_duration(container_format):
         return
     if got < 0.9 * declared - 0.5:
+        if delivered is not None and delivered >= 0.9 * declared - 0.5:
+            raise CorruptMediaError(
+                source.label, f"its packets cover {delivered:.2f} s of {what}, as the headers declare "
+                              f"({declared:.2f} s), but only {got:.2f} s decode: the data is damaged")
         raise TruncatedMediaError(
             source.label, f"headers declare {declared:.2f} s of {what} but only {got:.2f} s could be decoded")
 
@@ -242,6 +262,9 @@ class VideoIndex:
     codec: str
     container_format: str
     declared_seconds: float | None
+    # the display matrix's rotation, counter-clockwise degrees in {0, 90, 180, 270} (a phone's portrait clip is
+    # stored landscape with 90 or 270): frames are shown, and sampled by WAVE's decord loader, turned by it
+    rotation: int = 0
 
     @property
     def num_frames(self) -> int:
@@ -291,6 +314,7 @@ def video_index(source: Source, limits: MediaLimits) -> VideoIndex:
             raise CorruptMediaError(source.label, "video stream has no frame rate")
         pts: list[int] = []
         keys: list[int] = []
+        rotation: int | None = None
         max_frames = None if limits.max_seconds is None else int(limits.max_seconds * fps) + 1
         deadline = Deadline(limits.max_decode_seconds)
         try:
@@ -303,6 +327,8 @@ def video_index(source: Source, limits: MediaLimits) -> VideoIndex:
                 pts.append(int(packet.pts))
                 if packet.is_keyframe:
                     keys.append(int(packet.pts))
+                if rotation is None:
+                    rotation = _first_frame_rotation(packet, len(pts))
                 if max_frames is not None and len(pts) > max_frames:
                     raise MediaTooLongError(source.label, f"video is longer than MediaLimits.max_seconds={limits.max_seconds}")
         except MediaError:
@@ -313,17 +339,56 @@ def video_index(source: Source, limits: MediaLimits) -> VideoIndex:
             pts=sorted(pts), keyframe_pts=sorted(keys), time_base=Fraction(stream.time_base), avg_fps=fps,
             width=int(stream.codec_context.width), height=int(stream.codec_context.height),
             codec=stream.codec_context.name, container_format=container.format.name,
-            declared_seconds=declared_seconds(container, stream))
+            declared_seconds=declared_seconds(container, stream), rotation=rotation or 0)
     if not index.pts:
         raise EmptyMediaError(source.label, "the video stream holds no frames")
     return index
 
 
+# Packets decoded while indexing until the first frame comes out, for its display matrix (a decoder with frame
+# reordering holds a few back); past this the clip is taken as unrotated.
+ROTATION_PROBE_PACKETS = 32
+
+
+def _first_frame_rotation(packet: Any, n: int) -> int | None:
+    """The display rotation carried by the first decoded frame (None: no frame out yet, keep feeding packets)."""
+    try:
+        for frame in packet.decode():
+            return int(round(float(getattr(frame, "rotation", 0) or 0) / 90.0)) % 4 * 90
+    except Exception:  # noqa: BLE001 - a damaged first packet: decoding proper reports it, with its reason
+        return 0
+    return None if n < ROTATION_PROBE_PACKETS else 0
+
+
+# Containers without a seek index: FFmpeg seeks in them by bisecting on timestamps read from the bytes and can land a
+# group of pictures (or more) past the target, so their frames are decoded in one forward pass from the start.
+LINEAR_DECODE_FORMATS = frozenset({"mpegts", "mpeg", "mpegvideo", "h264", "hevc", "m4v", "mpeg1video", "mpeg2video"})
+
+
+class _SeekMissed(Exception):
+    """A seek did not land where decoding can go on from (past the target, back before frames already decoded,
+    or on no frame at all): the clip is decoded again in one forward pass, which needs no seek."""
+
+
 def decode_video_frames(source: Source, index: VideoIndex, frame_ids: np.ndarray, limits: MediaLimits) -> np.ndarray:
-    """Frames at `frame_ids` (presentation order, ascending, repeats allowed) -> uint8 [T, H, W, 3] RGB.
+    """Frames at `frame_ids` (presentation order, ascending, repeats allowed) -> uint8 [T, H, W, 3] RGB, as stored
+    (before the display rotation, see VideoIndex.rotation).
 
     Decodes forward and seeks to a target's keyframe only when that skips at least one group of pictures, so a
-    dense 2 fps sampling decodes linearly while a sparse one touches only the GOPs it needs."""
+    dense 2 fps sampling decodes linearly while a sparse one touches only the GOPs it needs. Every seek is
+    checked by the first frame it yields; one that misses (MPEG-TS, MP4 edit lists whose seeks restart at the
+    first frame, ...) makes the clip decode in one forward pass instead, as ffmpeg does without -ss."""
+    deadline = Deadline(limits.max_decode_seconds)
+    if index.container_format not in LINEAR_DECODE_FORMATS and len(index.keyframe_pts) > 1:
+        try:
+            return _decode_frames(source, index, frame_ids, limits, deadline, seek=True)
+        except _SeekMissed:
+            pass
+    return _decode_frames(source, index, frame_ids, limits, deadline, seek=False)
+
+
+def _decode_frames(source: Source, index: VideoIndex, frame_ids: np.ndarray, limits: MediaLimits,
+                   deadline: Deadline, seek: bool) -> np.ndarray:
     wanted = sorted(set(int(i) for i in frame_ids))
     target_pts = [index.pts[i] for i in wanted]
     slots: dict[int, list[int]] = {}
@@ -335,7 +400,7 @@ def decode_video_frames(source: Source, index: VideoIndex, frame_ids: np.ndarray
     decoded = 0
     cap = limits.max_frames_decoded
     budget = index.frame_budget()
-    deadline = Deadline(limits.max_decode_seconds)
+    keys = index.keyframe_pts
     # One converter for the clip: `frame.to_ndarray(format=...)` builds a new swscale context per frame, and with
     # threads unset each context starts (and joins) a pool of one slice thread per core: ~25 thread starts and
     # context switches per clip that cost a worker process ~20% of its core when all cores are busy (measured).
@@ -350,11 +415,16 @@ def decode_video_frames(source: Source, index: VideoIndex, frame_ids: np.ndarray
         k = 0  # next target (position in target_pts)
         last_pts: int | None = None
         frames = None
+        landing: tuple[int, int | None] | None = None  # after a seek: (its target, the last frame before it)
         try:
             while k < len(target_pts):
-                key = _keyframe_before(index.keyframe_pts, target_pts[k])
-                if frames is None or (last_pts is not None and key > last_pts):
+                key = _keyframe_before(keys, target_pts[k])
+                # the first target in the first group of pictures is decoded from the start: nothing to skip
+                if seek and (key > keys[0] if frames is None else last_pts is not None and key > last_pts):
                     container.seek(key, stream=stream, backward=True, any_frame=False)
+                    frames = container.decode(stream)
+                    landing = (target_pts[k], last_pts)
+                elif frames is None:
                     frames = container.decode(stream)
                 ran_dry = True
                 for frame in frames:
@@ -372,10 +442,15 @@ def decode_video_frames(source: Source, index: VideoIndex, frame_ids: np.ndarray
                     fpts = frame.pts
                     if fpts is None:
                         raise CorruptMediaError(source.label, "decoded frames carry no timestamps")
+                    if landing is not None:
+                        target, before = landing
+                        landing = None
+                        if fpts > target or (before is not None and fpts <= before):
+                            raise _SeekMissed
                     last_pts = fpts
                     while k < len(target_pts) and fpts >= target_pts[k]:
-                        # A frame past its target means the target could not be decoded on its own (an open GOP
-                        # after a seek): the next shown frame stands in, as a player would show it.
+                        # A frame past its target means the target is never shown (a frame an edit list drops,
+                        # a leading frame of an open GOP): the next shown frame stands in, as a player shows it.
                         rgb = to_rgb.reformat(frame, format="rgb24", threads=DECODER_THREADS).to_ndarray()
                         if rgb.shape != out.shape[1:]:
                             raise CorruptMediaError(
@@ -383,15 +458,19 @@ def decode_video_frames(source: Source, index: VideoIndex, frame_ids: np.ndarray
                         out[slots[wanted[k]]] = rgb
                         filled += 1
                         k += 1
-                    if k >= len(target_pts) or _keyframe_before(index.keyframe_pts, target_pts[k]) > fpts:
+                    if k >= len(target_pts) or (seek and _keyframe_before(keys, target_pts[k]) > fpts):
                         ran_dry = False  # done, or the next target lies past another keyframe: seek there
                         break
                 if ran_dry and k < len(target_pts):
+                    if landing is not None:  # the seek yielded no frame at all
+                        raise _SeekMissed
                     raise TruncatedMediaError(
                         source.label, f"the decoder ran out before frame {wanted[k]} of {index.num_frames}")
-        except MediaError:
+        except (MediaError, _SeekMissed):
             raise
         except Exception as exc:  # FFmpeg raises many error types mid-stream; each becomes a typed MediaError
+            if seek:
+                raise _SeekMissed from None  # a seek into a damaged stretch: the forward pass decides
             raise media_error(source, exc, "decoding video") from None
     if filled != len(wanted):
         raise TruncatedMediaError(source.label, f"decoded {filled} of the {len(wanted)} frames sampled")

@@ -25,7 +25,13 @@ import numpy as np
 import torch
 
 from wave_rt._optional import require
-from wave_rt.media.backends.cpu import VideoIndex, check_audio_stream, declared_seconds, open_container
+from wave_rt.media.backends.cpu import (
+    LINEAR_DECODE_FORMATS,
+    VideoIndex,
+    check_audio_stream,
+    declared_seconds,
+    open_container,
+)
 from wave_rt.media.errors import CorruptMediaError, EmptyMediaError, MediaTooLongError, MissingStreamError
 from wave_rt.media.limits import MediaLimits
 from wave_rt.media.source import Source
@@ -161,6 +167,11 @@ def decode_video(source: Source, index: VideoIndex, frame_ids: np.ndarray,
     supported = GPU_VIDEO_CODECS if device == "mixed" else CPU_VIDEO_CODECS
     if index.codec not in supported:
         _fallback(f"{index.codec} video on the {'GPU' if device == 'mixed' else 'CPU'}")
+        return None
+    if index.container_format in LINEAR_DECODE_FORMATS:
+        # DALI's decoder seeks to the frames it is given; in a container without a seek index such seeks can
+        # land a group of pictures late (see cpu.LINEAR_DECODE_FORMATS), which the CPU path guards against
+        _fallback(f"video in {index.container_format} containers (no seek index)")
         return None
     return decode_video_batch([(source, frame_ids)], device)[0]
 

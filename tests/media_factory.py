@@ -107,14 +107,17 @@ def write_encoded_audio(path: Path, samples: np.ndarray, rate: int, codec: str, 
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int, codec: str = "libx264", audio: np.ndarray | None = None,
-                audio_rate: int = 44100, gop: int | None = None, bframes: int | None = None) -> None:
+                audio_rate: int = 44100, gop: int | None = None, bframes: int | None = None,
+                options: dict[str, str] | None = None, rotation: int = 0) -> None:
     """H.264 / VP9 video (rgb24 frames [n, h, w, 3]), optionally with a mono AAC track."""
     from wave_rt.archive.demo_data import write_video as encode
 
-    options = {"g": str(gop)} if gop is not None else {}
+    options = dict(options or {})
+    if gop is not None:
+        options["g"] = str(gop)
     if bframes is not None:
         options["bf"] = str(bframes)
-    encode(path, frames, fps, codec, audio=audio, audio_rate=audio_rate, options=options)
+    encode(path, frames, fps, codec, audio=audio, audio_rate=audio_rate, options=options, rotation=rotation)
 
 
 def write_mp3_with_cover(path: Path, samples: np.ndarray, rate: int, cover_rgb: np.ndarray) -> None:

@@ -113,18 +113,7 @@ def test_display_rotation_turns_the_frames_upright(tmp_path, degrees):
     stored = np.zeros((10, 96, 160, 3), np.uint8)
     stored[:, :32, :64] = 255
     path = tmp_path / f"rot{degrees}.mp4"
-    with av.open(str(path), "w") as c:
-        vs = c.add_stream("libx264", rate=10)
-        vs.width, vs.height, vs.pix_fmt = 160, 96, "yuv420p"
-        vs.options = {"crf": "10"}
-        vs.set_display_rotation(degrees)
-        for i, arr in enumerate(stored):
-            f = av.VideoFrame.from_ndarray(arr, format="rgb24")
-            f.pts = i
-            for p in vs.encode(f):
-                c.mux(p)
-        for p in vs.encode(None):
-            c.mux(p)
+    write_video(path, stored, 10, options={"crf": "10"}, rotation=degrees)
     frame = load_video(str(path)).frames[0].numpy().astype(int)
     h, w = (160, 96) if degrees in (90, 270) else (96, 160)
     assert frame.shape == (h, w, 3)

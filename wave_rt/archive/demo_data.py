@@ -145,9 +145,10 @@ def _ball_frames(n: int, fps: int, h: int = 120, w: int = 160) -> tuple[np.ndarr
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int, codec: str, audio: np.ndarray | None = None,
-                audio_rate: int = 48000, options: dict[str, str] | None = None) -> None:
+                audio_rate: int = 48000, options: dict[str, str] | None = None, rotation: int = 0) -> None:
     """rgb24 frames [n, h, w, 3] as H.264 or VP9 (yuv420p), with an optional mono AAC track; `options`
-    adds to or overrides the encoder's defaults (e.g. {"g": "8", "bf": "2"})."""
+    adds to or overrides the encoder's defaults (e.g. {"g": "8", "bf": "2"}); `rotation` (counter-clockwise
+    degrees) goes into the display matrix, as a phone writes a portrait clip it stored landscape."""
     import av
 
     with av.open(str(path), "w") as container:
@@ -158,6 +159,8 @@ def write_video(path: Path, frames: np.ndarray, fps: int, codec: str, audio: np.
         defaults = {"libx264": {"preset": "veryfast", "crf": "28"},
                     "libvpx-vp9": {"crf": "40", "b:v": "0", "deadline": "realtime", "cpu-used": "8"}}
         vs.options = {**defaults.get(codec, {}), **(options or {})}
+        if rotation:
+            vs.set_display_rotation(rotation)
         astream = None
         if audio is not None:
             astream = container.add_stream("aac", rate=audio_rate)

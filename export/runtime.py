@@ -19,6 +19,7 @@ import torch
 from wave_rt.export.stages import STAGES, StageInputs  # noqa: F401 - StageInputs: re-exported for runners
 
 from wave_rt.config import WaveConfig
+from wave_rt.dtypes import resolve_device
 from wave_rt.errors import CheckpointError
 from wave_rt.model.batch import PaddedBatch
 
@@ -186,7 +187,7 @@ def load_bundle_model(path: str | os.PathLike[str], backend: str, device: torch.
         raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)} (or 'torch' for a checkpoint)")
     root = Path(path)
     manifest = verify_bundle(root, backend, check_hashes=check_hashes)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device)
     config = WaveConfig.from_pretrained(root)
     table = load_file(str(root / EMBED_TABLE), device=str(dev))["weight"]
     fmt = {"onnxruntime": "onnx", "aoti": "aoti", "tensorrt": "tensorrt"}[backend]

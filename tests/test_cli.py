@@ -221,3 +221,34 @@ def test_interrupt_exit_code(monkeypatch, tmp_path):
 def test_console_script_is_declared():
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert 'wave-rt = "wave_rt.cli:main"' in text
+
+
+@pytest.mark.parametrize("device", ["cuda:99", "tpu0"])
+def test_a_device_this_machine_lacks_is_one_line_for_every_command(tmp_path, device):
+    # cuda:99 exists on no machine (a GPU box has fewer cards); on a CPU-only torch torch itself raises an
+    # AssertionError deep inside the first layer built on the device, which used to reach the user raw.
+    (tmp_path / "pairs.jsonl").write_text('{"query_text": "a", "target_text": "b"}\n')
+    for argv in (["eval", str(tmp_path / "pairs.jsonl"), "--device", device],
+                 ["bench-latency", "demo", "--device", device],
+                 ["export", "bundle", "demo", "--out", str(tmp_path / "b"), "--device", device],
+                 ["embed", "demo", "--out", str(tmp_path / "o"), "--device", device, "--no-progress"]):
+        code, out, err = _run(argv)
+        _assert_one_line_error(code, err, argv[0])
+        assert f"device '{device}'" in err or f"device='{device}'" in err, err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "o").exists()
+
+
+def test_resolve_device_is_typed(monkeypatch):
+    import torch
+
+    from wave_rt.dtypes import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(wave_rt.DeviceError, match="cuda:99"):
+        wave_rt.WaveEncoder.from_pretrained(None, device="cuda:99")
+    with pytest.raises(wave_rt.DeviceError, match="'gpu9'"):
+        resolve_device("gpu9")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(wave_rt.DeviceError, match="cpu"):
+        resolve_device("cuda")
+    assert resolve_device(None) == torch.device("cpu")

@@ -31,6 +31,7 @@ _LAZY: dict[str, str] = {
     "UnsupportedItemError": "wave_rt.errors",
     "MediaError": "wave_rt.errors",
     "MissingDependencyError": "wave_rt.errors",
+    "DeviceError": "wave_rt.errors",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
@@ -58,6 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from wave_rt.embed.encoder import WaveEncoder, similarity
     from wave_rt.errors import (
         CheckpointError,
+        DeviceError,
         InputError,
         MediaError,
         MissingDependencyError,

@@ -71,17 +71,10 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
 
 
 def _check_device(device: str | None) -> None:
-    """A device this process can use, or a one-line error (torch's own is an AssertionError on CPU builds)."""
-    if device is None:
-        return
-    import torch
+    """A device this process can use, or a one-line DeviceError (torch's own is an AssertionError on CPU builds)."""
+    from wave_rt.dtypes import resolve_device
 
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {device}: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device on this machine")
+    resolve_device(device)
 
 
 # ---------------------------------------------------------------------------------------------- embed

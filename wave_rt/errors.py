@@ -40,6 +40,16 @@ class UnsupportedItemError(InputError):
     """The item's type is not one encode() understands."""
 
 
+class DeviceError(WaveRTError, ValueError):
+    """A device this process cannot use: CUDA asked for on a machine or torch build without it, a device index
+    past the ones present, or a string torch does not parse."""
+
+    def __init__(self, device: object, reason: str) -> None:
+        self.device = str(device)
+        self.reason = reason
+        super().__init__(f"device {self.device!r}: {reason}")
+
+
 class MediaError(WaveRTError):
     """A media file cannot be decoded; subclasses (in wave_rt.media) name the cause."""
 

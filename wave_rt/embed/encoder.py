@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from wave_rt.config import WaveConfig
-from wave_rt.dtypes import default_dtype, parse_dtype
+from wave_rt.dtypes import default_dtype, parse_dtype, resolve_device
 from wave_rt.embed.batch_features import featurize_batch
 from wave_rt.embed.batching import plan_batches
 from wave_rt.embed.identity import DEMO_MODEL, encoder_fingerprint, weights_fingerprint
@@ -49,10 +49,6 @@ class QAResult:
     choice: int  # index of the best option
     letter: str
     scores: list[float]  # cosine similarity per option
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
@@ -117,8 +113,9 @@ class WaveEncoder:
         model's device (None: on CUDA only; see WaveEncoder.defer_features)."""
         from wave_rt.model.loading import load_wave_model
 
+        dev = resolve_device(device)
         if backend != "torch":
-            engine, _ = _bundle_loader(backend)(path, backend, device=device)
+            engine, _ = _bundle_loader(backend)(path, backend, device=dev)
             processor = WaveProcessor(engine.config, load_tokenizer(path), media_backend=media_backend)
             return cls(engine, processor, model_id=Path(path).resolve().name, weights_id=engine.weights_id,
                        num_workers=num_workers, gpu_features=gpu_features)
@@ -128,7 +125,6 @@ class WaveEncoder:
             from wave_rt.model.demo import DEMO_MODEL_ID, demo_checkpoint
 
             path = demo_checkpoint()
-        dev = torch.device(device) if device is not None else _default_device()
         dt = _resolve_dtype(dtype, dev)
         model, config = load_wave_model(path, device=dev, dtype=dt, recipe=recipe, beats_path=beats_path, preset=preset)
         processor = WaveProcessor(config, load_tokenizer(path), media_backend=media_backend)

@@ -199,8 +199,10 @@ def load_wave_model(
 
     `preset` (wave_rt.model.embedder_presets) picks the recipe; without it the preset is detected from the
     checkpoint's layout where it says one (an explicit `recipe` still wins over the preset's)."""
+    from wave_rt.dtypes import resolve_device
     from wave_rt.model.wave_model import WaveModel
 
+    device = resolve_device(device)  # a device this process lacks fails here, typed, not inside a layer's init
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(root, "not a directory")

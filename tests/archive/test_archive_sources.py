@@ -145,3 +145,22 @@ def test_archive_sources_modality_resolution() -> None:
 
     with pytest.raises(MediaError, match="neither"):
         resolve_modality(v, probe((False, False)))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
+def test_archive_sources_byte_order_mark_and_bytes_that_are_not_utf8(tmp_path: Path, fmt: str) -> None:
+    # Excel's "CSV UTF-8" starts with a byte-order mark; a manifest saved as Latin-1 has bytes that are not
+    # UTF-8. The mark is dropped (the first column keeps its name); a row with bad bytes is reported alone.
+    sep = "\t" if fmt == "tsv" else ","
+    rows = ["caf\u00e9 au lait", "caf\u00e9 cr\u00e8me", "plain tea"]
+    if fmt == "jsonl":
+        lines = [json.dumps({"text": r}, ensure_ascii=False).encode() for r in rows]
+    else:
+        lines = [f"text{sep}id".encode()] + [f"{r}{sep}r{i}".encode() for i, r in enumerate(rows)]
+    lines[-2] = lines[-2].decode().encode("latin-1")  # the middle caption, as a Latin-1 editor saves it
+    path = tmp_path / f"m.{fmt}"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")
+    items = list(open_source(str(path)))
+    assert [it.text for it in items if it.problem is None] == [rows[0], rows[2]]
+    (bad,) = [it for it in items if it.problem is not None]
+    assert "not valid UTF-8" in bad.problem and "0xe9" in bad.problem

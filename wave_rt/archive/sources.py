@@ -45,6 +45,22 @@ class SourceEntry:
     problem: str | None = None
 
 
+def _open_text(path: Path) -> Any:
+    """A text manifest for reading: UTF-8, a leading byte-order mark dropped (Excel's "CSV UTF-8" writes one,
+    which would otherwise stick to the first column's name), and bytes that are not UTF-8 kept as surrogates so
+    that the row holding them is reported alone (see _undecodable) instead of stopping the whole source."""
+    return open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
+
+
+def _undecodable(text: str) -> str | None:
+    """Why a row read by _open_text is unusable, when it holds bytes that are not UTF-8 (None: it is fine)."""
+    for ch in text:
+        if "\udc80" <= ch <= "\udcff":
+            return (f"the row is not valid UTF-8 (byte 0x{ord(ch) - 0xDC00:02x}); save the manifest as UTF-8 "
+                    "(e.g. iconv -f latin1 -t utf-8)")
+    return None
+
+
 def check_modality(modality: str) -> str:
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
@@ -157,7 +173,7 @@ class ManifestSource(ArchiveSource):
             except (OSError, ValueError) as exc:
                 raise SourceError(self.spec, f"unreadable Parquet manifest: {exc}") from None
         elif self.format in ("csv", "tsv"):
-            with open(self.path, newline="", encoding="utf-8") as f:
+            with _open_text(self.path) as f:
                 header = next(csv.reader(f, delimiter="\t" if self.format == "tsv" else ","), None)
             if not header:
                 raise SourceError(self.spec, "empty CSV manifest (no header row)")
@@ -170,10 +186,15 @@ class ManifestSource(ArchiveSource):
     def _rows(self) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
         """(row number from 0, the row or None, a parse problem or None)."""
         if self.format == "jsonl":
-            with open(self.path, encoding="utf-8") as f:
+            with _open_text(self.path) as f:
                 n = 0
                 for line in f:
                     if not line.strip():
+                        continue
+                    bad = _undecodable(line)
+                    if bad:
+                        yield n, None, bad
+                        n += 1
                         continue
                     try:
                         row = json.loads(line)
@@ -186,9 +207,13 @@ class ManifestSource(ArchiveSource):
                             yield n, None, f"line is a JSON {type(row).__name__}, not an object"
                     n += 1
         elif self.format in ("csv", "tsv"):
-            with open(self.path, newline="", encoding="utf-8") as f:
+            with _open_text(self.path) as f:
                 reader = csv.DictReader(f, delimiter="\t" if self.format == "tsv" else ",")
                 for n, row in enumerate(reader):
+                    bad = next((_undecodable(v) for v in row.values() if isinstance(v, str) and _undecodable(v)), None)
+                    if bad:
+                        yield n, None, bad
+                        continue
                     clean = {(k or "").strip(): (v if v != "" else None) for k, v in row.items()}
                     yield n, clean, None
         else:

@@ -131,3 +131,29 @@ def test_qa_helper_scores_letters(wave_encoder, media_dir):
     assert res.scores[res.choice] == max(res.scores)
     instr, letters = wave_encoder.processor.qa_instruction("What is heard?", ["a tone", "speech"])
     assert instr == "What is heard?\nA. a tone\nB. speech\nPlease respond with only the letter of the correct answer."
+
+
+@pytest.mark.parametrize("seconds", [0.01, 0.3, 1.0, 2.5])
+def test_duration_is_the_clips_own_length_not_the_padded_one(wave_encoder, tmp_path, seconds):
+    # A clip under 1 s is zero-padded to 1 s for the model; its recorded duration (the archive's `duration`
+    # column, the progress line's audio seconds) is what the file holds.
+    sf.write(tmp_path / "clip.wav", tone(seconds, sr=44100), 44100)
+    from_file = wave_encoder.prepare(wave_rt.Audio(str(tmp_path / "clip.wav")))
+    from_array = wave_encoder.prepare(wave_rt.Audio(tone(seconds, sr=44100), sample_rate=44100))
+    assert from_file.duration == pytest.approx(seconds, abs=1e-4)
+    assert from_array.duration == pytest.approx(seconds, abs=1e-4)
+    assert from_file.num_tokens == from_array.num_tokens
+
+
+def test_qa_letters_given_are_the_letters_listed_and_scored(wave_encoder, media_dir):
+    instr, letters = wave_encoder.processor.qa_instruction("What is heard?", ["a tone", "speech"], ["X", "Y"])
+    assert letters == ["X", "Y"] and "X. a tone\nY. speech" in instr and "A." not in instr
+    res = wave_encoder.answer(wave_rt.Audio(str(media_dir / "tone.wav")), "What is heard?", ["a tone", "speech"],
+                              letters=["X", "Y"])
+    assert res.letter in ("X", "Y") and len(res.scores) == 2
+    for bad in (["X"], ["X", "Y", "Z"], ["X", "X"]):
+        with pytest.raises(ValueError, match="letter"):
+            wave_encoder.answer(wave_rt.Audio(str(media_dir / "tone.wav")), "What is heard?", ["a tone", "speech"],
+                                letters=bad)
+    with pytest.raises(ValueError, match="26"):
+        wave_encoder.processor.qa_instruction("Which?", [str(i) for i in range(27)])

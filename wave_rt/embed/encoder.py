@@ -291,9 +291,11 @@ class WaveEncoder:
     def answer(self, item: Item, question: str, options: Sequence[str] | None = None,
                letters: Sequence[str] | None = None) -> QAResult:
         """Multiple-choice QA as WAVE scores MMAU / MMEB QA: the media with the question (and lettered
-        options) as instruction, each option letter encoded as a text target, best cosine wins."""
-        instruction, default_letters = self.processor.qa_instruction(question, list(options) if options else None)
-        letters = list(letters or default_letters)
+        options) as instruction, each option letter encoded as a text target, best cosine wins. `letters`
+        names the options (default A, B, ...), one per option, and is what the prompt lists; without
+        `options` the question lists them itself and `letters` says which to score."""
+        instruction, letters = self.processor.qa_instruction(question, list(options) if options else None,
+                                                             list(letters) if letters is not None else None)
         if not letters:
             raise ValueError("give options=[...] or letters=[...]")
         query = self.encode([item], instruction=instruction, convert_to="torch")

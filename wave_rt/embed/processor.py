@@ -154,15 +154,25 @@ class WaveProcessor:
             raise UnsupportedItemError(
                 item, f"preset {preset.name!r} embeds {', '.join(preset.modalities)}, not {kind}", index)
 
-    def qa_instruction(self, question: str, options: list[str] | None = None) -> tuple[str, list[str]]:
-        """(instruction, option texts) for a multiple-choice question, WAVE style: the question with lettered
-        options, then the QA suffix; options are scored as the letters A, B, ... encoded as text targets."""
+    def qa_instruction(self, question: str, options: list[str] | None = None,
+                       letters: list[str] | None = None) -> tuple[str, list[str]]:
+        """(instruction, option letters) for a multiple-choice question, WAVE style: the question with lettered
+        options, then the QA suffix; options are scored as their letters (A, B, ... unless `letters` names
+        them) encoded as text targets. Without options the question already lists them and `letters` says
+        how; the letters listed in the prompt are always the ones scored."""
         if options:
-            letters = [chr(ord("A") + i) for i in range(len(options))]
+            if letters is None:
+                if len(options) > 26:
+                    raise ValueError(f"{len(options)} options: past 26 the letters A-Z run out; pass letters=[...]")
+                letters = [chr(ord("A") + i) for i in range(len(options))]
+            elif len(letters) != len(options):
+                raise ValueError(f"{len(options)} options but {len(letters)} letters: give one letter per option")
             listed = "\n".join(f"{letter}. {o}" for letter, o in zip(letters, options))
             body = f"{question}\n{listed}"
         else:
-            letters, body = [], question
+            letters, body = list(letters or []), question
+        if len(set(letters)) != len(letters):
+            raise ValueError(f"option letters must differ, got {letters}")
         return f"{body}\n{self.prompts.qa_suffix}", letters
 
     # ------------------------------------------------------------------ text
@@ -198,7 +208,9 @@ class WaveProcessor:
     def _instruction(self, modality: str, instruction: str | None) -> str:
         return instruction if instruction is not None else self.prompts.default_instructions.get(modality, "")
 
-    def _waveform(self, item: Audio) -> torch.Tensor:
+    def _waveform(self, item: Audio) -> tuple[torch.Tensor, float]:
+        """The model's waveform (resampled, padded to the backbone's minimum) and the clip's own length in
+        seconds before that padding (what the archive records as its duration)."""
         from wave_rt import media
 
         src = item.source
@@ -219,9 +231,13 @@ class WaveProcessor:
             # WAVE pads to 1 s; MiDashengLM's processor pads only to 3200 samples (0.2 s). Files still go through
             # media.load_audio's 1 s rule, so a file shorter than 1 s differs from MiDashengLM's own processing.
             min_len = MIDASHENGLM_MIN_SAMPLES if self.config.backbone == MIDASHENGLM else sr
-            return torch.nn.functional.pad(wav, (0, max(0, min_len - wav.numel())))
+            seconds = float(np.asarray(src).shape[-1] if isinstance(src, np.ndarray) else src.shape[-1]) / item.sample_rate
+            return torch.nn.functional.pad(wav, (0, max(0, min_len - wav.numel()))), seconds
         source = _as_source(item, src)
-        return media.load_audio(source, sample_rate=sr, backend=self.media_backend)
+        from wave_rt.media.audio import finish_audio, load_audio_native
+
+        native, native_sr = load_audio_native(source, backend=self.media_backend)
+        return finish_audio(native[0], native_sr, sr), native.shape[-1] / native_sr
 
     def _audio_segments(self, wav: torch.Tensor, defer: bool = False) -> list[AudioSegmentInputs]:
         """The audio tower inputs of one waveform. Deferred: each segment keeps the exact waveform its features
@@ -307,8 +323,7 @@ class WaveProcessor:
 
     # ------------------------------------------------------------------ audio / video / av
     def _audio(self, item: Audio, instruction: str | None, defer: bool = False) -> PreparedItem:
-        wav = self._waveform(item)
-        duration = _duration_of(item, wav, self.config.media.sample_rate)
+        wav, duration = self._waveform(item)
         segments = self._audio_segments(wav, defer)
         n, repeat = self._audio_block_tokens(segments)
         ids = self.ids
@@ -387,9 +402,3 @@ def _as_source(item: object, src: object) -> str | bytes:
     raise InputError(item, f"source must be a path, bytes, or decoded samples/frames, got {type(src).__name__}")
 
 
-def _duration_of(item: Audio, wav: torch.Tensor, sr: int) -> float:
-    src = item.source
-    if isinstance(src, (np.ndarray, torch.Tensor)) and item.sample_rate:
-        n = src.shape[-1]
-        return float(n) / float(item.sample_rate)
-    return float(wav.numel()) / float(sr)

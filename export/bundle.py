@@ -163,6 +163,7 @@ def export_model_bundle(
             "files": {},
         }
         write_manifest(tmp, manifest)
+        _default_modes(tmp)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)
@@ -170,6 +171,17 @@ def export_model_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _default_modes(root: Path) -> None:
+    """The modes a plain mkdir and open would have given under this process's umask: mkdtemp makes the staging
+    directory owner-only (0700) and safetensors writes 0600, so a bundle served by another user (a Triton
+    server's account) could not be read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    root.chmod(0o777 & ~mask)
+    for p in root.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def state_fingerprint(model: Any) -> str:

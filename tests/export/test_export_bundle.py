@@ -132,3 +132,16 @@ def test_loading_and_encoding_never_unpickle(wave_bundle, monkeypatch):
         enc = WaveEncoder.from_pretrained(wave_bundle, backend=backend, device="cpu")
         out = enc.encode(["a dog barks", "rain"])
         assert out.shape == (2, enc.dim) and np.isfinite(out).all()
+
+
+def test_bundle_files_have_the_modes_the_umask_gives(wave_bundle):
+    # A bundle is served by other accounts (a Triton server's): mkdtemp's 0700 and safetensors' 0600 must not
+    # survive into the published directory.
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [wave_bundle, *wave_bundle.rglob("*")]:
+        want = (0o777 if p.is_dir() else 0o666) & ~mask
+        assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(stat.S_IMODE(p.stat().st_mode)), oct(want))

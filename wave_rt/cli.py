@@ -311,6 +311,7 @@ def _cmd_search(args: argparse.Namespace, out: TextIO) -> int:
     else:
         query = AudioVisual(args.av)
     encoder = None
+    index.check_dtype(args.dtype)  # before a model is loaded in a dtype the archive cannot use
     if args.model is not None or args.dtype is not None:
         from wave_rt.embed.encoder import WaveEncoder
 

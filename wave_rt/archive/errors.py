@@ -29,16 +29,49 @@ class ArchiveMismatchError(WaveRTError):
     """The output directory holds embeddings made with other settings (model, dtype, instruction...);
     mixing them would silently corrupt the archive."""
 
-    def __init__(self, out_dir: object, differences: dict[str, tuple[object, object]]) -> None:
+    def __init__(self, out_dir: object, differences: dict[str, tuple[object, object]], *,
+                 user: str = "this run", advice: str | None = None) -> None:
         self.out_dir = str(out_dir)
         self.differences = differences
-        lines = [f"  {key}: the directory has {_show(key, old)}, this run would use {_show(key, new)}"
+        lines = [f"  {key}: the directory has {_show(key, old)}, {user} would use {_show(key, new)}"
                  for key, (old, new) in differences.items()]
+        if advice is None:
+            advice = ("Embeddings from different settings must not be mixed: choose another --out directory, "
+                      "or delete this one to start over.")
         super().__init__(
             f"{self.out_dir} already holds embeddings made with different settings:\n" + "\n".join(lines)
-            + "\nEmbeddings from different settings must not be mixed: choose another --out directory, "
-            "or delete this one to start over."
+            + "\n" + advice
         )
+
+
+class SearchMismatchError(ArchiveMismatchError):
+    """The model that would encode the queries is not the one the archive was embedded with (another
+    model, weights or compute dtype): its vectors would not share the archive's space. The archive itself
+    is fine, so the advice is to load its model, never to delete it."""
+
+    def __init__(self, out_dir: object, differences: dict[str, tuple[object, object]], *, model_id: str,
+                 model_path: str, dtype: str) -> None:
+        self.model_id = model_id
+        self.model_path = model_path
+        self.dtype = dtype
+        origin = "the bundled demo model" if model_path == "demo" else repr(model_path)
+        super().__init__(
+            out_dir, differences, user="the query encoder",
+            advice=f"Queries must be encoded by the model the archive was embedded with: {model_id!r} (from "
+                   f"{origin}) in {dtype}. With `wave-rt search`, leave --dtype out or pass --dtype {dtype}, "
+                   "and pass --model only to point at a moved copy of that model.",
+        )
+
+
+class IndexOptionsError(WaveRTError, ValueError):
+    """A setting of wave_rt.Index.build (kind, nlist...) that the archive cannot satisfy."""
+
+    def __init__(self, out_dir: object, option: str, value: object, reason: str) -> None:
+        self.out_dir = str(out_dir)
+        self.option = option
+        self.value = value
+        self.reason = reason
+        super().__init__(f"{self.out_dir}: {option}={value!r}: {reason}")
 
 
 def _show(key: str, value: object) -> str:

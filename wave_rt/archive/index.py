@@ -9,15 +9,21 @@ before they are searched (inner-product metric). Kinds: `flat` (exact, FAISS), `
 vectors as one torch tensor searched by wave_rt.kernels.similarity_topk: fp16 in GPU memory on CUDA, or
 streamed from pinned host memory when they do not fit; float32 through the kernels' torch path on a CPU),
 `ivf` (IVF-Flat, trained on a strided sample of the whole archive, since shards are grouped by length),
-`hnsw` (HNSW-Flat, CPU only). Exact kinds break ties by the lower row. `exact_kind()` is the exact kind the
-CLI picks: `flat-gpu` on a CUDA machine, FAISS `flat` elsewhere. FAISS (CPU and ANN kinds) is imported
-lazily; without it the error names the pip command. `flat-gpu` saves only index.json: its vectors are
-read from the shards when it loads.
+`hnsw` (HNSW-Flat, CPU only). Exact kinds break ties by the lower row, also at the k-th place (of rows
+0..9 tied, k=3 returns 0, 1, 2): FAISS leaves the order of equal scores open, so `flat` asks it for one row
+past k, widens the search while the tie crosses the cut and sorts by (-score, row). ANN kinds (`ivf`,
+`hnsw`) return ties in FAISS's order: which of several equal rows an approximate search finds is open anyway.
+`exact_kind()` is the exact kind the CLI picks: `flat-gpu` on a CUDA machine, FAISS `flat` elsewhere. FAISS
+(CPU and ANN kinds) is imported lazily; without it the error names the pip command, except when `load()`
+meets a saved FAISS index: it logs a warning and searches exactly instead. `flat-gpu` saves only index.json:
+its vectors are read from the shards when it loads. Damaged files (index.json, a saved index, a shard)
+raise ArchiveFormatError naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -27,13 +33,17 @@ from typing import Any
 
 import numpy as np
 
-from wave_rt.archive.errors import ArchiveFormatError, ArchiveMismatchError
+from wave_rt.archive.errors import ArchiveFormatError, IndexOptionsError, SearchMismatchError
 from wave_rt.archive.journal import committed_shards
 from wave_rt.archive.manifest import RunManifest, atomic_write_text, read_manifest
-from wave_rt.archive.shards import META_COLUMNS
+from wave_rt.archive.shards import META_COLUMNS, read_columns
+from wave_rt.errors import MissingDependencyError
 
 KINDS = ("flat", "flat-gpu", "ivf", "hnsw")
 INDEX_META = "index.json"
+FAISS_GPU_MAX_K = 2048  # GPU FAISS refuses a larger k (GPU_MAX_SELECTION_K)
+
+log = logging.getLogger(__name__)
 
 
 def _faiss() -> Any:
@@ -60,9 +70,7 @@ def _shards(out_dir: Path) -> list[tuple[str, int]]:
 
 
 def _embeddings(path: Path) -> np.ndarray:
-    import pyarrow.parquet as pq
-
-    col = pq.read_table(path, columns=["embedding"]).column("embedding").combine_chunks()
+    col = read_columns(path, ["embedding"]).column("embedding").combine_chunks()
     dim = col.type.list_size
     flat = col.flatten().to_numpy(zero_copy_only=False)
     return np.ascontiguousarray(flat.reshape(-1, dim), dtype=np.float32)
@@ -78,11 +86,12 @@ def exact_kind() -> str:
     """The exact index this machine searches with: `flat-gpu` (FlatTorchIndex, similarity_topk) where CUDA is
     available, FAISS `flat` on a CPU with faiss installed, else FlatTorchIndex on the CPU (the same scores as
     FAISS flat): searching an archive never needs the optional faiss package, building an ANN index does."""
-    import importlib.util
-
     import torch
 
-    if torch.cuda.is_available() or importlib.util.find_spec("faiss") is None:
+    from wave_rt._optional import available
+
+    # available(), not find_spec: an installed faiss that fails to import must not be picked either
+    if torch.cuda.is_available() or not available("faiss"):
         return "flat-gpu"
     return "flat"
 
@@ -132,6 +141,38 @@ class FlatTorchIndex:
         q = torch.from_numpy(np.ascontiguousarray(queries)).to(device=self.device, dtype=self.dtype)
         values, indices = similarity_topk(q, self.vectors[:self.ntotal], k, normalize=False)
         return values.cpu().numpy(), indices.cpu().numpy()
+
+
+def _on_gpu(index: Any) -> bool:
+    return type(index).__name__.startswith("Gpu") or type(index).__name__ == "IndexReplicas"
+
+
+def _flat_search_lower_row_first(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS flat search with equal scores ordered by the lower row, as the exact kinds promise.
+
+    FAISS's heaps leave the order of equal scores open (CPU flat returns them highest row first), and with
+    it which of several rows tied at the k-th place make the cut. One row past k shows whether a tie
+    crosses the cut; only such a query is searched again, wider until a lower score ends the tie (or every
+    row is in), so the common case costs no more than the plain search. Sorting by (-score, row) then
+    settles the order."""
+    n = int(index.ntotal)
+    limit = min(n, FAISS_GPU_MAX_K) if _on_gpu(index) else n
+    first = k + 1 if k < limit else k
+    scores, rows = index.search(queries, first)
+    order = np.lexsort((rows, -scores), axis=-1)
+    scores, rows = np.take_along_axis(scores, order, -1), np.take_along_axis(rows, order, -1)
+    out_s, out_r = scores[:, :k].copy(), rows[:, :k].copy()
+    if first == k:
+        return out_s, out_r
+    for i in np.flatnonzero(scores[:, k] == scores[:, k - 1]):
+        s, r, width = scores[i], rows[i], first
+        while width < limit and s[-1] == s[k - 1]:
+            width = min(limit, 4 * width)  # each try is a full scan: grow fast through long runs of copies
+            found_s, found_r = index.search(queries[i:i + 1], width)
+            order = np.lexsort((found_r[0], -found_s[0]))
+            s, r = found_s[0][order], found_r[0][order]
+        out_s[i], out_r[i] = s[:k], r[:k]
+    return out_s, out_r
 
 
 def _gpu_count(faiss: Any) -> int:
@@ -185,6 +226,10 @@ class Index:
             params["efSearch"] = 64
             gpu = False  # FAISS has no GPU HNSW
         else:
+            if nlist is not None and not 1 <= nlist <= total:
+                # FAISS would fail with a C++ assertion: k-means needs a training row per list
+                raise IndexOptionsError(root, "nlist", nlist, f"must be between 1 and the number of rows "
+                                                              f"({total:,}): IVF trains one centroid per list")
             n_list = nlist or max(1, min(int(4 * math.sqrt(total)), total // 39 or 1))
             quantizer = faiss.IndexFlatIP(dim)
             index = faiss.IndexIVFFlat(quantizer, dim, n_list, faiss.METRIC_INNER_PRODUCT)
@@ -217,13 +262,14 @@ class Index:
         """The saved index when it covers exactly the archive's current shards; otherwise an exact index
         (`exact_kind()`) built in memory (nothing written). A saved exact index (`flat` or `flat-gpu`) is
         searched with this machine's exact kind unless `kind` asks for one: `flat-gpu` on a CUDA machine,
-        FAISS `flat` elsewhere (the same results)."""
+        FAISS `flat` elsewhere (the same results). Without faiss, a saved FAISS index is skipped with a
+        warning (exact search instead) unless `kind` asks for it."""
         root = Path(out_dir)
         manifest = _manifest(root)
         shards = _shards(root)
         meta_path = root / INDEX_META
         if meta_path.exists():
-            info = json.loads(meta_path.read_text(encoding="utf-8"))
+            info = _read_index_meta(meta_path)
             wanted = kind or info.get("kind")
             current = [list(s) for s in shards] == info.get("shards") and info.get("config_hash") == manifest.config_hash
             if current and kind is None and wanted in ("flat", "flat-gpu") and "flat-gpu" in (wanted, exact_kind()):
@@ -232,8 +278,21 @@ class Index:
                 return cls.build(root, "flat-gpu", save=False)
             file = root / f"index-{wanted}.faiss"
             if current and wanted == info.get("kind") and file.exists():
-                faiss = _faiss()
-                index = faiss.read_index(str(file))
+                try:
+                    faiss = _faiss()
+                except MissingDependencyError as exc:
+                    if kind is not None:
+                        raise
+                    # searching never needs faiss: the exact torch index gives the exact answer
+                    log.warning("%s: skipping the saved %s index (faiss is not installed: %s); searching with "
+                                "the exact torch index instead", file, wanted, exc.pip_install)
+                    return cls.build(root, "flat-gpu", save=False)
+                try:
+                    index = faiss.read_index(str(file))
+                except RuntimeError as exc:
+                    raise ArchiveFormatError(file, f"unreadable FAISS index ({' '.join(str(exc).split())}); "
+                                                   f"rebuild it with `wave-rt index {root} --kind {wanted}`, "
+                                                   "or delete it to search exactly") from None
                 if _gpu_count(faiss) > 0 and wanted in ("flat", "ivf"):
                     index = faiss.index_cpu_to_all_gpus(index)
                 return cls(root, index, _read_meta(root, shards), wanted, manifest, shards, info.get("params"))
@@ -302,7 +361,10 @@ class Index:
         k = min(k, len(self))
         if hasattr(self.index, "hnsw"):
             self.index.hnsw.efSearch = max(int(self.params.get("efSearch", 64)), k)
-        scores, positions = self.index.search(_normalized(q), k)
+        if self.kind == "flat":
+            scores, positions = _flat_search_lower_row_first(self.index, _normalized(q), k)
+        else:
+            scores, positions = self.index.search(_normalized(q), k)
         out = []
         for srow, prow in zip(scores, positions):
             hits = []
@@ -326,9 +388,33 @@ class Index:
             self._encoder = self._checked(enc)
         return self._encoder
 
+    def check_dtype(self, dtype: Any) -> None:
+        """Refuse a query dtype other than the archive's before a model is loaded in it."""
+        from wave_rt.dtypes import dtype_name
+
+        if dtype is not None and dtype_name(dtype) != self.manifest.dtype:
+            raise self._mismatch({"dtype": (self.manifest.dtype, dtype_name(dtype))})
+
+    def _mismatch(self, differences: dict[str, tuple[Any, Any]]) -> SearchMismatchError:
+        m = self.manifest
+        return SearchMismatchError(self.out_dir, differences, model_id=m.model_id, model_path=m.model_path,
+                                   dtype=m.dtype)
+
     def _checked(self, enc: Any) -> Any:
         if str(enc.fingerprint) != self.manifest.config_hash:
-            raise ArchiveMismatchError(self.out_dir, {"config_hash": (self.manifest.config_hash, str(enc.fingerprint))})
+            from wave_rt.dtypes import dtype_name
+
+            m = self.manifest
+            # the hash covers weights, config and dtype: name the parts a user can change first
+            diff: dict[str, tuple[Any, Any]] = {}
+            dtype = getattr(enc, "dtype", None)
+            if dtype is not None and dtype_name(dtype) != m.dtype:
+                diff["dtype"] = (m.dtype, dtype_name(dtype))
+            if str(getattr(enc, "model_id", m.model_id)) != m.model_id:
+                diff["model_id"] = (m.model_id, str(enc.model_id))
+            if not diff:  # the same name and dtype, other weights or config
+                diff["config_hash"] = (m.config_hash, str(enc.fingerprint))
+            raise self._mismatch(diff)
         return enc
 
     def search_items(self, items: Sequence[Any] | Any, k: int = 10, instruction: str | None = None,
@@ -346,6 +432,18 @@ class Index:
         return self.search(vectors, k)
 
 
+def _read_index_meta(path: Path) -> dict[str, Any]:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArchiveFormatError(path, f"unreadable index metadata ({exc}); rebuild the index with "
+                                       f"`wave-rt index {path.parent}`, or delete {path.name}") from None
+    if not isinstance(info, dict):
+        raise ArchiveFormatError(path, "not index metadata (a JSON object is expected); rebuild the index with "
+                                       f"`wave-rt index {path.parent}`, or delete {path.name}")
+    return info
+
+
 def _manifest(root: Path) -> RunManifest:
     m = read_manifest(root)
     if m is None:
@@ -355,7 +453,6 @@ def _manifest(root: Path) -> RunManifest:
 
 def _read_meta(root: Path, shards: list[tuple[str, int]]) -> Any:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    tables = [pq.read_table(root / name, columns=list(META_COLUMNS)) for name, _ in shards]
+    tables = [read_columns(root / name, list(META_COLUMNS)) for name, _ in shards]
     return pa.concat_tables(tables).combine_chunks() if tables else None

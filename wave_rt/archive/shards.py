@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from wave_rt.archive.errors import ArchiveFormatError
 from wave_rt.archive.manifest import fsync_dir
 
 SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
@@ -140,14 +141,45 @@ def remove_temp_files(out_dir: str | os.PathLike[str]) -> int:
     return removed
 
 
-def read_ids(path: str | os.PathLike[str]) -> list[str]:
+def _damaged(path: str | os.PathLike[str], exc: Exception) -> ArchiveFormatError:
+    # Shards are renamed into place only once complete, so a file Parquet cannot read was damaged
+    # afterwards; the journal re-embeds the items of a shard that is gone, hence the advice.
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return ArchiveFormatError(path, f"damaged shard, not a readable Parquet file ({reason}); delete it and "
+                                    "re-run the same `wave-rt embed` to embed its items again")
+
+
+def _is_damage(exc: Exception) -> bool:
+    import pyarrow as pa
+
+    # pyarrow reports some corruption (bad thrift footers) as a bare OSError without errno; real OS
+    # errors (permissions, a vanished file) are subclasses or carry an errno, and are not the file's fault.
+    return isinstance(exc, pa.ArrowException) or (type(exc) is OSError and exc.errno is None)
+
+
+def read_columns(path: str | os.PathLike[str], columns: list[str]) -> Any:
+    """`columns` of one shard as a pyarrow Table; a damaged shard raises ArchiveFormatError naming it."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(path, columns=["id"]).column("id").to_pylist()
+    try:
+        return pq.read_table(path, columns=columns)
+    except Exception as exc:
+        if _is_damage(exc):
+            raise _damaged(path, exc) from None
+        raise
+
+
+def read_ids(path: str | os.PathLike[str]) -> list[str]:
+    return read_columns(path, ["id"]).column("id").to_pylist()
 
 
 def shard_rows(path: str | os.PathLike[str]) -> int:
-    """Row count from the footer; raises if the file is not a complete Parquet file."""
+    """Row count from the footer; a file that is not a complete Parquet file raises ArchiveFormatError."""
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(path).metadata.num_rows
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception as exc:
+        if _is_damage(exc):
+            raise _damaged(path, exc) from None
+        raise

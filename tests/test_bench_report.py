@@ -77,3 +77,28 @@ def test_bad_results_file_is_a_clear_error(report, tmp_path):
     (tmp_path / "broken.json").write_text(json.dumps({"bench": "x"}))
     with pytest.raises(SystemExit, match="broken.json"):
         report.main(["--results", str(tmp_path)])
+
+
+def test_cpu_speeds_are_ratios_only_and_errata_are_marked(report, tmp_path):
+    d = _results(tmp_path / "results")
+    _write(d, "media_cpu.json", {"bench": "media", "device": "CPU (x86_64, 2 cores)", "commit": "abc1234",
+                                 "rows": [{"case": "decode", "baseline": "PyAV", "baseline_value": 12.5, "value": 31.25,
+                                           "unit": "clips/s", "ratio": 2.5},
+                                          {"case": "fuzz runs", "value": 300, "unit": "runs"}]})
+    errata = tmp_path / "errata.json"
+    errata.write_text(json.dumps({"_about": "comment", "model_x": ["the commit field was set by hand"]}))
+    assert report.main(["--results", str(d), "--errata", str(errata)]) == 0
+    text = (d / "README.md").read_text()
+    assert "| decode | (ratio only) | PyAV |  | 2.50x |" in text and "31.25" not in text and "12.50" not in text
+    assert "| fuzz runs | 300.0 runs |" in text  # counts are not speeds
+    assert "> Provenance note (hand-written, `bench/errata.json`): the commit field was set by hand" in text
+    assert "| 2 | complete, see note |" in text
+    pngs = sorted(p.name for p in (d / "plots").glob("*.png"))
+    assert "media_cpu_ratio.png" in pngs and not any(p.startswith("media_cpu_throughput") for p in pngs)
+    # a note about a file that is not there is refused (it outlived a rename or a rerun)
+    errata.write_text(json.dumps({"gone": ["old note"]}))
+    assert report.main(["--results", str(d), "--errata", str(errata)]) == 1
+
+
+def test_committed_errata_name_committed_files(report):
+    assert report.main(["--check"]) == 0

@@ -4,7 +4,9 @@ per query modality and per task, scored with wave_rt.kernels.similarity_topk.
 Rows are the training manifest's pairs (wave_rt.train.data). A row with `options` (a list, or a string
 split on "|") and `answer` (0-based index or letter) is a QA row: its query is embedded with the
 question as instruction (`question`, else `instruction`), every option as a text target, and it is right
-when the closest option is the answer. Other rows are retrieval pairs.
+when the closest option is the answer. `answer` may also be the exact text of one option (a digit or a
+letter that also equals the text of another option is ambiguous: the row is skipped). Other rows are
+retrieval pairs. A manifest none of whose rows can be used is an EvalManifestError, not an empty report.
 
 Relevance: targets with the same content (same caption text or same file) are one target, so a caption
 shared by two clips makes both clips relevant to it. mAP is computed from the top min(N, 1024) results
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 
-from wave_rt.errors import InputError, MediaError
+from wave_rt.errors import InputError, MediaError, WaveRTError
 from wave_rt.kernels import similarity_topk
 from wave_rt.train.data import Pair, PairRowError, parse_side, read_rows, target_key
 
@@ -30,6 +32,44 @@ log = logging.getLogger(__name__)
 
 KS = (1, 5, 10)
 MAX_K = 1024
+EXPECTED_COLUMNS = ("query_text or query_path (+ query_modality), and target_text or target_path (+ target_modality); "
+                    "QA rows: a query, options and answer (+ question)")
+
+
+class EvalManifestError(WaveRTError, ValueError):
+    """An eval manifest gives nothing to evaluate (every row skipped, or every item failed to embed)."""
+
+    def __init__(self, manifest: object, reason: str) -> None:
+        self.manifest, self.reason = str(manifest), reason
+        super().__init__(f"{self.manifest}: {reason}")
+
+
+def answer_index(answer: Any, options: Sequence[str]) -> int:
+    """The 0-based option a QA row's `answer` names: an index (int or digits), a letter (A = the first
+    option, as the QA prompt lists them), or the exact text of one option. ValueError says why not."""
+    n = len(options)
+    if isinstance(answer, bool) or answer is None or answer == "":
+        raise ValueError(f"answer {answer!r} is not an option index, letter or text")
+    form: int | None = None  # the index the answer's form gives (a number or a letter), in range or not
+    if isinstance(answer, int) or (isinstance(answer, float) and answer.is_integer()):
+        form = int(answer)
+    elif isinstance(answer, str) and answer.strip().isdecimal():
+        form = int(answer.strip())
+    elif isinstance(answer, str) and len(answer) == 1 and answer.isalpha():
+        form = ord(answer.upper()) - ord("A")
+    by_text = [i for i, o in enumerate(options) if isinstance(answer, str) and o == answer]
+    if form is not None and 0 <= form < n:
+        if by_text and by_text != [form]:
+            raise ValueError(f"answer {answer!r} is ambiguous: as an index or letter it names option {form} "
+                             f"({options[form]!r}), but it is the text of option {by_text[0]}")
+        return form
+    if len(by_text) == 1:
+        return by_text[0]
+    if by_text:
+        raise ValueError(f"answer {answer!r} is the text of several options ({by_text}); give its index or letter")
+    last = chr(ord("A") + n - 1)
+    raise ValueError(f"answer {answer!r} is not one of the {n} options: give an index 0-{n - 1}, a letter A-{last}, "
+                     f"or the exact text of one of {list(options)}")
 
 
 @dataclass
@@ -72,7 +112,9 @@ def load_eval_rows(manifest: str | Path, skipped: Counter) -> tuple[list[Pair], 
     manifest = Path(manifest)
     pairs: list[Pair] = []
     qa: list[QARow] = []
-    for n, row in enumerate(read_rows(manifest)):
+    reasons: dict[str, list[int]] = {}  # skip reason -> its rows, for the error when nothing is usable
+    rows = read_rows(manifest)
+    for n, row in enumerate(rows):
         try:
             if "__error__" in row:
                 raise ValueError(row["__error__"])
@@ -81,13 +123,7 @@ def load_eval_rows(manifest: str | Path, skipped: Counter) -> tuple[list[Pair], 
             options = row.get("options")
             if options not in (None, ""):
                 opts = options.split("|") if isinstance(options, str) else [str(o) for o in options]
-                answer = row.get("answer")
-                if isinstance(answer, str) and len(answer) == 1 and answer.isalpha():
-                    idx = ord(answer.upper()) - ord("A")
-                else:
-                    idx = int(answer)
-                if not 0 <= idx < len(opts):
-                    raise ValueError(f"answer {answer!r} is not one of {len(opts)} options")
+                idx = answer_index(row.get("answer"), opts)
                 question = str(row.get("question") or row.get("instruction") or "")
                 qa.append(QARow(n, query, question, opts, idx, task, modality))
                 continue
@@ -97,6 +133,12 @@ def load_eval_rows(manifest: str | Path, skipped: Counter) -> tuple[list[Pair], 
         except (ValueError, TypeError) as exc:
             log.warning("skipping %s", PairRowError(manifest, n, str(exc)))
             skipped["bad_row"] += 1
+            reasons.setdefault(str(exc), []).append(n)
+    if not pairs and not qa:
+        first = "; ".join(f"row {r[0]}{f' (+{len(r) - 1} like it)' if len(r) > 1 else ''}: {why}"
+                          for why, r in list(reasons.items())[:3])
+        raise EvalManifestError(manifest, f"no usable pair rows ({len(rows)} rows, all skipped); expected columns: "
+                                f"{EXPECTED_COLUMNS}" + (f"; first skip reasons: {first}" if first else ""))
     return pairs, qa
 
 
@@ -207,9 +249,11 @@ def evaluate(manifest: str | Path, model: Any = None, *, device: str | None = No
                 qvec, ok = _embed(encoder, [r.query], [r.question or None], skipped)
                 if not ok[0]:
                     continue
-                ovec, _ = _embed(encoder, list(r.options), [None] * len(r.options),
-                                 skipped)
+                ovec, ook = _embed(encoder, list(r.options), [None] * len(r.options),
+                                   skipped)
             except (MediaError, InputError):
+                continue
+            if not all(ook):  # a missing option would shift the indices the answer is compared with
                 continue
             best = int((qvec @ ovec.T).argmax())
             for g in ("all", f"modality={r.modality}") + ((f"task={r.task}",) if r.task else ()):
@@ -218,4 +262,8 @@ def evaluate(manifest: str | Path, model: Any = None, *, device: str | None = No
             report.groups.setdefault(g, {})["qa_acc"] = sum(hits) / len(hits)
             report.groups[g]["qa_n"] = len(hits)
     report.skipped = dict(skipped)
+    if not report.groups:
+        raise EvalManifestError(manifest, "no row could be evaluated: every usable row had a query or target that "
+                                f"failed to prepare (skipped: {', '.join(f'{k}={v}' for k, v in sorted(skipped.items()))}"
+                                "; the log names each)")
     return report

@@ -8,7 +8,9 @@ batch of any size in the activation memory of one chunk.
    such as a learnable temperature).
 3. Every chunk is embedded again with a graph under its saved RNG state (same dropout masks as in step
    1, so the cached gradient belongs to this very forward), and `embedding.backward(cached gradient)`
-   accumulates the parameter gradients.
+   accumulates the parameter gradients. A chunk whose re-embedding has no graph (no trainable parameter
+   on its path: text targets skip WAVE's fusion head, so with trainable = "heads" they reach nothing) has
+   a zero parameter gradient and gets no backward; the loss still used its embeddings.
 
 By the chain rule the accumulated gradients equal the full-batch graph's; tests/train/test_gradcache.py
 checks it in float64 for every recipe and chunk sizes 1, 3 and B. The cost is one extra forward.
@@ -66,7 +68,9 @@ def gradcache_step(
     sides[k] is the list of chunks of side k (e.g. [query chunks, target chunks]); their embeddings are
     concatenated per side in order and passed to loss_fn(side_0, side_1, ...) -> 0-dim loss.
     before_backward(last) runs before each chunk's backward, last=True before the step's final one (FSDP2
-    reduces the accumulated gradients only then). Returns the detached loss."""
+    reduces the accumulated gradients only then). A chunk whose embeddings have no graph gets no backward;
+    when the step's last chunks have none, the latest chunk that had one runs again after before_backward(True)
+    with a zero gradient. Returns the detached loss."""
     cached: list[list[tuple[RngState, int]]] = []
     reps: list[torch.Tensor] = []
     with torch.no_grad():
@@ -82,6 +86,8 @@ def gradcache_step(
     loss = loss_fn(*reps)
     loss.backward()
     remaining = sum(len(chunks) for chunks in sides)
+    last_graph: tuple[Any, RngState] | None = None  # the latest chunk whose backward ran
+    synced = False
     for chunks, states, rep in zip(sides, cached, reps):
         grads = rep.grad.split([n for _, n in states])
         for chunk, (state, n), grad in zip(chunks, states, grads):
@@ -90,9 +96,23 @@ def gradcache_step(
             if emb.shape[0] != n:
                 raise RuntimeError(f"chunk re-embedding gave {emb.shape[0]} rows, the cached pass {n}")
             remaining -= 1
+            if not emb.requires_grad:
+                # No trainable parameter on this chunk's path (e.g. text targets, which skip the fusion head,
+                # when only heads train): its parameter gradient is zero; the loss above still used its rows.
+                continue
             if before_backward is not None:
                 before_backward(remaining == 0)
             emb.backward(grad.to(emb.dtype))
+            last_graph, synced = (chunk, state), remaining == 0
+    if before_backward is not None and last_graph is not None and not synced:
+        # The step's final chunks had no graph, so no backward was flagged last and FSDP2 never reduced the
+        # accumulated gradients. One more backward of the latest chunk that had a graph, with a zero output
+        # gradient, adds exactly nothing and carries that reduction.
+        chunk, state = last_graph
+        with state.replay():
+            emb = encode(chunk)
+        before_backward(True)
+        emb.backward(torch.zeros_like(emb))
     return loss.detach()
 
 
@@ -105,5 +125,6 @@ def full_batch_step(
     Memory grows with the whole batch; GradCache must give the same loss and gradients."""
     reps = [torch.cat([encode(chunk) for chunk in chunks]) for chunks in sides]
     loss = loss_fn(*reps)
-    loss.backward()
+    if loss.requires_grad:  # False only when no trainable parameter is reached (see gradcache_step)
+        loss.backward()
     return loss.detach()

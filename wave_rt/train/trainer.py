@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from wave_rt.errors import WaveRTError
 from wave_rt.train.adapters import add_lora, merge_lora, set_trainable
 from wave_rt.train.checkpoint import (
     latest_checkpoint,
@@ -49,6 +50,38 @@ from wave_rt.train.recipes import TrainRecipe, get_train_recipe
 from wave_rt.train.sharding import clip_grad_norm, init_single_rank_group, set_gradient_sync, shard_model
 
 log = logging.getLogger(__name__)
+
+
+class TrainSetupError(WaveRTError, ValueError):
+    """A training run cannot start as configured; names what (run folder, manifest, config) and why."""
+
+    def __init__(self, what: object, reason: str) -> None:
+        self.what, self.reason = str(what), reason
+        super().__init__(f"{self.what}: {reason}")
+
+
+class RunExistsError(TrainSetupError):
+    """A fresh run was pointed at a run folder that already holds a run."""
+
+
+class NothingTrainableError(TrainSetupError):
+    """The data never reaches a trainable parameter of this recipe (e.g. heads only, no item through them)."""
+
+
+def previous_run(out_dir: str | os.PathLike[str]) -> list[str]:
+    """What of an earlier run `out_dir` holds (empty: nothing, a fresh run may start there). A checkpoint is
+    what a resume continues from (latest_checkpoint); the other traces would be mixed into or overwritten."""
+    out = Path(out_dir)
+    found = []
+    latest = latest_checkpoint(out)
+    if latest is not None:
+        found.append(f"checkpoint {latest.name}")
+    elif any(p.is_dir() for p in (out / "checkpoints").glob("step-*")):
+        found.append("checkpoints/")
+    for name in ("metrics.jsonl", "final"):
+        if (out / name).exists():
+            found.append(name)
+    return found
 
 
 @dataclass
@@ -142,6 +175,13 @@ class Trainer:
 
         self.config = config
         self.fsdp = config.run.distributed == "fsdp2"
+        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        if self.fsdp and world > 1 and get_train_recipe(config.recipe["name"], _overrides(config)).trainable == "heads":
+            # Items that skip the heads (text targets) have no backward, and which chunks those are differs
+            # between ranks: their FSDP2 collectives would no longer pair up.
+            raise TrainSetupError("[run] distributed = \"fsdp2\"", "trainable = \"heads\" on several ranks needs "
+                                  "distributed = \"ddp\" (the heads are small; FSDP2 would hang when a rank's chunk "
+                                  "reaches no head)")
         owned = not dist.is_initialized()
         self.rank, self.world, self.device = _dist_setup(config.run.device, need_group=self.fsdp)
         self._owns_group = owned and dist.is_initialized()  # close() leaves a caller's own group alone
@@ -196,6 +236,7 @@ class Trainer:
             self.optimizer, warmup_cosine(o.warmup_steps, o.max_steps, o.min_lr_ratio))
         self.step = 0
         self._tb: Any = None
+        self._reach_checked = False
 
     def _build_model(self, device: torch.device) -> tuple[nn.Module, Any]:
         """The base checkpoint on `device` with the recipe's LoRA adapters (initialised from the torch RNG)."""
@@ -268,6 +309,7 @@ class Trainer:
 
         path = latest_checkpoint(self.out_dir)
         if path is None:
+            self._truncate_metrics()  # a run killed before its first checkpoint: every step is redone
             return False
         tensors, state, meta = load_checkpoint(path)
         if meta.get("world_size", 1) != self.world:
@@ -318,6 +360,26 @@ class Trainer:
             prepared = prepared[: int(n)]
         return prepared
 
+    def _check_reached(self) -> None:
+        """After the run's first backward: a step whose items reach no trainable model parameter on any rank
+        (heads only, and every item skips them) means this data cannot train this recipe; raised before the
+        optimizer steps or anything is written. Later batches that reach nothing are no-op steps for the model."""
+        got = any(p.grad is not None for p in self.model.parameters() if p.requires_grad)
+        flag = torch.tensor([int(got)], device=self.device)
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self._reach_checked = True
+        if int(flag):
+            return
+        r = self.recipe
+        what = f"trainable = {r.trainable!r} trains only {', '.join(r.train_modules) or '-'}" \
+            if r.trainable == "heads" else f"trainable = {r.trainable!r}"
+        raise NothingTrainableError(self.config.data.train, (
+            f"no item of the first batch (step {self.step + 1}) reaches a trainable parameter: recipe {r.name!r} with "
+            f"{what}, which no item's path goes through (text targets, for one, skip WAVE's fusion head), so "
+            "training would not change the model; use trainable = \"lora\" or \"all\", or pairs whose items "
+            "pass through the trained modules"))
+
     def train_step(self) -> dict[str, Any]:
         prepared = self._local_batch()
         if not prepared:
@@ -333,8 +395,13 @@ class Trainer:
             loss = full_batch_step(encode, sides, self.loss_fn)
         else:
             every = self.config.run.fsdp_sync_every_chunk
+            # Only FSDP2 needs to know which backward is the last (gradcache_step re-runs a chunk for it when
+            # the step's last chunks reach nothing trainable).
             loss = gradcache_step(encode, sides, self.loss_fn,
-                                  before_backward=lambda last: set_gradient_sync(self.model, last or every))
+                                  before_backward=(lambda last: set_gradient_sync(self.model, last or every))
+                                  if self.fsdp else None)
+        if not self._reach_checked:
+            self._check_reached()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.world > 1:
             for p in params:
@@ -462,11 +529,18 @@ class Trainer:
 
 def fit(config: TrainConfig | dict[str, Any] | str | os.PathLike[str], *, resume: bool = False) -> FitResult:
     """Train per `config` (a TrainConfig, a dict of sections, or a TOML file). resume=True continues from
-    the run folder's latest checkpoint (exactly: same losses and weights as an uninterrupted run)."""
+    the run folder's latest checkpoint (exactly: same losses and weights as an uninterrupted run); without it,
+    a run folder that already holds a run is refused (RunExistsError) rather than overwritten and mixed."""
     if isinstance(config, (str, os.PathLike)):
         config = TrainConfig.from_file(config)
     elif isinstance(config, dict):
         config = TrainConfig.from_dict(config)
+    if not resume:
+        found = previous_run(config.run.out_dir)
+        if found:
+            raise RunExistsError(config.run.out_dir, f"already holds a training run ({', '.join(found)}); pass "
+                                 "--resume (fit(..., resume=True)) to continue it, or choose another run.out_dir "
+                                 "(or delete this folder) to start over")
     trainer = Trainer(config)
     try:
         if resume:

@@ -54,7 +54,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import device_name, row, write_result  # noqa: E402
 
-from wave_rt.model.flops import DecoderShape, decoder_flops, measure_gemm_tflops  # noqa: E402
+from wave_rt.model.flops import DecoderShape, datasheet_peak, decoder_flops, measure_gemm_tflops  # noqa: E402
 
 STAGES = ("read", "decode", "preprocess", "model", "write")
 
@@ -429,6 +429,13 @@ def measure(kind: str, manifest: Path, encoder: Any, args: argparse.Namespace, w
             mfu_model = achieved / peak
             mfu_e2e = flops / t_e2e / 1e12 / peak
             extra["mfu_model_stage"], extra["mfu_end_to_end"] = mfu_model, mfu_e2e
+        sheet = datasheet_peak(device_name()) if torch.cuda.is_available() else None
+        if sheet:  # DESIGN.md section 7: beside the measured peak, the datasheet's
+            extra["datasheet_bf16_tflops"] = sheet
+            extra["mfu_model_stage_datasheet"] = achieved / sheet
+            extra["mfu_end_to_end_datasheet"] = flops / t_e2e / 1e12 / sheet
+        # the FLOPs count real tokens only; a packed forward computes no padding, a padded one's share is unknown here
+        extra["padding_fraction"] = 0.0 if getattr(encoder, "packed", False) else None
     rows = [row(f"{kind}: end to end (local engine, stages overlapped)", "the same stages one after another",
                 serial, rate, "items/s", **extra)]
     for s in STAGES:

@@ -228,14 +228,16 @@ def test_a_device_this_machine_lacks_is_one_line_for_every_command(tmp_path, dev
     # cuda:99 exists on no machine (a GPU box has fewer cards); on a CPU-only torch torch itself raises an
     # AssertionError deep inside the first layer built on the device, which used to reach the user raw.
     (tmp_path / "pairs.jsonl").write_text('{"query_text": "a", "target_text": "b"}\n')
-    for argv in (["eval", str(tmp_path / "pairs.jsonl"), "--device", device],
+    (tmp_path / "train.toml").write_text(f'[model]\npath = "demo"\n[data]\ntrain = "{tmp_path / "pairs.jsonl"}"\n'
+                                         f'[run]\nout_dir = "{tmp_path / "run"}"\ndevice = "{device}"\n')
+    for argv in (["train", str(tmp_path / "train.toml")],["eval", str(tmp_path / "pairs.jsonl"), "--device", device],
                  ["bench-latency", "demo", "--device", device],
                  ["export", "bundle", "demo", "--out", str(tmp_path / "b"), "--device", device],
                  ["embed", "demo", "--out", str(tmp_path / "o"), "--device", device, "--no-progress"]):
         code, out, err = _run(argv)
         _assert_one_line_error(code, err, argv[0])
         assert f"device '{device}'" in err or f"device='{device}'" in err, err
-    assert not (tmp_path / "b").exists() and not (tmp_path / "o").exists()
+    assert not (tmp_path / "b").exists() and not (tmp_path / "o").exists() and not (tmp_path / "run").exists()
 
 
 def test_resolve_device_is_typed(monkeypatch):

@@ -8,8 +8,8 @@ import import_graph as g
 # wave_rt.config is the model's configuration (it selects recipes), so it sits with model/.
 LAYERS = [("wave_rt.cli",), ("wave_rt.archive", "wave_rt.export"), ("wave_rt.embed",),
           ("wave_rt.model", "wave_rt.config", "wave_rt.media"), ("wave_rt.kernels",)]
-# Shared leaves: errors, item types, dtype names, optional-dependency loading.
-LEAVES = {"wave_rt.errors", "wave_rt.items", "wave_rt.dtypes", "wave_rt._optional"}
+# Shared leaves: errors, item types, dtype names, optional-dependency loading, reading text manifests.
+LEAVES = {"wave_rt.errors", "wave_rt.items", "wave_rt.dtypes", "wave_rt._optional", "wave_rt.manifest_text"}
 
 
 def _layer(module: str) -> int | None:

@@ -124,3 +124,22 @@ def test_train_cli_config_errors(tmp_path):
     err = io.StringIO()
     assert run(["train", str(tmp_path / "missing.toml")], err=err) == 1
     assert "does not exist" in err.getvalue()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_byte_order_mark_and_latin1_rows_in_pair_manifests(tmp_path, caplog, suffix):
+    # Excel's "CSV UTF-8" starts with a byte-order mark (it used to stick to the first column's name); a row
+    # saved as Latin-1 is skipped and named, the others train.
+    texts = ["caf\u00e9 au lait", "caf\u00e9 cr\u00e8me", "plain tea"]
+    if suffix == ".csv":
+        lines = [b"query_text,target_text"] + [f"{t},caption {i}".encode() for i, t in enumerate(texts)]
+    else:
+        lines = [json.dumps({"query_text": t, "target_text": f"caption {i}"}, ensure_ascii=False).encode()
+                 for i, t in enumerate(texts)]
+    lines[-2] = lines[-2].decode().encode("latin-1")
+    path = tmp_path / f"pairs{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")
+    skipped = Counter()
+    pairs = load_pairs(path, skipped)
+    assert [p.query.text for p in pairs] == [texts[0], texts[2]]
+    assert skipped == Counter(bad_row=1) and "not valid UTF-8 (byte 0xe9)" in caplog.text

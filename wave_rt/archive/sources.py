@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from wave_rt.archive.errors import SourceError
+from wave_rt.manifest_text import open_text, undecodable
 
 AUDIO_EXTS = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".wma", ".aif",
                         ".aiff", ".au", ".caf"})
@@ -43,22 +44,6 @@ class SourceEntry:
     modality: str = "auto"
     instruction: str | None = None
     problem: str | None = None
-
-
-def _open_text(path: Path) -> Any:
-    """A text manifest for reading: UTF-8, a leading byte-order mark dropped (Excel's "CSV UTF-8" writes one,
-    which would otherwise stick to the first column's name), and bytes that are not UTF-8 kept as surrogates so
-    that the row holding them is reported alone (see _undecodable) instead of stopping the whole source."""
-    return open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
-
-
-def _undecodable(text: str) -> str | None:
-    """Why a row read by _open_text is unusable, when it holds bytes that are not UTF-8 (None: it is fine)."""
-    for ch in text:
-        if "\udc80" <= ch <= "\udcff":
-            return (f"the row is not valid UTF-8 (byte 0x{ord(ch) - 0xDC00:02x}); save the manifest as UTF-8 "
-                    "(e.g. iconv -f latin1 -t utf-8)")
-    return None
 
 
 def check_modality(modality: str) -> str:
@@ -173,7 +158,7 @@ class ManifestSource(ArchiveSource):
             except (OSError, ValueError) as exc:
                 raise SourceError(self.spec, f"unreadable Parquet manifest: {exc}") from None
         elif self.format in ("csv", "tsv"):
-            with _open_text(self.path) as f:
+            with open_text(self.path) as f:
                 header = next(csv.reader(f, delimiter="\t" if self.format == "tsv" else ","), None)
             if not header:
                 raise SourceError(self.spec, "empty CSV manifest (no header row)")
@@ -186,12 +171,12 @@ class ManifestSource(ArchiveSource):
     def _rows(self) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
         """(row number from 0, the row or None, a parse problem or None)."""
         if self.format == "jsonl":
-            with _open_text(self.path) as f:
+            with open_text(self.path) as f:
                 n = 0
                 for line in f:
                     if not line.strip():
                         continue
-                    bad = _undecodable(line)
+                    bad = undecodable(line)
                     if bad:
                         yield n, None, bad
                         n += 1
@@ -207,10 +192,10 @@ class ManifestSource(ArchiveSource):
                             yield n, None, f"line is a JSON {type(row).__name__}, not an object"
                     n += 1
         elif self.format in ("csv", "tsv"):
-            with _open_text(self.path) as f:
+            with open_text(self.path) as f:
                 reader = csv.DictReader(f, delimiter="\t" if self.format == "tsv" else ",")
                 for n, row in enumerate(reader):
-                    bad = next((_undecodable(v) for v in row.values() if isinstance(v, str) and _undecodable(v)), None)
+                    bad = next((undecodable(v) for v in row.values() if isinstance(v, str) and undecodable(v)), None)
                     if bad:
                         yield n, None, bad
                         continue

@@ -28,6 +28,7 @@ from typing import Any
 from wave_rt.embed.prepared import PreparedItem
 from wave_rt.errors import InputError, MediaError, WaveRTError
 from wave_rt.items import Audio, AudioVisual, Text, Video
+from wave_rt.manifest_text import open_text, undecodable
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,13 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         rows = []
-        with path.open(encoding="utf-8") as f:
+        with open_text(path) as f:
             for n, line in enumerate(f):
                 if not line.strip():
+                    continue
+                bad = undecodable(line)
+                if bad:
+                    rows.append({"__error__": bad, "__line__": n})
                     continue
                 try:
                     value = json.loads(line)
@@ -75,8 +80,12 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
                 rows.append(value if isinstance(value, dict) else {"__error__": "a JSON line must be an object"})
         return rows
     if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
+        rows = []
+        with open_text(path) as f:
+            for row in csv.DictReader(f):
+                bad = next((undecodable(v) for v in row.values() if isinstance(v, str) and undecodable(v)), None)
+                rows.append({"__error__": bad} if bad else row)
+        return rows
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from wave_rt.dtypes import resolve_device
 from wave_rt.errors import WaveRTError
 from wave_rt.train.adapters import add_lora, merge_lora, set_trainable
 from wave_rt.train.checkpoint import (
@@ -108,6 +109,8 @@ def _dist_setup(device_name: str, need_group: bool = False) -> tuple[int, int, t
     """(rank, world size, device). need_group: join a one-rank group when not launched by torchrun (FSDP2
     shards over a device mesh even on one rank)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device_name != "auto":
+        resolve_device(device_name)  # a device this machine lacks: a typed error before any process group
     if (world > 1 or need_group) and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and device_name != "cpu" else "gloo"
         if world > 1:

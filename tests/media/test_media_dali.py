@@ -143,3 +143,31 @@ def test_dali_gpu_decodes_h264_onto_the_gpu(media):
     ref = load_video(str(media / "silent.mp4"), backend="cpu").frames
     # NVDEC and FFmpeg convert YUV to RGB with their own rounding: close, not bit-equal
     assert (clip.frames.cpu().int() - ref.int()).abs().float().mean() < 2.0
+
+
+def _rotated(tmp_path, codec: str, ext: str) -> str:
+    from media_factory import write_video
+
+    frames = np.zeros((20, 96, 160, 3), np.uint8)
+    frames[:, :32, :64] = 255  # a marked top-left corner: a turn the other way, or twice, moves it
+    path = tmp_path / f"rot90_{codec}.{ext}"
+    write_video(path, frames, 10, codec, options={"crf": "10"} if codec == "libx264" else None, rotation=90)
+    return str(path)
+
+
+@needs_dali
+def test_dali_rotated_clip_is_turned_once_like_pyav(tmp_path):
+    # The display matrix is applied after either backend decodes: DALI's decoder must not turn it as well.
+    path = _rotated(tmp_path, "libvpx-vp9", "mp4")
+    a, b = load_video(path, backend="dali").frames, load_video(path, backend="cpu").frames
+    assert a.shape == b.shape == (4, 160, 96, 3)
+    assert (a.int() - b.int()).abs().float().mean() < 2.0
+
+
+@pytest.mark.gpu
+@needs_dali
+def test_dali_gpu_rotated_h264_is_turned_once_like_pyav(tmp_path):
+    path = _rotated(tmp_path, "libx264", "mp4")
+    a, b = load_video(path, backend="dali").frames, load_video(path, backend="cpu").frames
+    assert a.is_cuda and a.shape == b.shape == (4, 160, 96, 3)
+    assert (a.cpu().int() - b.int()).abs().float().mean() < 2.0

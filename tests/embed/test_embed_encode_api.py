@@ -80,3 +80,14 @@ def test_packed_encode_equals_padded_encode(encoder):
     assert encoder.packed and not padded.packed
     for kwargs in ({}, {"max_batch_tokens": 40}):
         np.testing.assert_allclose(encoder.encode(TEXTS, **kwargs), padded.encode(TEXTS, **kwargs), rtol=0, atol=2e-6)
+
+
+def test_bad_call_arguments_are_clear_errors(encoder):
+    with pytest.raises(UnsupportedItemError, match="got None"):
+        encoder.encode(None)
+    for kw in ({"max_batch_tokens": 0}, {"batch_size": -1}, {"max_batch_tokens": 1.5}, {"batch_size": True}):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            encoder.encode(["a"], **kw)
+    a = encoder.encode(["a", "b"])
+    with pytest.raises(ValueError, match=r"\(2, 64\) and \(2, 32\)"):
+        wave_rt.similarity(a, a[:, :32])

@@ -35,6 +35,7 @@ from wave_rt.embed.identity import DEMO_MODEL, encoder_fingerprint, weights_fing
 from wave_rt.embed.prepared import PreparedItem
 from wave_rt.embed.processor import WaveProcessor, load_tokenizer
 from wave_rt.embed.runner import ModelRunner
+from wave_rt.errors import UnsupportedItemError
 from wave_rt.items import Item, modality_of
 from wave_rt.model.batch import collate, collate_packed
 from wave_rt.model.wave_model import WaveModel
@@ -234,6 +235,11 @@ class WaveEncoder:
         prompt for media items and Text(side="query"); plain strings are text targets and ignore it.
         `gpu_features` overrides the encoder's setting for this call: True computes media features in batch
         on the model's device at staging, False per item on the CPU while preparing, None the encoder's choice."""
+        for name, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if items is None:
+            raise UnsupportedItemError(items, "encode() takes an item or a list of items, got None")
         single = isinstance(items, (str,)) or modality_of(items) is not None
         seq: list[Item] = [items] if single else list(items)
         budget = max_batch_tokens or (None if batch_size else self.default_max_batch_tokens)
@@ -327,6 +333,9 @@ def similarity(a: Any, b: Any) -> Any:
         ta = ta[None]
     if tb.ndim == 1:
         tb = tb[None]
+    if ta.ndim != 2 or tb.ndim != 2 or ta.shape[-1] != tb.shape[-1]:
+        raise ValueError(f"similarity needs two batches of vectors of one width, got shapes {tuple(ta.shape)} and "
+                         f"{tuple(tb.shape)} (embeddings of two different models?)")
     sim = F.normalize(ta, dim=-1) @ F.normalize(tb, dim=-1).T
     return sim.numpy() if is_np else sim
 

@@ -388,10 +388,12 @@ def _fusion_torch(hidden: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor) -> t
     if _has_flat_view(hidden):
         flat = hidden.as_strided((batch, layers * dim), (hidden.stride(0), 1))
         return F.gelu(F.linear(flat, w1, b1))
-    z = b1
+    # fp32 accumulation across the layer slices, as one GEMM (and the kernel) accumulates: L partial sums
+    # rounded to fp16/bf16 one after another lose up to L roundings
+    z = b1.float()
     for layer in range(layers):
-        z = z + F.linear(hidden[:, layer], w1[:, layer * dim:(layer + 1) * dim])
-    return F.gelu(z)
+        z = z + F.linear(hidden[:, layer].float(), w1[:, layer * dim:(layer + 1) * dim].float())
+    return F.gelu(z).to(hidden.dtype)
 
 
 def _scalar_mix_torch(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -427,7 +429,8 @@ def _layer_fusion_mlp(hidden: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
         backend = "torch"
     if backend == "torch" or hidden.shape[0] == 0 or w1.shape[0] == 0:  # empty grids cannot launch
         return _fusion_torch(hidden, w1, b1)
-    return LayerFusionMLPFunction.apply(hidden, w1, b1, backend, split_k)
+    # the kernels index b1 as a dense vector (hidden and w1 go by their strides)
+    return LayerFusionMLPFunction.apply(hidden, w1, b1.contiguous(), backend, split_k)
 
 
 def layer_fusion_mlp(hidden: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
@@ -456,4 +459,4 @@ def scalar_mix(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     backend = dispatch.select_backend(hidden, weights)
     if backend == "torch" or 0 in hidden.shape:  # empty grids (or an empty softmax) cannot launch
         return _scalar_mix_torch(hidden, weights)
-    return ScalarMixFunction.apply(hidden, weights, backend)
+    return ScalarMixFunction.apply(hidden, weights.contiguous(), backend)  # the kernels index weights densely

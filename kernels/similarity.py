@@ -224,10 +224,13 @@ def _topk_filter_kernel(
                 c_norm = tl.load(c_norm_ptr + offs_n, mask=mask_n, other=1.0)
             acc = acc / q_norm[:, None] / c_norm[None, :]
 
+        # A NaN score ranks as -inf (last), as in the torch path.
+        acc = tl.where(acc == acc, acc, -float("inf"))
         valid = mask_q[:, None] & mask_n[None, :]
         # Strict: this program scans its range in index order, so a later score equal to the threshold has
-        # a higher index than the k-th best it ties with and loses the tie.
-        hit = (acc > thr[:, None]) & valid
+        # a higher index than the k-th best it ties with and loses the tie. While a row knows fewer than k
+        # scores (threshold -inf) every score is taken, -inf included, so that k rows always come back.
+        hit = ((acc > thr[:, None]) | (thr == -float("inf"))[:, None]) & valid
         n_new = tl.sum(hit.to(tl.int32), axis=1)
         if past_end | (tl.max(cnt + n_new, axis=0) > BUF):
             tl.store(cnt_ws + offs_q, cnt, mask=mask_q)
@@ -235,7 +238,7 @@ def _topk_filter_kernel(
                              stride_pm, stride_bm, BLOCK_Q, MERGE_Q, K_PAD, BUF, LOG_MQ, LOG_BUF, LOG_K)
             thr = tl.load(thr_ws + offs_q, mask=mask_q, other=-float("inf"))
             cnt = tl.zeros((BLOCK_Q,), dtype=tl.int32)
-            hit = (acc > thr[:, None]) & valid
+            hit = ((acc > thr[:, None]) | (thr == -float("inf"))[:, None]) & valid
             n_new = tl.sum(hit.to(tl.int32), axis=1)
         if tl.max(n_new, axis=0) > 0:
             slot = buf_rows + (cnt[:, None] + tl.cumsum(hit.to(tl.int32), axis=1) - 1)
@@ -415,8 +418,9 @@ def _topk_torch(queries: torch.Tensor, corpus: torch.Tensor, k: int, normalize: 
     folded into a running top-k of int64 keys (exact, ties to the lower index).
 
     Normalization divides the raw dot products by both norms, in the kernel's order, rather than
-    normalizing the rows first: rows with equal dot products and equal norms then tie exactly, as they do
-    in the kernel (per-element rounding of normalized rows would break such ties at random)."""
+    normalizing the rows first: rows with equal dot products and equal norms then tie, as they do in the
+    kernel (per-element rounding of normalized rows would break such ties at random). Equal rows at
+    different positions may still get dot products a last bit apart: BLAS rounds by position."""
     device = queries.device
     q = queries.float()
     q_norm = q.norm(dim=1).clamp_min(1e-12)[:, None] if normalize else None
@@ -433,6 +437,7 @@ def _topk_torch(queries: torch.Tensor, corpus: torch.Tensor, k: int, normalize: 
             scores = q[q0:q0 + q_block] @ c.T
             if normalize:
                 scores = scores / q_norm[q0:q0 + q_block] / c_norm
+            scores = scores.masked_fill(scores.isnan(), float("-inf"))  # NaN ranks last, as in the kernel
             keys = torch.cat([best[q0:q0 + q_block], encode_keys(scores, index)], dim=1)
             merged.append(torch.topk(keys, keep, dim=1, sorted=True).values)
         best = torch.cat(merged, dim=0) if merged else best[:, :keep]
@@ -447,7 +452,8 @@ def similarity_topk(queries: torch.Tensor, corpus: torch.Tensor, k: int, normali
     queries [q, D] and corpus [N, D] share a float dtype (fp32/fp16/bf16); the corpus may live on another
     device than the queries (e.g. a pinned CPU tensor streamed to the GPU), it is then moved chunk by chunk.
     Returns (values float32 [q, k], indices int64 [q, k]), sorted by descending score; equal scores are
-    ordered by lower corpus index. 1 <= k <= min(N, 1024). `chunk_size` = corpus rows per launch (default:
+    ordered by lower corpus index (rows that are equal may still score a last bit apart: the dot products are
+    rounded per position). A NaN score (a row holding NaN) counts as -inf: it ranks last and reads -inf. 1 <= k <= min(N, 1024). `chunk_size` = corpus rows per launch (default:
     the whole corpus when it sits on the queries' device, else chunks of ~1 GiB); results do not depend on it.
     normalize=True scores x / max(||x||, 1e-12) on both sides, fused into the same pass.
     """

@@ -29,7 +29,9 @@ def fusion_inputs(batch: int, layers: int, dim: int, hidden: int, device: str | 
 
 def run_with_grads(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], dy: torch.Tensor,
                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    # detach(), not clone(): a clone of a view that is not dense is contiguous, and the kernels would never
+    # see the strides a test builds
+    leaves = [x.detach().requires_grad_() for x in inputs]
     out = fn(*leaves)
     grads = torch.autograd.grad(out, leaves, dy.to(out.dtype))
     return out.detach(), [g.detach() for g in grads]
@@ -79,6 +81,38 @@ def test_layer_fusion_strided_inputs(cpu_backend, accuracy):
         with dispatch.force_backend(cpu_backend):
             check_against_reference(accuracy, layer_fusion_mlp, layer_fusion_mlp_reference, (h64, w64, b1),
                                     torch.float32, ("hidden", "w1", "b1"), low=low)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_layer_fusion_many_strided_layers_low_precision(cpu_backend, accuracy, dtype):
+    """28 layers as rows of a [L, B, D] capture buffer, in fp16: the torch path's per-layer GEMMs must
+    accumulate in fp32 like one GEMM does (28 partial sums rounded to fp16 in turn broke the 2x rule)."""
+    batch, layers, dim, hidden = 8, 28, 24, 16
+    for _ in range(6):  # one draw often passes by luck: the old summation failed on about one in three
+        _, w1, b1 = fusion_inputs(batch, layers, dim, hidden)
+        capture = torch.randn(layers, batch, dim, dtype=torch.float64)
+        h64 = capture.transpose(0, 1)
+        low = [capture.to(dtype).transpose(0, 1), w1.to(dtype), b1.to(dtype)]
+        with dispatch.force_backend(cpu_backend):
+            check_against_reference(accuracy, layer_fusion_mlp, layer_fusion_mlp_reference, (h64, w1, b1), dtype,
+                                    ("hidden", "w1", "b1"), low=low)
+
+
+def test_strided_bias_and_mixing_weights(cpu_backend, accuracy):
+    """b1 and the scalar-mix weights as every other element of a longer vector: the kernels read them by
+    their strides (they once indexed them as dense vectors, so every other bias was wrong)."""
+    batch, layers, dim, hidden = 6, 3, 21, 13
+    h64, w1, b1 = fusion_inputs(batch, layers, dim, hidden)
+    b_long = torch.randn(2 * hidden, dtype=torch.float64)
+    w_long = torch.randn(2 * layers, dtype=torch.float64)
+    for dtype in CPU_DTYPES:
+        low_b, low_w = b_long.to(dtype)[::2], w_long.to(dtype)[::2]
+        assert low_b.stride() == (2,) and low_w.stride() == (2,)
+        with dispatch.force_backend(cpu_backend):
+            check_against_reference(accuracy, layer_fusion_mlp, layer_fusion_mlp_reference, (h64, w1, b_long[::2]),
+                                    dtype, ("hidden", "w1", "b1"), low=[h64.to(dtype), w1.to(dtype), low_b])
+            check_against_reference(accuracy, scalar_mix, scalar_mix_reference, (h64, w_long[::2]), dtype,
+                                    ("hidden", "weights"), low=[h64.to(dtype), low_w])
 
 
 @pytest.mark.parametrize("split_k", [1, 2, 3, 5, 7])

@@ -242,6 +242,29 @@ def test_similarity_topk_zero_vectors(cpu_backend):
     torch.testing.assert_close(values.double(), ref_values, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("nan", [float("nan"), -float("nan")], ids=["+nan", "-nan"])
+def test_similarity_topk_nan_rows_and_minus_inf_scores_rank_last(cpu_backend, normalize, nan):
+    """A row holding NaN scores NaN (either sign bit): it counts as -inf, ranks last and reads -inf, on every
+    path. Rows scoring -inf are still returned when k asks for them (the kernel used to leave such slots
+    unfilled: index 2^32 - 1, value NaN)."""
+    torch.manual_seed(0)
+    queries = torch.randn(2, 5)
+    corpus = torch.randn(4, 5)
+    corpus[1, 2] = nan
+    with dispatch.force_backend(cpu_backend):
+        values, indices = similarity_topk(queries, corpus, 4, normalize=normalize)
+    assert indices[:, -1].tolist() == [1, 1] and torch.isneginf(values[:, -1]).all()
+    assert sorted(indices[0].tolist()) == [0, 1, 2, 3] and not torch.isnan(values).any()
+    if not normalize:
+        corpus[1] = torch.tensor([float("inf"), 0, 0, 0, 0])
+        q = torch.tensor([[-1.0, 0, 0, 0, 0], [-2.0, 0, 0, 0, 0]])
+        with dispatch.force_backend(cpu_backend):
+            values, indices = similarity_topk(q, corpus, 4, normalize=False)
+        assert indices[:, -1].tolist() == [1, 1] and torch.isneginf(values[:, -1]).all()
+        assert ((indices >= 0) & (indices < 4)).all()
+
+
 def test_similarity_topk_no_queries(cpu_backend):
     with dispatch.force_backend(cpu_backend):
         values, indices = similarity_topk(torch.empty(0, 8), torch.randn(10, 8), 3)

@@ -143,3 +143,43 @@ def test_byte_order_mark_and_latin1_rows_in_pair_manifests(tmp_path, caplog, suf
     pairs = load_pairs(path, skipped)
     assert [p.query.text for p in pairs] == [texts[0], texts[2]]
     assert skipped == Counter(bad_row=1) and "not valid UTF-8 (byte 0xe9)" in caplog.text
+
+
+def test_every_row_of_a_task_trains_every_epoch_and_small_tasks_are_named(tmp_path, caplog):
+    # WAVE's TypeAwareBatchSampler fills a task's last batch by wrapping around its own rows; a task with fewer
+    # rows than one batch cannot fill a batch: it is left out, with a warning (it used to vanish silently).
+    rows = [{"query_text": f"a{i}", "target_text": f"t{i}", "task": "a"} for i in range(10)]
+    rows += [{"query_text": f"b{i}", "target_text": f"u{i}", "task": "b"} for i in range(3)]
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = load_pairs(path)
+    plan = BatchPlan(pairs, 4, seed=1, one_task_per_batch=True)
+    for epoch in range(3):
+        batches = plan.epoch_batches(epoch)
+        assert len(batches) == 3 and all(len(b) == 4 for b in batches)
+        assert {pairs[i].task for b in batches for i in b} == {"a"}
+        assert {i for b in batches for i in b} == set(range(10))  # every row of task a, every epoch
+    assert plan.left_out == {"b": 3}
+    assert "b: 3 rows" in caplog.text and "not trained" in caplog.text
+
+
+def test_optimizer_defaults_and_schedule_follow_wave_and_transformers(tmp_path):
+    # WAVE's scripts/train.sh: lr 2e-5, warmup_ratio 0.03, cosine (transformers' schedule, which starts at 0)
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    from wave_rt.train.config import TrainConfig
+    from wave_rt.train.trainer import warmup_cosine
+
+    o = TrainConfig.from_dict({"data": {"train": "x.jsonl"}}).optim
+    assert (o.lr, o.warmup_ratio, o.warmup(), o.weight_decay, o.grad_clip) == (2e-5, 0.03, 30, 0.0, 1.0)
+    assert TrainConfig.from_dict({"data": {"train": "x"}, "optim": {"max_steps": 50}}).optim.warmup() == 2
+    assert TrainConfig.from_dict({"data": {"train": "x"}, "optim": {"warmup_steps": 0}}).optim.warmup() == 0
+    for warmup, total in ((1, 12), (2, 50), (0, 7), (30, 1000)):
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-5)
+        ref = get_cosine_schedule_with_warmup(opt, warmup, total)
+        ours = warmup_cosine(warmup, total, 0.0)
+        for step in range(total):
+            assert abs(2e-5 * ours(step) - ref.get_last_lr()[0]) < 1e-12, (warmup, total, step)
+            opt.step()
+            ref.step()

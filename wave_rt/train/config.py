@@ -13,11 +13,12 @@
     chunk_size = 16               # GradCache chunk: rows embedded with a graph at once
     cache_prepared = false        # keep every prepared pair in memory (small corpora)
     distinct_targets = false      # no two rows with the same target (caption) in one batch
-    [optim]
-    lr = 1e-4
+    [optim]                       # defaults: WAVE's public recipe (AdamW, cosine, 3% warmup)
+    lr = 2e-5
     weight_decay = 0.0
     betas = [0.9, 0.999]
-    warmup_steps = 0
+    warmup_ratio = 0.03           # warmup = ceil(warmup_ratio x max_steps) steps, as transformers counts it,
+    warmup_steps = -1             # unless warmup_steps >= 0 names the count itself
     max_steps = 1000
     min_lr_ratio = 0.0            # cosine decays to lr x min_lr_ratio
     grad_clip = 1.0               # max global grad norm; 0 disables
@@ -42,6 +43,8 @@
 """
 
 from __future__ import annotations
+
+import math
 
 import os
 import sys
@@ -68,13 +71,20 @@ class DataSection:
 
 @dataclass
 class OptimSection:
-    lr: float = 1e-4
+    lr: float = 2e-5
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
+    warmup_ratio: float = 0.03
+    warmup_steps: int = -1  # < 0: ceil(warmup_ratio x max_steps)
     max_steps: int = 1000
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
+
+
+    def warmup(self) -> int:
+        """Warmup steps: warmup_steps when given (>= 0), else ceil(warmup_ratio x max_steps) (transformers'
+        get_warmup_steps, which WAVE's --warmup_ratio 0.03 goes through)."""
+        return self.warmup_steps if self.warmup_steps >= 0 else math.ceil(self.warmup_ratio * self.max_steps)
 
 
 @dataclass
@@ -159,6 +169,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.optim.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.optim.lr}")
+        if not 0.0 <= self.optim.warmup_ratio <= 1.0:
+            raise ValueError(f"optim.warmup_ratio must be in [0, 1], got {self.optim.warmup_ratio}")
         if self.run.distributed not in ("ddp", "fsdp2"):
             raise ValueError(f"run.distributed must be ddp or fsdp2, got {self.run.distributed!r}")
         if self.run.dtype not in ("fp32", "fp64"):

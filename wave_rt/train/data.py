@@ -188,8 +188,11 @@ def target_key(item: Any) -> str:
 class BatchPlan:
     """Which rows form global batch k, a pure function of (seed, epoch): resuming at step s needs nothing
     but s. Rows are shuffled per epoch; with one_task_per_batch, every batch draws from a single task (WAVE's
-    sampler), batches of all tasks then shuffled together. With distinct_targets, no batch holds two rows
-    with the same target (an identical caption would be its twin's negative). Incomplete batches are dropped."""
+    sampler), batches of all tasks then shuffled together. A task's last, incomplete batch is filled with the
+    first rows of its own shuffled order (wrap-around, as WAVE's TypeAwareBatchSampler pads), so every row
+    trains every epoch; a task with fewer rows than one batch cannot fill one and is left out, with a
+    warning naming it. With distinct_targets, no batch holds two rows with the same target (an identical
+    caption would be its twin's negative); there incomplete batches are dropped instead of filled."""
 
     def __init__(self, pairs: Sequence[Pair], global_batch: int, seed: int, one_task_per_batch: bool = False,
                  distinct_targets: bool = False) -> None:
@@ -202,6 +205,11 @@ class BatchPlan:
         for i, p in enumerate(pairs):
             self.tasks.setdefault(p.task if one_task_per_batch else "", []).append(i)
         self._lengths: list[int] = []
+        self.left_out = {t: len(rows) for t, rows in self.tasks.items() if len(rows) < global_batch}
+        if self.left_out and len(self.left_out) < len(self.tasks):
+            log.warning("tasks with fewer rows than one global batch of %d are not trained: %s (add rows, lower "
+                        "data.batch_size, or set one_task_per_batch = false)", global_batch,
+                        ", ".join(f"{t or '(no task)'}: {n} rows" for t, n in sorted(self.left_out.items())))
         if not self.epoch_batches(0):
             raise ValueError(f"no task yields a batch of {global_batch} rows: lower the batch size (rows per task: "
                              f"{ {k: len(v) for k, v in self.tasks.items()} }, distinct targets: {distinct_targets})")
@@ -209,7 +217,10 @@ class BatchPlan:
     def _split(self, rows: list[int]) -> list[list[int]]:
         b = self.global_batch
         if self.keys is None:
-            return [rows[i:i + b] for i in range(0, len(rows) - b + 1, b)]
+            if len(rows) < b:
+                return []
+            padded = rows + rows[:(-len(rows)) % b]  # the last batch wraps around to the first rows
+            return [padded[i:i + b] for i in range(0, len(padded), b)]
         batches, pending = [], rows
         while len(pending) >= b:
             batch, seen, rest = [], set(), []

@@ -95,9 +95,11 @@ class FitResult:
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):  # noqa: ANN201 - a LambdaLR factor
+    """transformers' get_cosine_schedule_with_warmup (WAVE trains with it): linear from 0 over `warmup` steps,
+    then a half cosine down to min_ratio at `total`."""
     def factor(step: int) -> float:
         if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
+            return step / warmup
         span = max(1, total - warmup)
         progress = min(1.0, (step - warmup) / span)
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -236,7 +238,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=o.betas)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(o.warmup_steps, o.max_steps, o.min_lr_ratio))
+            self.optimizer, warmup_cosine(o.warmup(), o.max_steps, o.min_lr_ratio))
         self.step = 0
         self._tb: Any = None
         self._reach_checked = False

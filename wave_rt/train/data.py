@@ -54,6 +54,9 @@ class Pair:
     task: str = ""
     id: str = ""
     modality: str = "text"  # the query's modality (eval reports per modality)
+    # explicit negatives (WAVE's `neg_text`, e.g. a QA row's wrong options): the query is trained against its
+    # target and these only (ContrastiveLoss.options), in batches of such rows
+    negatives: tuple[str, ...] = ()
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -121,6 +124,37 @@ def parse_side(row: dict[str, Any], side: str, root: Path) -> tuple[Any, str]:
     return MODALITIES[modality](str(file)), modality
 
 
+NEGATIVE_COLUMNS = ("negatives", "neg_text")  # ours, and WAVE's name for the same list
+
+
+def parse_negatives(row: dict[str, Any], target: Any) -> tuple[str, ...]:
+    """A row's explicit negatives: a list of texts (JSONL/Parquet), or in a CSV cell a JSON list or texts
+    separated by '|'. They are embedded as text targets, like the target they compete with, so the target
+    must be a text too."""
+    given = [c for c in NEGATIVE_COLUMNS if row.get(c) not in (None, "", [])]
+    if not given:
+        return ()
+    if len(given) > 1:
+        raise ValueError(f"give the negatives in one column, not both {' and '.join(given)}")
+    value = row[given[0]]
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{given[0]}: not a JSON list ({exc.msg})") from None
+        else:
+            value = [part.strip() for part in text.split("|")]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ValueError(f"{given[0]} must be a list of non-empty texts, got {value!r}")
+    if not isinstance(target, str):
+        raise ValueError(f"{given[0]} are texts and compete with the target: the target must be target_text")
+    if target in value:
+        raise ValueError(f"{given[0]} holds the target itself ({target!r})")
+    return tuple(value)
+
+
 def load_pairs(manifest: str | Path, skipped: Counter | None = None) -> list[Pair]:
     """Parse and check every row (columns, non-empty texts, files that exist); bad rows are logged and
     counted in `skipped` by reason class, not returned."""
@@ -134,8 +168,9 @@ def load_pairs(manifest: str | Path, skipped: Counter | None = None) -> list[Pai
             query, modality = parse_side(row, "query", root)
             target, _ = parse_side(row, "target", root)
             instruction = row.get("instruction") or None
+            negatives = parse_negatives(row, target)
             pairs.append(Pair(n, query, target, instruction, str(row.get("task") or ""), str(row.get("id") or n),
-                              modality))
+                              modality, negatives))
         except ValueError as exc:
             err = PairRowError(manifest, n, str(exc))
             log.warning("skipping %s", err)
@@ -154,14 +189,15 @@ class PairSource:
         self.pairs = list(pairs)
         self.processor = processor
         self.cache = cache
-        self._prepared: dict[int, tuple[PreparedItem, PreparedItem]] = {}
+        self._prepared: dict[int, tuple[Any, ...]] = {}
         self.bad: dict[int, str] = {}
         self.skipped: Counter = Counter()
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def prepare(self, index: int) -> tuple[PreparedItem, PreparedItem] | None:
+    def prepare(self, index: int) -> tuple[Any, ...] | None:
+        """(query, target), or (query, target, negatives) for a row with explicit negatives; None if it failed."""
         if index in self._prepared:
             return self._prepared[index]
         if index in self.bad:
@@ -170,6 +206,8 @@ class PairSource:
         try:
             out = (self.processor.prepare(pair.query, pair.instruction, index=pair.row),
                    self.processor.prepare(pair.target, index=pair.row))
+            if pair.negatives:
+                out += (tuple(self.processor.prepare(n, index=pair.row) for n in pair.negatives),)
         except (MediaError, InputError) as exc:
             self.bad[index] = f"{type(exc).__name__}: {exc}"
             self.skipped["media" if isinstance(exc, MediaError) else "input"] += 1
@@ -203,7 +241,10 @@ class BatchPlan:
         self.keys = [target_key(p.target) for p in pairs] if distinct_targets else None
         self.tasks: dict[str, list[int]] = {}
         for i, p in enumerate(pairs):
-            self.tasks.setdefault(p.task if one_task_per_batch else "", []).append(i)
+            # rows with explicit negatives train with another loss (ContrastiveLoss.options): never in a batch
+            # with plain pairs, whatever one_task_per_batch says
+            task = p.task if one_task_per_batch else ""
+            self.tasks.setdefault(f"{task} (with negatives)" if p.negatives else task, []).append(i)
         self._lengths: list[int] = []
         self.left_out = {t: len(rows) for t, rows in self.tasks.items() if len(rows) < global_batch}
         if self.left_out and len(self.left_out) < len(self.tasks):

@@ -4,15 +4,18 @@ learnable temperature and an optional false-negative margin (ALM2Vec).
 Dispatch: float16/bfloat16/float32 embeddings go to the info_nce kernel (Triton on CUDA, its chunked
 torch path on the CPU), across ranks to info_nce_distributed; float64 (the exactness tests, CPU-only
 double-precision runs) goes to kernels.reference.info_nce_reference, the full-matrix definition the kernel
-is tested against, since the kernel has no float64 path.
+is tested against, since the kernel has no float64 path. Rows with explicit negatives (QA options) use
+ContrastiveLoss.options instead: each query against its own answer and options only, as WAVE trains them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from wave_rt.kernels import info_nce, info_nce_distributed
@@ -48,6 +51,22 @@ class ContrastiveLoss(nn.Module):
         if not self.learnable:
             return self.fixed_temperature
         return self.log_temperature.clamp(self.min_log_t, self.max_log_t).exp().to(dtype)
+
+    def options(self, q: torch.Tensor, c: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:
+        """WAVE's loss for rows with explicit negatives (its `give_neg` QA batches): each query against only its
+        own candidates, the answer first then its options, c[g_0 + ... + g_(i-1) : ... + g_i] for query i;
+        cross-entropy with the answer as the class, one direction, mean over the rows. No in-batch or
+        cross-rank negatives (WAVE gathers none for these batches)."""
+        g = torch.as_tensor(list(groups), device=q.device)
+        if g.numel() != q.shape[0] or int(g.sum()) != c.shape[0] or bool((g < 1).any()):
+            raise ValueError(f"option groups {list(groups)} do not cover {q.shape[0]} queries and {c.shape[0]} candidates")
+        width = int(g.max())
+        col = torch.arange(width, device=q.device)[None, :]
+        index = ((torch.cumsum(g, 0) - g)[:, None] + col).clamp(max=c.shape[0] - 1)
+        logits = torch.einsum("bkd,bd->bk", c[index], q) / self.temperature(q.dtype if q.dtype == torch.float64
+                                                                            else torch.float32)
+        logits = logits.masked_fill(col >= g[:, None], float("-inf"))
+        return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
     def forward(self, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         if q.dtype == torch.float64:

@@ -390,21 +390,37 @@ class Trainer:
         if not prepared:
             raise RuntimeError(f"step {self.step}: every pair of the batch failed to prepare")
         chunk = self.config.data.chunk_size
-        sides = [chunked([q for q, _ in prepared], chunk), chunked([t for _, t in prepared], chunk)]
+        loss_fn: Any = self.loss_fn
+        with_negatives = len(prepared[0]) == 3
+        if with_negatives:
+            # Rows with explicit negatives (BatchPlan never mixes them with plain pairs): each query against its
+            # own target and negatives only. The loss is this rank's rows' mean / world size: the gradients
+            # summed over the ranks below are then the global batch's mean, as for the contrastive loss.
+            groups = [1 + len(negs) for _, _, negs in prepared]
+            candidates = [c for _, t, negs in prepared for c in (t, *negs)]
+            sides = [chunked([q for q, *_ in prepared], chunk), chunked(candidates, chunk)]
+            world = self.world
+
+            def loss_fn(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+                return self.loss_fn.options(q, c, groups) / world
+        else:
+            sides = [chunked([q for q, _ in prepared], chunk), chunked([t for _, t in prepared], chunk)]
         self.optimizer.zero_grad(set_to_none=True)
         # One chunk per side: the cached pass would only repeat the forward; the plain graph is the same math.
         def encode(c: Any) -> torch.Tensor:
             return embed_items(self.model, c, self.pad, device=self.device, dtype=self.dtype, autocast=self.autocast)
 
         if all(len(s) == 1 for s in sides):
-            loss = full_batch_step(encode, sides, self.loss_fn)
+            loss = full_batch_step(encode, sides, loss_fn)
         else:
             every = self.config.run.fsdp_sync_every_chunk
             # Only FSDP2 needs to know which backward is the last (gradcache_step re-runs a chunk for it when
             # the step's last chunks reach nothing trainable).
-            loss = gradcache_step(encode, sides, self.loss_fn,
+            loss = gradcache_step(encode, sides, loss_fn,
                                   before_backward=(lambda last: set_gradient_sync(self.model, last or every))
                                   if self.fsdp else None)
+        if with_negatives:
+            loss = loss * self.world  # logged as this rank's rows' mean, not its share of the global mean
         if not self._reach_checked:
             self._check_reached()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]

@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from bench_model import Workload, make_items, small_config
     from harness import git_commit
-    from wave_rt.export.bench_latency import run_bench_latency
     from presets import QWEN_TOKEN_IDS, omni_7b_config_dict
+    from wave_rt.export.bench_latency import run_bench_latency
 
     from wave_rt.config import WaveConfig
     from wave_rt.model.wave_model import WaveModel

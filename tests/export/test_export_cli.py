@@ -63,7 +63,6 @@ def test_latency_warmup_runs_every_batch_before_timing() -> None:
     """A batch first seen inside the timed loop pays its first-shape costs there (p99 877 ms vs p50 29 ms for
     eager 7B text on an H200): the warm-up covers every batch once, however small --warmup is."""
     import torch
-
     from wave_rt.export.bench_latency import measure
 
     class Batch:

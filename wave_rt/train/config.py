@@ -45,7 +45,6 @@
 from __future__ import annotations
 
 import math
-
 import os
 import sys
 from dataclasses import asdict, dataclass, field, fields

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wave_rt.embed.prepared import PreparedItem
 from wave_rt.errors import InputError, MediaError, WaveRTError
 from wave_rt.items import Audio, AudioVisual, Text, Video
 from wave_rt.manifest_text import open_text, undecodable

@@ -521,7 +521,8 @@ class Trainer:
             shutil.rmtree(tmp)
         save_wave_model(model, tmp, tokenizer_dir=self.base_path)
         if self.loss_fn.learnable:
-            (tmp / "temperature.json").write_text(json.dumps({"temperature": float(self.loss_fn.temperature())}))
+            t = self.loss_fn.temperature()
+            (tmp / "temperature.json").write_text(json.dumps({"temperature": float(t.detach())}))
         if final.exists():
             import shutil
 

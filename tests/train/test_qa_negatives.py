@@ -140,3 +140,25 @@ def test_a_qa_manifest_trains_end_to_end(tiny_ckpts, tmp_path, monkeypatch):
     assert result.steps == 6 and all(torch.isfinite(torch.tensor(result.losses)))
     # both kinds of batch ran, each with its own loss (chunks of 3 of 4 rows: GradCache, one loss call a step)
     assert calls["options"] > 0 and calls["in-batch"] > 0 and calls["options"] + calls["in-batch"] == 6
+
+
+def test_qa_rows_in_the_eval_format_become_pairs_with_negatives(tmp_path, caplog):
+    # the rows `wave-rt eval` scores (options, answer, question) train as it scores them: the question as the
+    # query's instruction, the answer's option as the target, the other options against it
+    rows = [
+        {"query_text": "clip 1", "question": "Which animal?", "options": ["dog", "cat", "cow"], "answer": "B"},
+        {"query_text": "clip 2", "instruction": "Which sound?", "options": "rain|wind", "answer": 0},
+        {"query_text": "clip 3", "options": ["a", "b"], "answer": "b", "target_text": "a"},  # two targets
+        {"query_text": "clip 4", "options": ["only"], "answer": 0},
+        {"query_text": "clip 5", "options": ["x", "y", "x"], "answer": 0},
+        {"query_text": "clip 6", "options": ["x", "y"], "answer": "Z"},
+    ]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    skipped = Counter()
+    pairs = load_pairs(path, skipped)
+    assert [(p.instruction, p.target, p.negatives) for p in pairs] == [
+        ("Which animal?", "cat", ("dog", "cow")), ("Which sound?", "rain", ("wind",))]
+    assert skipped["bad_row"] == 4
+    for reason in ("leave target_text", "two or more", "appears more than once", "not one of the 2 options"):
+        assert reason in caplog.text, reason

@@ -26,7 +26,15 @@ import torch
 
 from wave_rt.errors import InputError, MediaError, WaveRTError
 from wave_rt.kernels import similarity_topk
-from wave_rt.train.data import Pair, PairRowError, parse_side, read_rows, target_key
+from wave_rt.train.data import (
+    Pair,
+    PairRowError,
+    answer_index,
+    parse_options,
+    parse_side,
+    read_rows,
+    target_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,34 +50,6 @@ class EvalManifestError(WaveRTError, ValueError):
     def __init__(self, manifest: object, reason: str) -> None:
         self.manifest, self.reason = str(manifest), reason
         super().__init__(f"{self.manifest}: {reason}")
-
-
-def answer_index(answer: Any, options: Sequence[str]) -> int:
-    """The 0-based option a QA row's `answer` names: an index (int or digits), a letter (A = the first
-    option, as the QA prompt lists them), or the exact text of one option. ValueError says why not."""
-    n = len(options)
-    if isinstance(answer, bool) or answer is None or answer == "":
-        raise ValueError(f"answer {answer!r} is not an option index, letter or text")
-    form: int | None = None  # the index the answer's form gives (a number or a letter), in range or not
-    if isinstance(answer, int) or (isinstance(answer, float) and answer.is_integer()):
-        form = int(answer)
-    elif isinstance(answer, str) and answer.strip().isdecimal():
-        form = int(answer.strip())
-    elif isinstance(answer, str) and len(answer) == 1 and answer.isalpha():
-        form = ord(answer.upper()) - ord("A")
-    by_text = [i for i, o in enumerate(options) if isinstance(answer, str) and o == answer]
-    if form is not None and 0 <= form < n:
-        if by_text and by_text != [form]:
-            raise ValueError(f"answer {answer!r} is ambiguous: as an index or letter it names option {form} "
-                             f"({options[form]!r}), but it is the text of option {by_text[0]}")
-        return form
-    if len(by_text) == 1:
-        return by_text[0]
-    if by_text:
-        raise ValueError(f"answer {answer!r} is the text of several options ({by_text}); give its index or letter")
-    last = chr(ord("A") + n - 1)
-    raise ValueError(f"answer {answer!r} is not one of the {n} options: give an index 0-{n - 1}, a letter A-{last}, "
-                     f"or the exact text of one of {list(options)}")
 
 
 @dataclass
@@ -122,7 +102,7 @@ def load_eval_rows(manifest: str | Path, skipped: Counter) -> tuple[list[Pair], 
             task = str(row.get("task") or "")
             options = row.get("options")
             if options not in (None, ""):
-                opts = options.split("|") if isinstance(options, str) else [str(o) for o in options]
+                opts = parse_options(options)
                 idx = answer_index(row.get("answer"), opts)
                 question = str(row.get("question") or row.get("instruction") or "")
                 qa.append(QARow(n, query, question, opts, idx, task, modality))

@@ -123,6 +123,39 @@ def parse_side(row: dict[str, Any], side: str, root: Path) -> tuple[Any, str]:
     return MODALITIES[modality](str(file)), modality
 
 
+def parse_options(value: Any) -> list[str]:
+    """A QA row's options: a list, or a string split on "|"."""
+    return value.split("|") if isinstance(value, str) else [str(o) for o in value]
+
+
+def answer_index(answer: Any, options: Sequence[str]) -> int:
+    """The 0-based option a QA row's `answer` names: an index (int or digits), a letter (A = the first
+    option, as the QA prompt lists them), or the exact text of one option. ValueError says why not."""
+    n = len(options)
+    if isinstance(answer, bool) or answer is None or answer == "":
+        raise ValueError(f"answer {answer!r} is not an option index, letter or text")
+    form: int | None = None  # the index the answer's form gives (a number or a letter), in range or not
+    if isinstance(answer, int) or (isinstance(answer, float) and answer.is_integer()):
+        form = int(answer)
+    elif isinstance(answer, str) and answer.strip().isdecimal():
+        form = int(answer.strip())
+    elif isinstance(answer, str) and len(answer) == 1 and answer.isalpha():
+        form = ord(answer.upper()) - ord("A")
+    by_text = [i for i, o in enumerate(options) if isinstance(answer, str) and o == answer]
+    if form is not None and 0 <= form < n:
+        if by_text and by_text != [form]:
+            raise ValueError(f"answer {answer!r} is ambiguous: as an index or letter it names option {form} "
+                             f"({options[form]!r}), but it is the text of option {by_text[0]}")
+        return form
+    if len(by_text) == 1:
+        return by_text[0]
+    if by_text:
+        raise ValueError(f"answer {answer!r} is the text of several options ({by_text}); give its index or letter")
+    last = chr(ord("A") + n - 1)
+    raise ValueError(f"answer {answer!r} is not one of the {n} options: give an index 0-{n - 1}, a letter A-{last}, "
+                     f"or the exact text of one of {list(options)}")
+
+
 NEGATIVE_COLUMNS = ("negatives", "neg_text")  # ours, and WAVE's name for the same list
 
 
@@ -154,6 +187,24 @@ def parse_negatives(row: dict[str, Any], target: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def qa_target(row: dict[str, Any]) -> tuple[str, tuple[str, ...], str | None]:
+    """A QA row as `wave-rt eval` reads it (`options`, `answer`, `question` or `instruction`) made a training
+    pair: the question as the query's instruction, the answer's option as the target, the other options as
+    its negatives (as eval scores it: the closest option wins)."""
+    if any(row.get(c) not in (None, "") for c in ("target_text", "target_path", *NEGATIVE_COLUMNS)):
+        raise ValueError("a QA row (options and answer) gives its target and negatives through them: "
+                         "leave target_text, target_path and negatives empty")
+    options = parse_options(row["options"])
+    if len(options) < 2 or not all(o.strip() for o in options):
+        raise ValueError(f"options must be two or more non-empty texts, got {options!r}")
+    answer = answer_index(row.get("answer"), options)
+    if options.count(options[answer]) > 1:
+        raise ValueError(f"the answer's option {options[answer]!r} appears more than once")
+    negatives = tuple(o for i, o in enumerate(options) if i != answer)
+    question = row.get("question") or row.get("instruction") or None
+    return options[answer], negatives, question
+
+
 def load_pairs(manifest: str | Path, skipped: Counter | None = None) -> list[Pair]:
     """Parse and check every row (columns, non-empty texts, files that exist); bad rows are logged and
     counted in `skipped` by reason class, not returned."""
@@ -165,9 +216,12 @@ def load_pairs(manifest: str | Path, skipped: Counter | None = None) -> list[Pai
             if "__error__" in row:
                 raise ValueError(row["__error__"])
             query, modality = parse_side(row, "query", root)
-            target, _ = parse_side(row, "target", root)
-            instruction = row.get("instruction") or None
-            negatives = parse_negatives(row, target)
+            if row.get("options") not in (None, "", []):
+                target, negatives, instruction = qa_target(row)
+            else:
+                target, _ = parse_side(row, "target", root)
+                instruction = row.get("instruction") or None
+                negatives = parse_negatives(row, target)
             pairs.append(Pair(n, query, target, instruction, str(row.get("task") or ""), str(row.get("id") or n),
                               modality, negatives))
         except ValueError as exc:

@@ -518,6 +518,12 @@ def _check_temperature(op: str, temperature: object, ref: torch.Tensor) -> None:
             raise KernelArgumentError(op, "temperature", f"must be a floating tensor, got {temperature.dtype}")
         if temperature.device != ref.device:
             raise KernelArgumentError(op, "temperature", f"is on {temperature.device}; q is on {ref.device}")
+        # Its value is checked where reading it is free (a CPU tensor); on a GPU that read would stall the step
+        # on a host sync, so there a temperature <= 0 gives a NaN loss instead of this error.
+        if temperature.device.type == "cpu":
+            value = float(temperature.detach().reshape(()))
+            if not (math.isfinite(value) and value > 0):
+                raise KernelArgumentError(op, "temperature", f"= {value!r}; must be finite and > 0")
         return
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise KernelArgumentError(op, "temperature", f"must be a positive float or a 0-dim tensor, "

@@ -268,6 +268,9 @@ def _bad_calls():
     yield "t-bool", lambda: info_nce(q, d, True), "temperature"
     yield "t-vector", lambda: info_nce(q, d, torch.tensor([0.1, 0.2])), "temperature"
     yield "t-int-tensor", lambda: info_nce(q, d, torch.tensor(1)), "temperature"
+    # a CPU tensor's value is checked like a float's (it used to give a NaN loss)
+    yield "t-tensor-zero", lambda: info_nce(q, d, torch.tensor(0.0, requires_grad=True)), "temperature"
+    yield "t-tensor-negative", lambda: info_nce(q, d, torch.tensor([-0.1])), "temperature"
     yield "symmetric-int", lambda: info_nce(q, d, 0.1, symmetric=1), "symmetric"
     yield "margin-nan", lambda: info_nce(q, d, 0.1, false_negative_margin=float("nan")), "false_negative_margin"
     yield "margin-str", lambda: info_nce(q, d, 0.1, false_negative_margin="0.1"), "false_negative_margin"

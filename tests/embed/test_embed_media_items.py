@@ -43,6 +43,8 @@ def media_dir(tmp_path_factory) -> Path:
     frames = pattern_frames(30, 48, 64)
     write_video(d / "silent.webm", frames, 10, "libvpx-vp9")
     write_video(d / "av.mp4", frames, 10, "libx264", audio=tone(3.0, 440, 44100), audio_rate=44100)
+    # audio shorter than the video: the block ends on a video chunk whose top position is below the audio's
+    write_video(d / "av_short_audio.mp4", frames[:20], 10, "libx264", audio=tone(0.9, 440, 44100), audio_rate=44100)
     return d
 
 
@@ -103,7 +105,8 @@ def test_video_and_av_templates_and_positions(thinker_encoder, media_dir):
     cfg = enc.config.hf_config
     with torch.device("meta"):
         hf = transformers.Qwen2_5OmniThinkerForConditionalGeneration(cfg)
-    for p, use_av in ((v, False), (av, True)):
+    short = enc.prepare(wave_rt.AudioVisual(str(media_dir / "av_short_audio.mp4")))
+    for p, use_av in ((v, False), (av, True), (short, True)):
         x = p.inputs
         ids_ = x.input_ids[None]
         mel_lens = torch.tensor([[s.mel_len for s in x.audio]]).sum(-1) if x.audio else None

@@ -124,7 +124,7 @@ def wave_rope_index(input_ids, video_grid_thw, second_per_grid, n_audio_doubled,
         else:
             pos.append(apos[:, ap: ap + n])
             ap += n
-    end = int(torch.cat(pos, dim=1).max()) + 1
+    end = int(pos[-1].max()) + 1  # the last chunk's, as WAVE's `llm_pos_ids_list[-1].max() + 1`
     pos.append(torch.tensor([[end], [end], [end]]))
     pos.append(torch.tensor([[end], [end], [end]]))
     consumed = sum(p.shape[1] for p in pos)

@@ -156,7 +156,10 @@ class SequenceBuilder:
                 ids_parts.append(torch.full((b - a,), audio_id, dtype=torch.long))
                 pos_parts.append(audio_pos[:, a:b])
         self._append(torch.cat(ids_parts), torch.cat(pos_parts, dim=1))
-        p_end = self._next
+        # The end markers (and the text after them) follow the LAST chunk's largest position, not the block's:
+        # WAVE's and transformers' get_rope_index take llm_pos_ids_list[-1].max() + 1. They differ when the
+        # audio is shorter than the video, so the block ends below its largest position.
+        p_end = int(pos_parts[-1].max()) + 1 if pos_parts else self._next
         self._append(torch.tensor([audio_eos_id, vision_eos_id]), torch.full((3, 2), p_end, dtype=torch.long))
 
     def build(self) -> tuple[torch.Tensor, torch.Tensor]:

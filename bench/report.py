@@ -211,6 +211,13 @@ def _barh(path: Path, labels: list[str], series: list[tuple[str, list[float]]], 
     plt.close(fig)
 
 
+def _ratio_plot(plot_dir: Path, name: str, rows: list[dict[str, Any]], series: str, xlabel: str, title: str) -> str:
+    """Each row's ratio to its baseline on a log axis with 1 marked; returns the PNG's name."""
+    _barh(plot_dir / name, [f"{r['case']} vs {r.get('baseline', '')}" for r in rows],
+          [(series, [float(r["ratio"]) for r in rows])], xlabel, title, log=True, ref=1.0)
+    return name
+
+
 def make_plots(runs: list[tuple[str, dict[str, Any]]], out_dir: Path) -> dict[str, list[str]]:
     """Writes the PNGs; returns file stem -> PNG names."""
     made: dict[str, list[str]] = {}
@@ -228,11 +235,8 @@ def make_plots(runs: list[tuple[str, dict[str, Any]]], out_dir: Path) -> dict[st
             sel = [r for r in rows if r.get("unit") in SPEED_UNITS and isinstance(r.get("ratio"), (int, float))
                    and r["ratio"] > 0]
             if sel:
-                name = f"{stem}_ratio.png"
-                _barh(plot_dir / name, [f"{r['case']} vs {r.get('baseline', '')}" for r in sel],
-                      [("ratio", [float(r["ratio"]) for r in sel])], "ratio to the baseline (x, log; 1 = equal)",
-                      f"ratios: {title}", log=True, ref=1.0)
-                names.append(name)
+                names.append(_ratio_plot(plot_dir, f"{stem}_ratio.png", sel, "ratio",
+                                         "ratio to the baseline (x, log; 1 = equal)", f"ratios: {title}"))
             tput = []
         if tput:
             for unit in sorted({r["unit"] for r in tput}):
@@ -253,11 +257,8 @@ def make_plots(runs: list[tuple[str, dict[str, Any]]], out_dir: Path) -> dict[st
         if d.get("bench") == "kernels" and not on_cpu(d):
             sel = [r for r in rows if isinstance(r.get("ratio"), (int, float)) and r["ratio"] > 0]
             if sel:
-                name = f"{stem}_speedup.png"
-                _barh(plot_dir / name, [f"{r['case']} vs {r.get('baseline', '')}" for r in sel],
-                      [("speed-up", [float(r["ratio"]) for r in sel])], "speed-up vs baseline (x, log; 1 = equal)",
-                      f"kernel speed-ups: {title}", log=True, ref=1.0)
-                names.append(name)
+                names.append(_ratio_plot(plot_dir, f"{stem}_speedup.png", sel, "speed-up",
+                                         "speed-up vs baseline (x, log; 1 = equal)", f"kernel speed-ups: {title}"))
         if names:
             made[stem] = names
     return made

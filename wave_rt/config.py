@@ -24,7 +24,9 @@ from wave_rt.model.recipes import PromptConfig, Recipe, get_recipe
 OMNI_THINKER = "qwen2_5_omni_thinker"
 OMNI_FULL = "qwen2_5_omni"
 QWEN2_AUDIO = "qwen2_audio"
-SUPPORTED_MODEL_TYPES = (OMNI_THINKER, OMNI_FULL, QWEN2_AUDIO, MIDASHENGLM)
+# Omni-Embed-Nemotron's config.json: NVOmniEmbedConfig subclasses Qwen2_5OmniThinkerConfig under its own name
+NEMOTRON_THINKER = "nvomniembed"
+SUPPORTED_MODEL_TYPES = (OMNI_THINKER, OMNI_FULL, QWEN2_AUDIO, MIDASHENGLM, NEMOTRON_THINKER)
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,8 @@ class WaveConfig:
             data = data.get("thinker_config") or {}
             data["model_type"] = OMNI_THINKER
             model_type = OMNI_THINKER
+        elif model_type == NEMOTRON_THINKER:  # a thinker config under another name (see NEMOTRON_THINKER)
+            data["model_type"] = model_type = OMNI_THINKER
         audio_cfg = data.get("audio_config") or {}
         beats_path = audio_cfg.get("beats_path")
         use_beats = bool(ours.get("use_beats", beats_path not in (None, "", "No")))

@@ -48,8 +48,14 @@ CARD_TEMPLATES = {
         "audio": CHAT_OPEN + "{m}\nSummarize the above audio in one word:" + CHAT_CLOSE,
         "video": CHAT_OPEN + "{m}\nSummarize the above video in one word:" + CHAT_CLOSE,
     },
-    "e5-omni": {"text": "{t}<|endoftext|>", "audio": "{m}<|endoftext|>", "video": "{m}<|endoftext|>"},
-    "omni-embed-nemotron": {"text": "{t}", "audio": "{m}", "video": "{m}"},
+    # e5-omni card: apply_chat_template(message, add_generation_prompt=True) + "<|endoftext|>"; passages and media
+    # documents carry no prefix
+    "e5-omni": {"text": CHAT_OPEN + "{t}" + CHAT_CLOSE + "<|endoftext|>",
+                "audio": CHAT_OPEN + "{m}" + CHAT_CLOSE + "<|endoftext|>",
+                "video": CHAT_OPEN + "{m}" + CHAT_CLOSE + "<|endoftext|>"},
+    # Omni-Embed-Nemotron card: apply_chat_template(documents, add_generation_prompt=False); "passage: " text
+    "omni-embed-nemotron": {"text": CHAT_OPEN + "passage: {t}<|im_end|>\n", "audio": CHAT_OPEN + "{m}<|im_end|>\n",
+                            "video": CHAT_OPEN + "{m}<|im_end|>\n"},
 }
 
 
@@ -158,6 +164,18 @@ def test_detection_and_selection(tmp_path):
         WaveEncoder.from_pretrained(plain, device="cpu", dtype="fp32", preset="vela")
     with pytest.raises(CheckpointError, match="unknown preset"):
         WaveEncoder.from_pretrained(plain, device="cpu", dtype="fp32", preset="nope")
+    # Omni-Embed-Nemotron's config.json names its own class (NVOmniEmbedConfig, a thinker config): it loads as a
+    # thinker and selects its preset
+    import json
+    import shutil
+
+    nemo = tmp_path / "nemotron"
+    shutil.copytree(plain, nemo)
+    cfg = json.loads((nemo / "config.json").read_text())
+    cfg["model_type"] = "nvomniembed"
+    (nemo / "config.json").write_text(json.dumps(cfg))
+    n = WaveEncoder.from_pretrained(nemo, device="cpu", dtype="fp32")
+    assert n.config.preset == "omni-embed-nemotron" and n.config.recipe.name == "mean_bidirectional"
 
 
 def test_saved_preset_round_trips(thinker_dir, tmp_path):

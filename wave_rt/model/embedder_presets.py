@@ -4,8 +4,9 @@ A preset is data: the backbone's `model_type`, the recipe (head, prompts, poolin
 wave_rt.model.recipes), the embedding width of the released model, whether scores use L2-normalised vectors,
 the modalities the model was published for, and a one-line source. `WaveEncoder.from_pretrained(path,
 preset=...)` selects one; without it, `detect_preset` names one from the checkpoint's own layout where the
-layout says which model it is (WAVE's fusion/BEATs fields, Qwen2-Audio, MiDashengLM with an `eos_proj`);
-plain Qwen2.5-Omni thinkers (LCO, e5-omni, Nemotron) look alike on disk and need `preset=`.
+layout says which model it is (WAVE's fusion/BEATs fields, Qwen2-Audio, MiDashengLM with an `eos_proj`,
+Omni-Embed-Nemotron's `nvomniembed` model_type); plain Qwen2.5-Omni thinkers (LCO, e5-omni) look alike on disk
+and need `preset=`.
 (wave_rt.model.presets holds something else: full-size configs for benchmarks.)
 """
 
@@ -52,12 +53,12 @@ PRESETS: dict[str, Preset] = {
                "LCO-Embedding-Omni (github.com/LCO-Embedding/LCO-Embedding README): chat template, "
                "'Summarize the above ... in one word:', hidden_states[-1][:, -1]"),
         Preset("e5-omni", OMNI_THINKER, "e5_omni", 3584, True, ("text", "audio", "video"),
-               "e5-omni (arXiv 2601.03666, Haon-Chen/e5-omni-7B): appended <|endoftext|>, last token (as issue 17 "
-               "states; not confirmed in the card/paper text we could read); instruction wording not found"),
+               "e5-omni (Haon-Chen/e5-omni-7B model card, MTEB's e5_omni wrapper): chat template with the "
+               "generation prompt + <|endoftext|>, last token; text queries 'Query: ...', passages and media bare"),
         Preset("omni-embed-nemotron", OMNI_THINKER, "mean_bidirectional", 2048, True, ("text", "audio", "video"),
-               "Omni-Embed-Nemotron-3B (arXiv 2510.03458, nvidia/omni-embed-nemotron-3b): bidirectional attention, "
-               "mean pooling (as issue 17 states; not confirmed in the card text we could read); audio and video "
-               "kept as separate streams (joint AV layout not reproduced here); query/passage prefixes not found"),
+               "Omni-Embed-Nemotron-3B (nvidia/omni-embed-nemotron-3b model card and modeling code): chat template "
+               "without the generation prompt, 'passage: '/'query: ' texts, bidirectional attention, mean over all "
+               "tokens; its audio+video documents (video then audio, not interleaved) are not reproduced here"),
     )
 }
 
@@ -80,6 +81,8 @@ def detect_preset(config: dict[str, Any], tensor_names: Iterable[str] = ()) -> s
         if config.get("train_classify") or audio.get("beats_path") not in (None, "", "No"):
             return "wave"
         return None
+    if model_type == "nvomniembed":  # = wave_rt.config.NEMOTRON_THINKER: Omni-Embed-Nemotron's own config class
+        return "omni-embed-nemotron"
     if model_type == QWEN2_AUDIO:
         return "vela"
     if model_type == MIDASHENGLM and any(n.startswith("eos_proj.") for n in tensor_names):

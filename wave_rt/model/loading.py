@@ -283,9 +283,11 @@ def _apply_preset(root: Path, config: WaveConfig, source: _TensorSource, preset:
         raise CheckpointError(root, str(exc)) from None
     if chosen.backbone != config.backbone:
         raise CheckpointError(root, f"preset {preset!r} runs on {chosen.backbone} but config.json is {config.backbone}")
-    # A detected preset only renames what the config already says, except ALM2Vec, whose projection is known
-    # from the tensors alone; an explicit preset sets the recipe (unless the caller also gave one).
-    if recipe is None and (explicit or (preset == "alm2vec" and config.recipe.name != "eos_projection")):
+    # A detected preset only renames what the config already says, except where the checkpoint names the model
+    # outright (ALM2Vec's projection tensors, Omni-Embed-Nemotron's own model_type): then the preset's recipe is
+    # the model's; an explicit preset sets the recipe (unless the caller also gave one).
+    names_model = (preset == "alm2vec" or raw.get("model_type") == "nvomniembed")
+    if recipe is None and (explicit or (names_model and config.recipe.name != chosen.recipe_name)):
         config = WaveConfig.from_dict(raw, recipe=chosen.recipe_name, source=root)
         if explicit:
             config.recipe = chosen.recipe  # the preset's prompts, not ones saved with another recipe

@@ -86,10 +86,11 @@ ALM2VEC_PROMPTS = PromptConfig(
     default_instructions={"audio": "", "video": "", "av": "", "text": ""},
 )
 
-# LCO-Embedding-Omni (github.com/LCO-Embedding/LCO-Embedding README): the Qwen2.5-Omni chat template with the
-# generation prompt, "{text}\nSummarize the above text in one word:" / "<image>\nSummarize the above image in one
-# word:", final-layer last token. The audio/video wording is ours by analogy (the README shows text and image only);
-# the system line is the Qwen2.5 template default, not confirmed against LCO's own chat_template.
+# LCO-Embedding-Omni (github.com/LCO-Embedding/LCO-Embedding README and its MTEB wrapper): the Qwen2.5-Omni chat
+# template with the generation prompt, "{text}\nSummarize the above text in one word:", "\nSummarize the above
+# audio in one word:", "\nSummarize the above video in one word:", final-layer last token. The system line is the
+# Qwen2.5 template's default (LCO builds only a user message), not read from LCO's own chat_template file; the AV
+# wording is ours (LCO feeds video without its soundtrack).
 _CHAT_OPEN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 _CHAT_CLOSE = "<|im_end|>\n<|im_start|>assistant\n"
 LCO_OMNI_PROMPTS = PromptConfig(
@@ -104,18 +105,26 @@ LCO_OMNI_PROMPTS = PromptConfig(
     },
 )
 
-# e5-omni (arXiv 2601.03666, Haon-Chen/e5-omni-7B): an appended <|endoftext|>, last token, as issue 17 states (not
-# confirmed in the card/paper text we could read). Its instruction wording was not found either: no default
-# instruction, the caller's instruction is used as is.
-# The same template as ALM2Vec's (appended end token, no default instruction).
-E5_OMNI_PROMPTS = ALM2VEC_PROMPTS
+# e5-omni (Haon-Chen/e5-omni-7B model card; MTEB's e5_omni wrapper): the Qwen2.5-Omni chat template with the
+# generation prompt, then "<|endoftext|>", whose final-layer state is the embedding. Text queries are written
+# "Query: ..."; passages and media documents carry no prefix and no instruction. Where a caller's instruction goes
+# is not shown there: before "Query: ", as e5 models write "Instruct: ...\nQuery: ...".
+E5_OMNI_PROMPTS = PromptConfig(
+    media_template=_CHAT_OPEN + "{media}{instruction}" + _CHAT_CLOSE + "<|endoftext|>",
+    text_target_template=_CHAT_OPEN + "{text}" + _CHAT_CLOSE + "<|endoftext|>",
+    text_query_template=_CHAT_OPEN + "{instruction}Query: {text}" + _CHAT_CLOSE + "<|endoftext|>",
+    default_instructions={"audio": "", "video": "", "av": "", "text": ""},
+)
 
-# Omni-Embed-Nemotron (arXiv 2510.03458, nvidia/omni-embed-nemotron-3b): bidirectional attention, mean pooling, as
-# issue 17 states (not confirmed in the card text we could read). Its query/passage prefixes were not found: none.
+# Omni-Embed-Nemotron (nvidia/omni-embed-nemotron-3b model card): the chat template without the generation prompt
+# (each message closed by "<|im_end|>\n"), text documents written "passage: ...", queries "query: ..." (the
+# card's sentence-transformers prompts, as quoted second-hand), bidirectional attention, the mean of the final
+# states over every token of the sequence, template tokens included.
+_CHAT_END = "<|im_end|>\n"
 NEMOTRON_PROMPTS = PromptConfig(
-    media_template="{media}{instruction}",
-    text_target_template="{text}",
-    text_query_template="{instruction}{text}",
+    media_template=_CHAT_OPEN + "{media}{instruction}" + _CHAT_END,
+    text_target_template=_CHAT_OPEN + "passage: {text}" + _CHAT_END,
+    text_query_template=_CHAT_OPEN + "{instruction}query: {text}" + _CHAT_END,
     default_instructions={"audio": "", "video": "", "av": "", "text": ""},
 )
 

@@ -34,11 +34,16 @@ def thinker_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def items():
+def items(tmp_path_factory):
+    from media_factory import write_video
+
     rng = np.random.default_rng(1)
     wav = (0.3 * rng.standard_normal(int(1.7 * 16000))).astype(np.float32)
     frames = rng.integers(0, 255, size=(4, 56, 56, 3), dtype=np.uint8)
-    return {"text": "a cat sits on the mat", "audio": Audio(wav, sample_rate=16000), "video": Video(frames, fps=2.0)}
+    av = tmp_path_factory.mktemp("av") / "clip.mp4"
+    write_video(av, np.repeat(frames, 5, axis=0), 10, audio=(0.3 * rng.standard_normal(2 * 44100)).astype(np.float32))
+    return {"text": "a cat sits on the mat", "audio": Audio(wav, sample_rate=16000), "video": Video(frames, fps=2.0),
+            "av": AudioVisual(str(av))}
 
 
 # The model cards' templates, written out here independently of wave_rt's recipes ({m} = the media block).
@@ -54,8 +59,9 @@ CARD_TEMPLATES = {
                 "audio": CHAT_OPEN + "{m}" + CHAT_CLOSE + "<|endoftext|>",
                 "video": CHAT_OPEN + "{m}" + CHAT_CLOSE + "<|endoftext|>"},
     # Omni-Embed-Nemotron card: apply_chat_template(documents, add_generation_prompt=False); "passage: " text
+    # ... and a document's video and audio as two items in that order, use_audio_in_video=False (not interleaved)
     "omni-embed-nemotron": {"text": CHAT_OPEN + "passage: {t}<|im_end|>\n", "audio": CHAT_OPEN + "{m}<|im_end|>\n",
-                            "video": CHAT_OPEN + "{m}<|im_end|>\n"},
+                            "video": CHAT_OPEN + "{m}<|im_end|>\n", "av": CHAT_OPEN + "{m}<|im_end|>\n"},
 }
 
 
@@ -105,6 +111,10 @@ def _case(enc, preset: str, modality: str, item):
     block = "<|vision_bos|>" + "<|VIDEO|>" * (t * (h // 2) * (w // 2)) + "<|vision_eos|>"
     kw = dict(pixel_values_videos=prepared.pixel_values, video_grid_thw=torch.tensor([[t, h, w]]),
               video_second_per_grid=torch.tensor([prepared.second_per_grid]))
+    if modality == "av":  # the video item, then the audio item
+        seg = prepared.audio[0]
+        block += "<|audio_bos|>" + "<|AUDIO|>" * seg.tokens + "<|audio_eos|>"
+        kw.update(input_features=seg.mel[None], feature_attention_mask=torch.ones(1, seg.mel_len, dtype=torch.long))
     return _reference_ids(tok, template, "", block), kw, prepared
 
 
@@ -189,8 +199,8 @@ def test_saved_preset_round_trips(thinker_dir, tmp_path):
 
 
 def test_preset_refuses_modalities_its_model_does_not_embed(thinker_dir):
-    enc = WaveEncoder.from_pretrained(thinker_dir, device="cpu", dtype="fp32", preset="omni-embed-nemotron")
-    with pytest.raises(UnsupportedItemError, match="omni-embed-nemotron"):
+    enc = WaveEncoder.from_pretrained(thinker_dir, device="cpu", dtype="fp32", preset="lco-omni")
+    with pytest.raises(UnsupportedItemError, match="lco-omni"):
         enc.prepare(AudioVisual("clip.mp4"))
 
 

@@ -380,6 +380,12 @@ class WaveProcessor:
         rule = "wave" if self.config.wave_chunking else "transformers"
 
         def emit(sb: SequenceBuilder) -> None:
+            if self.config.recipe.av_layout == "separate":
+                # the two streams one after the other, as Omni-Embed-Nemotron feeds a document's video and audio
+                sb.video(grid, video_id=ids["video"], bos_id=ids["vision_bos"], eos_id=ids["vision_eos"],
+                         position_id_per_seconds=self._pps())
+                sb.audio(n * repeat, audio_id=ids["audio"], bos_id=ids["audio_bos"], eos_id=ids["audio_eos"])
+                return
             sb.audio_visual(
                 grid, n, audio_repeat=repeat, rule=rule,
                 video_id=ids["video"], audio_id=ids["audio"],

@@ -55,10 +55,10 @@ PRESETS: dict[str, Preset] = {
         Preset("e5-omni", OMNI_THINKER, "e5_omni", 3584, True, ("text", "audio", "video"),
                "e5-omni (Haon-Chen/e5-omni-7B model card, MTEB's e5_omni wrapper): chat template with the "
                "generation prompt + <|endoftext|>, last token; text queries 'Query: ...', passages and media bare"),
-        Preset("omni-embed-nemotron", OMNI_THINKER, "mean_bidirectional", 2048, True, ("text", "audio", "video"),
+        Preset("omni-embed-nemotron", OMNI_THINKER, "mean_bidirectional", 2048, True, ("text", "audio", "video", "av"),
                "Omni-Embed-Nemotron-3B (nvidia/omni-embed-nemotron-3b model card and modeling code): chat template "
                "without the generation prompt, 'passage: '/'query: ' texts, bidirectional attention, mean over all "
-               "tokens; its audio+video documents (video then audio, not interleaved) are not reproduced here"),
+               "tokens; audio+video documents as the video block then the audio block (not interleaved)"),
     )
 }
 

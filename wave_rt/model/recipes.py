@@ -60,6 +60,9 @@ class Recipe:
     description: str = ""
     pooling: Pooling = "last"
     attention: Attention = "causal"
+    # audio-visual items: "interleaved" 2 s chunks of video and audio under TMRoPE (Qwen2.5-Omni, WAVE), or
+    # "separate": the video block, then the audio block, each positioned on its own (Omni-Embed-Nemotron)
+    av_layout: str = "interleaved"
 
     def with_prompts(self, prompts: PromptConfig) -> Recipe:
         return replace(self, prompts=prompts)
@@ -156,7 +159,7 @@ RECIPES: dict[str, Recipe] = {
     "mean_bidirectional": Recipe(
         "mean_bidirectional", "none", "none", NEMOTRON_PROMPTS,
         "Omni-Embed-Nemotron: bidirectional attention, mean of the final-norm states over the item's tokens",
-        pooling="mean", attention="bidirectional",
+        pooling="mean", attention="bidirectional", av_layout="separate",
     ),
 }
 

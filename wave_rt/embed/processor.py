@@ -231,7 +231,7 @@ class WaveProcessor:
             # WAVE pads to 1 s; MiDashengLM's processor pads only to 3200 samples (0.2 s). Files still go through
             # media.load_audio's 1 s rule, so a file shorter than 1 s differs from MiDashengLM's own processing.
             min_len = MIDASHENGLM_MIN_SAMPLES if self.config.backbone == MIDASHENGLM else sr
-            seconds = float(np.asarray(src).shape[-1] if isinstance(src, np.ndarray) else src.shape[-1]) / item.sample_rate
+            seconds = src.shape[-1] / item.sample_rate  # the clip's own length, before the padding below
             return torch.nn.functional.pad(wav, (0, max(0, min_len - wav.numel()))), seconds
         source = _as_source(item, src)
         from wave_rt.media.audio import finish_audio, load_audio_native

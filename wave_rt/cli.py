@@ -8,7 +8,7 @@
     wave-rt search DIR (--text TEXT | --audio FILE | --video FILE | --av FILE) [-k 10] [--instruction TEXT]
                   [--model PATH] [--device DEV] [--dtype ...]
     wave-rt train CONFIG.toml [--resume]
-    wave-rt eval MANIFEST [--model PATH] [--json FILE] [--device DEV]
+    wave-rt eval MANIFEST [--model PATH] [--json FILE] [--device DEV] [--qa-protocol letters|options]
     wave-rt export bundle CHECKPOINT --out BUNDLE [--formats onnx,aoti]
     wave-rt export tensorrt BUNDLE [--precision fp16|bf16|fp32]
     wave-rt export triton-repo BUNDLE --out DIR [--platform onnxruntime|tensorrt]
@@ -135,6 +135,9 @@ def _add_eval(sub: Any) -> argparse.ArgumentParser:
                    help="checkpoint directory (default: the bundled demo model)")
     v.add_argument("--device", default=None, metavar="DEV", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     v.add_argument("--json", metavar="FILE", default=None, help="also write the metrics as JSON")
+    v.add_argument("--qa-protocol", choices=("letters", "options"), default="letters",
+                   help="QA rows: 'letters' asks the question with lettered options and scores the letters (WAVE, "
+                        "and WaveEncoder.answer); 'options' asks the bare question and scores the options' texts")
     v.set_defaults(func=_cmd_eval)
     return v
 
@@ -154,7 +157,7 @@ def _cmd_eval(args: argparse.Namespace, out: TextIO) -> int:
 
     from wave_rt.eval import evaluate
 
-    report = evaluate(args.manifest, args.model, device=args.device)
+    report = evaluate(args.manifest, args.model, device=args.device, qa_protocol=args.qa_protocol)
     out.write(report.table() + "\n")
     if args.json:
         from pathlib import Path

@@ -32,8 +32,17 @@ class InputError(WaveRTError, ValueError):
         self.item = item
         self.reason = reason
         self.index = index
-        where = f"item {index} " if index is not None else "item "
-        super().__init__(f"{where}{_describe(item)}: {reason}")
+        super().__init__(f"item {_describe(item)}: {reason}")
+
+    def __reduce__(self) -> tuple:
+        # worker processes and multiprocessing hand errors back pickled; Exception's default re-calls
+        # __init__ with the message alone
+        return type(self), (self.item, self.reason, self.index)
+
+    def __str__(self) -> str:
+        # rendered when shown: prepare() learns the item's position after the error is raised
+        where = f"item {self.index} " if self.index is not None else "item "
+        return f"{where}{_describe(self.item)}: {self.reason}"
 
 
 class UnsupportedItemError(InputError):
@@ -57,6 +66,23 @@ class MediaError(WaveRTError):
         self.source = _describe(source)
         self.reason = reason
         super().__init__(f"{self.source}: {reason}")
+
+    # the item's position in an encode() call, set by the processor (a bytes source has no name to tell it by)
+    index: int | None = None
+
+    def __reduce__(self) -> tuple:
+        return _rebuild_media_error, (type(self), self.source, self.reason, self.index)
+
+    def __str__(self) -> str:
+        where = f"item {self.index} " if self.index is not None else ""
+        return f"{where}{self.source}: {self.reason}"
+
+
+def _rebuild_media_error(cls: type, source: str, reason: str, index: int | None) -> MediaError:
+    err = cls.__new__(cls)
+    MediaError.__init__(err, source, reason)
+    err.source, err.index = source, index  # the label as first described, not described again
+    return err
 
 
 def _describe(item: object, limit: int = 80) -> str:

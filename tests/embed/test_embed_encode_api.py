@@ -91,3 +91,31 @@ def test_bad_call_arguments_are_clear_errors(encoder):
     a = encoder.encode(["a", "b"])
     with pytest.raises(ValueError, match=r"\(2, 64\) and \(2, 32\)"):
         wave_rt.similarity(a, a[:, :32])
+
+
+def test_out_of_memory_lowers_the_cap_for_the_batches_after_it(encoder, monkeypatch):
+    # a forward of more than 2 items "runs out of memory": the result is unchanged, and once the cap is lowered
+    # the later batches go by it at once instead of each failing at full size first (8 failures, was)
+    texts = [("word " * (i % 7 + 1)).strip() + f" {i}" for i in range(40)]
+    want = encoder.encode(texts)
+    failures, forwards = [], []
+    real_launch = encoder.launch
+
+    def items(batch):
+        return int(batch.input_ids.shape[0]) if hasattr(batch, "input_ids") and batch.input_ids.dim() == 2 \
+            else len(batch.cu_seqlens) - 1
+
+    def launch(model_batch, normalize=True):
+        n = items(model_batch)
+        if n > 2:
+            failures.append(n)
+            raise torch.OutOfMemoryError("simulated")
+        forwards.append(n)
+        return real_launch(model_batch, normalize)
+
+    monkeypatch.setattr(encoder, "launch", launch)
+    monkeypatch.setattr(encoder, "embed_prepared", lambda batch, normalize=True: launch(encoder.stage(batch), normalize))
+    got = encoder.encode(texts, batch_size=8)
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    assert sum(forwards) == len(texts)
+    assert len(failures) <= 4, failures

@@ -160,3 +160,83 @@ def test_qa_letters_given_are_the_letters_listed_and_scored(wave_encoder, media_
                                 letters=bad)
     with pytest.raises(ValueError, match="26"):
         wave_encoder.processor.qa_instruction("Which?", [str(i) for i in range(27)])
+
+
+def test_integer_pcm_waveforms_embed_as_their_wav_file(wave_encoder, tmp_path):
+    # an int16 array is the PCM soundfile writes: the same samples as a file or scaled floats embed alike
+    # (they were used unscaled, 32768x too loud: cosine -0.49 against the file)
+    pcm = (tone(1.3) * 32767).astype(np.int16)
+    sf.write(tmp_path / "pcm.wav", pcm, 16000, subtype="PCM_16")
+    from_file = wave_encoder.encode(wave_rt.Audio(str(tmp_path / "pcm.wav")))
+    for arr in (pcm, torch.from_numpy(pcm), pcm.astype(np.int32) << 16):
+        got = wave_encoder.encode(wave_rt.Audio(arr, sample_rate=16000))
+        np.testing.assert_allclose(got, from_file, atol=1e-5)
+    s8 = (pcm >> 8).astype(np.int8)  # 8-bit PCM, signed and unsigned, is its value / 128
+    as_float = wave_encoder.encode(wave_rt.Audio(s8.astype(np.float32) / 128, sample_rate=16000))
+    u8 = (s8.astype(np.int16) + 128).astype(np.uint8)
+    for arr in (s8, u8):
+        np.testing.assert_allclose(wave_encoder.encode(wave_rt.Audio(arr, sample_rate=16000)), as_float, atol=1e-6)
+    with pytest.raises(wave_rt.InputError, match="dtype"):
+        wave_encoder.prepare(wave_rt.Audio(pcm.astype(np.int64), sample_rate=16000))
+
+
+def test_a_samples_by_channels_array_is_refused_not_read_as_two_samples(wave_encoder):
+    stereo = np.stack([tone(2.0), tone(2.0, 880)], 1)  # soundfile's [samples, channels]
+    with pytest.raises(wave_rt.InputError, match=r"looks like \[samples, channels\].*wav\.T"):
+        wave_encoder.prepare(wave_rt.Audio(stereo, sample_rate=16000))
+    np.testing.assert_allclose(wave_encoder.encode(wave_rt.Audio(stereo.T, sample_rate=16000)),
+                               wave_encoder.encode(wave_rt.Audio(stereo[:, 0], sample_rate=16000)), atol=1e-6)
+
+
+@pytest.mark.parametrize(("rate", "seconds"), [(30.0, 10.0), (25.0, 100.0), (None, 7.0), (2.0, 70.0)])
+def test_raw_frames_are_sampled_as_a_decoded_file_is(thinker_encoder, rate, seconds):
+    # frame k holds the value k, so the frames kept are readable; a file of this rate and length keeps
+    # sample_frame_ids' frames (about 2 fps over the clip, at most max_frames)
+    from wave_rt.media.video import sample_frame_ids
+
+    m = thinker_encoder.config.media
+    n = int(round(seconds * (rate or m.fps)))
+    frames = np.broadcast_to((np.arange(n) % 256).astype(np.uint8)[:, None, None, None], (n, 56, 56, 3)).copy()
+    p = thinker_encoder.prepare(wave_rt.Video(frames, fps=rate), defer_features=True)
+    want = sample_frame_ids(n, rate or m.fps, m.fps, m.max_frames)
+    assert p.inputs.frames[:, 0, 0, 0].tolist() == (want % 256).tolist()
+    assert len(want) == min(m.max_frames, round(seconds * m.fps))
+    assert p.duration == pytest.approx(seconds)
+
+
+def test_raw_frames_embed_as_their_file(thinker_encoder, tmp_path):
+    frames = pattern_frames(60, 48, 64)  # 6 s at 10 fps
+    write_video(tmp_path / "clip.webm", frames, 10, "libvpx-vp9")
+    from_file = thinker_encoder.prepare(wave_rt.Video(str(tmp_path / "clip.webm")))
+    raw = thinker_encoder.prepare(wave_rt.Video(frames, fps=10))
+    assert raw.inputs.grid_thw == from_file.inputs.grid_thw and raw.num_tokens == from_file.num_tokens
+    assert torch.equal(raw.inputs.position_ids, from_file.inputs.position_ids)
+
+
+@pytest.mark.parametrize(("item", "why"), [
+    (wave_rt.Video(np.zeros((0, 56, 56, 3), np.uint8)), "at least one frame"),
+    (wave_rt.Video(np.zeros((4, 56, 56, 3), np.uint8), fps=0), "fps must be"),
+    (wave_rt.Video(np.zeros((4, 56, 56, 3), np.uint8), fps=-1.0), "fps must be"),
+    (wave_rt.Video(np.zeros((4, 56, 56, 3), np.uint8), fps=float("nan")), "fps must be"),
+    (wave_rt.Video(np.zeros((2, 10, 3000, 3), np.uint8)), "aspect ratio"),
+    (wave_rt.Audio(np.zeros(16000, np.float32), sample_rate=0), "sample_rate must be"),
+    (wave_rt.Audio(np.zeros(16000, np.float32), sample_rate=-16000), "sample_rate must be"),
+])
+def test_bad_raw_media_are_typed_errors_naming_their_position(thinker_encoder, item, why):
+    # they were bare ValueErrors without the item (fps=0 silently meant the default rate)
+    with pytest.raises(wave_rt.InputError, match=why) as err:
+        thinker_encoder.encode(["fine", "also fine", item])
+    assert err.value.index == 2 and str(err.value).startswith("item 2 ")
+
+
+def test_media_errors_name_the_position_of_an_unnamed_source(thinker_encoder):
+    import pickle
+
+    with pytest.raises(wave_rt.MediaError) as err:
+        thinker_encoder.encode(["fine", wave_rt.Audio(b"not a media file at all")])
+    assert err.value.index == 1 and str(err.value).startswith("item 1 <23 bytes>: ")
+    back = pickle.loads(pickle.dumps(err.value))  # errors cross process boundaries pickled
+    assert type(back) is type(err.value) and str(back) == str(err.value)
+    with pytest.raises(wave_rt.InputError) as err2:
+        thinker_encoder.encode(["fine", wave_rt.Text("   ")])
+    assert str(pickle.loads(pickle.dumps(err2.value))) == str(err2.value) and "item 1 " in str(err2.value)

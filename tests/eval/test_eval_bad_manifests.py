@@ -9,32 +9,9 @@ import json
 import logging
 
 import pytest
-import torch
+from lookup_encoder import LookupEncoder
 
 from wave_rt.eval.retrieval import EvalManifestError, answer_index, evaluate
-from wave_rt.items import Text
-
-
-class LookupEncoder:
-    """Embeds by name (item text or file name) from a table; an unknown name fails to prepare."""
-
-    dim = 3
-    model_id = "lookup"
-
-    def __init__(self, table: dict[str, list[float]]) -> None:
-        self.table = table
-
-    def prepare(self, item, instruction=None, index=None):
-        from wave_rt.errors import InputError
-
-        key = item.text if isinstance(item, Text) else item if isinstance(item, str) else str(item.source)
-        key = key.split("/")[-1]
-        if key not in self.table:
-            raise InputError(item, "not in the table", index)
-        return torch.tensor(self.table[key], dtype=torch.float32)
-
-    def embed_prepared(self, batch):
-        return torch.nn.functional.normalize(torch.stack(list(batch)), dim=-1)
 
 
 def _write(path, rows):
@@ -109,7 +86,7 @@ def test_qa_answer_as_option_text_is_scored_and_bad_ones_are_named(tmp_path, cap
     ]
     manifest = _write(tmp_path / "m.jsonl", rows)
     with caplog.at_level(logging.WARNING):
-        report = evaluate(manifest, encoder=LookupEncoder(table))
+        report = evaluate(manifest, encoder=LookupEncoder(table), qa_protocol="options")
     assert report.groups["task=qa"]["qa_n"] == 2 and report.groups["task=qa"]["qa_acc"] == 0.5
     assert report.skipped == {"bad_row": 1}
     assert f"{manifest} row 3: answer 'music' is not one of the 2 options" in caplog.text

@@ -13,6 +13,7 @@ import torch
 from test_gradcache import _setup
 from train_helpers import train_config
 
+from wave_rt.items import Text
 from wave_rt.train.data import BatchPlan, load_pairs
 from wave_rt.train.encode import embed_items
 from wave_rt.train.gradcache import chunked, full_batch_step, gradcache_step
@@ -162,3 +163,23 @@ def test_qa_rows_in_the_eval_format_become_pairs_with_negatives(tmp_path, caplog
     assert skipped["bad_row"] == 4
     for reason in ("leave target_text", "two or more", "appears more than once", "not one of the 2 options"):
         assert reason in caplog.text, reason
+
+
+@pytest.mark.parametrize("protocol", ["letters", "options"])
+def test_qa_rows_train_as_eval_asks_them(tmp_path, protocol):
+    # PairSource prepares an eval-format QA row by the QA protocol eval scores it with (default: WAVE's letters)
+    from wave_rt.embed.encoder import WaveEncoder
+    from wave_rt.train.data import PairSource
+
+    rows = [{"query_text": "clip 1", "question": "Which animal?", "options": ["dog", "cat", "cow"], "answer": "B"}]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    processor = WaveEncoder.from_pretrained("demo").processor
+    query, target, negatives = PairSource(load_pairs(path), processor, qa_protocol=protocol).prepare(0)
+    instruction, scored = processor.qa_prompt("Which animal?", ["dog", "cat", "cow"], protocol)
+    assert scored == (["A", "B", "C"] if protocol == "letters" else ["dog", "cat", "cow"])
+    want = [processor.prepare(x) for x in (scored[1], scored[0], scored[2])]
+    assert torch.equal(query.inputs.input_ids,
+                       processor.prepare(Text("clip 1", side="query"), instruction).inputs.input_ids)
+    for got, w in zip((target, *negatives), want):
+        assert torch.equal(got.inputs.input_ids, w.inputs.input_ids)

@@ -217,6 +217,18 @@ class WaveEncoder:
         """One forward over already prepared items; float32 [len(batch), dim] on CPU in the given order."""
         return self.launch(self.stage(batch), normalize).cpu()
 
+    def embed_prepared_all(self, prepared: Sequence[PreparedItem], max_batch_tokens: int | None = None,
+                           normalize: bool = True) -> torch.Tensor:
+        """Items already prepared (each with its own instruction) -> float32 [N, dim] on CPU in their order,
+        batched by the token budget and split on out-of-memory as encode() does (the form for callers that
+        prepare items themselves, e.g. eval, whose rows carry different instructions)."""
+        budget = max_batch_tokens or self.default_max_batch_tokens
+        out = torch.empty(len(prepared), self.dim, dtype=torch.float32)
+        runner = ModelRunner(self, budget, normalize=normalize, isolate_errors=False)
+        groups = plan_batches([p.num_tokens for p in prepared], budget, None, packed=self.packed)
+        self._run_groups(list(prepared), groups, list(range(len(prepared))), out, normalize, _NoBar(), runner)
+        return out
+
     # ------------------------------------------------------------------ encode
     def encode(
         self,
@@ -278,6 +290,14 @@ class WaveEncoder:
         staged = None
         for j, group in enumerate(groups):
             batch = [prepared[g] for g in group]
+            if len(batch) > 1 and runner.cap < runner.budget and runner.tokens(batch) > runner.cap:
+                # an earlier batch ran out of memory: this one goes by the lowered cap at once, not by a
+                # forward that would fail the same way first
+                staged = None
+                emb = self._run_split(runner, batch)
+                out[torch.tensor([idx[g] for g in group])] = emb
+                bar.update(len(group))
+                continue
             try:
                 current = staged if staged is not None else self.stage(batch)
                 staged = None
@@ -287,12 +307,16 @@ class WaveEncoder:
                 emb = result.cpu()
             except torch.OutOfMemoryError:
                 staged = current = result = None
-                ok, failed = runner.run(batch)
-                if failed:
-                    raise next(iter(failed.values())) from None
-                emb = torch.from_numpy(np.stack([ok[k] for k in range(len(batch))]))
+                emb = self._run_split(runner, batch)
             out[torch.tensor([idx[g] for g in group])] = emb
             bar.update(len(group))
+
+    @staticmethod
+    def _run_split(runner: ModelRunner, batch: list[PreparedItem]) -> torch.Tensor:
+        ok, failed = runner.run(batch)
+        if failed:
+            raise next(iter(failed.values())) from None
+        return torch.from_numpy(np.stack([ok[k] for k in range(len(batch))]))
 
     def answer(self, item: Item, question: str, options: Sequence[str] | None = None,
                letters: Sequence[str] | None = None) -> QAResult:

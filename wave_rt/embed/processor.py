@@ -34,6 +34,9 @@ WHISPER_HOP = 160
 MIDASHENGLM_MIN_SAMPLES = 3200  # vLLM/SGLang midashenglm.py: shorter clips are zero-padded to this
 
 
+QA_PROTOCOLS = ("letters", "options")
+
+
 def whisper_tokens(mel_frames: int) -> int:
     """LLM tokens the Whisper-style tower yields for `mel_frames` frames (conv stride 2, then avg-pool 2)."""
     return ((mel_frames - 1) // 2 + 1 - 2) // 2 + 1
@@ -128,12 +131,13 @@ class WaveProcessor:
                 return self._video(item, instruction, defer)
             if isinstance(item, AudioVisual):
                 return self._audio_visual(item, instruction, defer)
-        except MediaError:
-            raise
-        except InputError as exc:
+        except (InputError, MediaError) as exc:
             if exc.index is None and index is not None:
                 exc.index = index
             raise
+        except ValueError as exc:
+            # the feature code's own checks (a frame shape the processor cannot resize, ...) are about this item
+            raise InputError(item, str(exc), index) from exc
         raise UnsupportedItemError(
             item,
             f"unsupported item type {type(item).__name__}; expected str, wave_rt.Text, wave_rt.Audio, "
@@ -174,6 +178,18 @@ class WaveProcessor:
         if len(set(letters)) != len(letters):
             raise ValueError(f"option letters must differ, got {letters}")
         return f"{body}\n{self.prompts.qa_suffix}", letters
+
+    def qa_prompt(self, question: str | None, options: list[str] | tuple[str, ...], protocol: str = "letters"
+                  ) -> tuple[str | None, list[str]]:
+        """(the query's instruction, the texts scored as the options) of a multiple-choice question, by QA
+        protocol: "letters" is WAVE's (and WaveEncoder.answer's): qa_instruction's prompt, the letters scored;
+        "options" asks the bare question (None: the modality's default prompt) and scores the options' own
+        texts (MMEB's candidate texts)."""
+        if protocol == "letters":
+            return self.qa_instruction(question or "", list(options))
+        if protocol == "options":
+            return question or None, list(options)
+        raise ValueError(f"unknown QA protocol {protocol!r}: one of {QA_PROTOCOLS}")
 
     # ------------------------------------------------------------------ text
     def _fill(self, template: str, **values: str) -> tuple[str, str]:
@@ -218,12 +234,18 @@ class WaveProcessor:
         if isinstance(src, (np.ndarray, torch.Tensor)):
             if item.sample_rate is None:
                 raise InputError(item, "a raw waveform needs sample_rate=")
+            rate = item.sample_rate
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (math.isfinite(rate) and rate > 0):
+                raise InputError(item, f"sample_rate must be a positive number of samples per second, got {rate!r}")
             wav = torch.as_tensor(np.asarray(src) if isinstance(src, np.ndarray) else src)
             if wav.ndim == 2:
+                if wav.shape[0] > wav.shape[1]:
+                    raise InputError(item, f"waveform of shape {tuple(wav.shape)} looks like [samples, channels] "
+                                           "(soundfile's layout); pass [channels, samples], e.g. wav.T")
                 wav = wav[0]  # first channel, as WAVE reads multi-channel files
             if wav.ndim != 1 or wav.numel() == 0:
                 raise InputError(item, f"waveform must be 1-D or [channels, samples] and non-empty, got {tuple(wav.shape)}")
-            wav = wav.to(torch.float32)
+            wav = _pcm_to_float(item, wav)
             if not torch.isfinite(wav).all():
                 raise InputError(item, "waveform contains NaN or infinite samples")
             if item.sample_rate != sr:
@@ -345,8 +367,19 @@ class WaveProcessor:
             frames = torch.as_tensor(item.source)
             if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
                 raise InputError(item, f"frames must be uint8 [T, H, W, 3], got {tuple(frames.shape)} {frames.dtype}")
-            fps = float(item.fps or self.config.media.fps)
-            duration = frames.shape[0] / fps
+            if frames.shape[0] == 0:
+                raise InputError(item, "a video needs at least one frame")
+            rate = self.config.media.fps if item.fps is None else item.fps
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (math.isfinite(rate) and rate > 0):
+                raise InputError(item, f"fps must be the frames' positive rate, got {item.fps!r}")
+            # sampled as a decoded file is: about the model's fps over the clip, at most max_frames; frames given
+            # without fps are taken as already sampled at the model's rate (then only the cap applies)
+            from wave_rt.media.video import sample_frame_ids
+
+            m = self.config.media
+            duration = frames.shape[0] / rate
+            frames = frames[torch.from_numpy(sample_frame_ids(frames.shape[0], rate, m.fps, m.max_frames))]
+            fps = frames.shape[0] / duration
         else:
             clip = self._clip(item)
             frames, fps, duration = clip.frames, clip.fps, clip.duration
@@ -408,3 +441,16 @@ def _as_source(item: object, src: object) -> str | bytes:
     raise InputError(item, f"source must be a path, bytes, or decoded samples/frames, got {type(src).__name__}")
 
 
+
+
+def _pcm_to_float(item: object, wav: torch.Tensor) -> torch.Tensor:
+    """A raw waveform as float32 samples in [-1, 1]: integer PCM is scaled as soundfile reads it from a file
+    (int16 / 2**15, int32 / 2**31, uint8 centred on 128), so an array and its WAV file embed alike."""
+    if wav.is_floating_point():
+        return wav.to(torch.float32)
+    scale = {torch.int16: 2.0 ** 15, torch.int32: 2.0 ** 31, torch.int8: 2.0 ** 7}.get(wav.dtype)
+    if scale is not None:
+        return wav.to(torch.float32) / scale
+    if wav.dtype == torch.uint8:
+        return (wav.to(torch.float32) - 128.0) / 128.0
+    raise InputError(item, f"waveform dtype {wav.dtype} is neither float samples in [-1, 1] nor 8/16/32-bit PCM")

@@ -56,6 +56,10 @@ class ModelRunner:
             return np.empty((0, 0), np.float32), [], failed
         return (out[0] if len(good) == len(prepared) else out[0][good]), good.tolist(), failed
 
+    def tokens(self, batch: list[Any]) -> int:
+        """Tokens one forward over `batch` processes (what the cap bounds)."""
+        return self._padded(batch, list(range(len(batch))))
+
     def _padded(self, prepared: list[Any], idx: list[int]) -> int:
         """Tokens the forward processes: the real tokens in a packed batch, the padded rectangle otherwise."""
         if getattr(self.encoder, "packed", False):

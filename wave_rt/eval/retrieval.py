@@ -2,15 +2,22 @@
 per query modality and per task, scored with wave_rt.kernels.similarity_topk.
 
 Rows are the training manifest's pairs (wave_rt.train.data). A row with `options` (a list, or a string
-split on "|") and `answer` (0-based index or letter) is a QA row: its query is embedded with the
-question as instruction (`question`, else `instruction`), every option as a text target, and it is right
-when the closest option is the answer. `answer` may also be the exact text of one option (a digit or a
-letter that also equals the text of another option is ambiguous: the row is skipped). Other rows are
-retrieval pairs. A manifest none of whose rows can be used is an EvalManifestError, not an empty report.
+split on "|") and `answer` (0-based index or letter) is a QA row, asked as WaveEncoder.answer asks it (WAVE's
+protocol, `qa_protocol="letters"`): the query is embedded with the question (`question`, else
+`instruction`), its lettered options and the QA suffix as instruction, the option letters as text targets,
+and it is right when the closest letter is the answer's. `qa_protocol="options"` asks the bare question and
+scores the options' own texts instead (MMEB's candidate texts). `answer` may also be the exact text of one
+option (a digit or a letter that also equals the text of another option is ambiguous: the row is skipped).
+Other rows are retrieval pairs. A manifest none of whose rows can be used is an EvalManifestError, not an
+empty report.
 
-Relevance: targets with the same content (same caption text or same file) are one target, so a caption
-shared by two clips makes both clips relevant to it. mAP is computed from the top min(N, 1024) results
-(similarity_topk's limit; mAP@1024 equals full mAP when every relevant item ranks within 1024).
+Relevance: queries with the same content and instruction, and targets with the same content (same caption
+text or same file), are one entry each, relevant to every counterpart of their rows: a caption shared by two
+clips makes both clips relevant to it, and a clip with five captions is relevant to each. R@k is the hit rate
+(at least one relevant item in the top k: the AudioCaps / Clotho convention; trec_eval's recall@k, the
+fraction of relevant items found, is not reported). n counts unique queries. mAP is computed from the top
+min(N, 1024) results (similarity_topk's limit; mAP@1024 equals full mAP when every relevant item ranks
+within 1024).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Any
 
 import torch
 
+from wave_rt.embed.processor import QA_PROTOCOLS
 from wave_rt.errors import InputError, MediaError, WaveRTError
 from wave_rt.kernels import similarity_topk
 from wave_rt.train.data import (
@@ -122,9 +130,10 @@ def load_eval_rows(manifest: str | Path, skipped: Counter) -> tuple[list[Pair], 
     return pairs, qa
 
 
-def _embed(encoder: Any, items: Sequence[Any], instructions: Sequence[str | None], skipped: Counter,
-           batch: int = 32) -> tuple[torch.Tensor, list[bool]]:
-    """Unit vectors of the items that prepare; ok[i] False for the ones that failed (counted, logged)."""
+def _embed(encoder: Any, items: Sequence[Any], instructions: Sequence[str | None], skipped: Counter
+           ) -> tuple[torch.Tensor, list[bool]]:
+    """Unit vectors of the items that prepare; ok[i] False for the ones that failed (counted, logged). Batched
+    by the encoder's token budget, with its out-of-memory splitting."""
     prepared, ok = [], []
     for i, (item, instr) in enumerate(zip(items, instructions)):
         try:
@@ -134,13 +143,15 @@ def _embed(encoder: Any, items: Sequence[Any], instructions: Sequence[str | None
             log.warning("eval: skipping item %d: %s", i, exc)
             skipped["media" if isinstance(exc, MediaError) else "input"] += 1
             ok.append(False)
-    vecs = [encoder.embed_prepared(prepared[s:s + batch]) for s in range(0, len(prepared), batch)]
-    dim = encoder.dim
-    return (torch.cat(vecs) if vecs else torch.empty(0, dim)), ok
+    if not prepared:
+        return torch.empty(0, encoder.dim), ok
+    return encoder.embed_prepared_all(prepared), ok
 
 
 def ranking_metrics(scores_idx: torch.Tensor, relevant: list[set[int]]) -> dict[str, float]:
-    """R@k and AP from top-k indices [n, K] and each query's relevant set."""
+    """R@k (hit rate: at least one relevant item in the top k, the AudioCaps / Clotho convention, which
+    sentence-transformers calls accuracy@k) and mAP (trec_eval's AP: over every relevant item) from top-k
+    indices [n, K] and each query's relevant set."""
     out = {f"R@{k}": 0.0 for k in KS}
     ap_sum = 0.0
     for row, rel in zip(scores_idx.tolist(), relevant):
@@ -161,14 +172,15 @@ def ranking_metrics(scores_idx: torch.Tensor, relevant: list[set[int]]) -> dict[
     return out
 
 
-def _retrieval(q: torch.Tensor, t: torch.Tensor, target_of: list[int]) -> dict[str, Any]:
-    """q [n, D] queries, t [m, D] unique targets, target_of[i] = query i's target index."""
+def _retrieval(q: torch.Tensor, t: torch.Tensor, relevant: list[set[int]]) -> dict[str, Any]:
+    """q [n, D] unique queries, t [m, D] unique targets, relevant[i] = the targets of query i's rows."""
     k = min(t.shape[0], MAX_K)
     _, idx = similarity_topk(q, t, k, normalize=True)
-    q2t = ranking_metrics(idx, [{j} for j in target_of])
+    q2t = ranking_metrics(idx, relevant)
     queries_of: dict[int, set[int]] = defaultdict(set)
-    for i, j in enumerate(target_of):
-        queries_of[j].add(i)
+    for i, targets in enumerate(relevant):
+        for j in targets:
+            queries_of[j].add(i)
     k2 = min(q.shape[0], MAX_K)
     _, idx2 = similarity_topk(t, q, k2, normalize=True)
     t2q = ranking_metrics(idx2, [queries_of[j] for j in range(t.shape[0])])
@@ -178,9 +190,25 @@ def _retrieval(q: torch.Tensor, t: torch.Tensor, target_of: list[int]) -> dict[s
     return out
 
 
+def _unique(keys: Sequence[Any]) -> tuple[list[int], list[int]]:
+    """(index of each key's unique entry, the first position of every unique key)."""
+    seen: dict[Any, int] = {}
+    first: list[int] = []
+    of = []
+    for i, key in enumerate(keys):
+        if key not in seen:
+            seen[key] = len(first)
+            first.append(i)
+        of.append(seen[key])
+    return of, first
+
+
 def evaluate(manifest: str | Path, model: Any = None, *, device: str | None = None,
-             encoder: Any = None) -> EvalReport:
-    """Metrics of `model` (a checkpoint path, "demo", or a ready WaveEncoder as `encoder`) on `manifest`."""
+             encoder: Any = None, qa_protocol: str = "letters") -> EvalReport:
+    """Metrics of `model` (a checkpoint path, "demo", or a ready WaveEncoder as `encoder`) on `manifest`.
+    `qa_protocol` ("letters" or "options") says how QA rows are asked and scored (WaveProcessor.qa_prompt)."""
+    if qa_protocol not in QA_PROTOCOLS:
+        raise ValueError(f"unknown QA protocol {qa_protocol!r}: one of {QA_PROTOCOLS}")
     if encoder is None:
         from wave_rt.embed.encoder import WaveEncoder
 
@@ -190,24 +218,16 @@ def evaluate(manifest: str | Path, model: Any = None, *, device: str | None = No
     report = EvalReport(model=str(model if model is not None else encoder.model_id), manifest=str(manifest))
 
     if pairs:
-        qv, qok = _embed(encoder, [p.query for p in pairs], [p.instruction for p in pairs], skipped)
-        keys: dict[str, int] = {}
-        uniq = []
-        for p in pairs:
-            if target_key(p.target) not in keys:
-                keys[target_key(p.target)] = len(uniq)
-                uniq.append(p.target)
-        tv, tok = _embed(encoder, uniq, [None] * len(uniq), skipped)
-        t_row = {}  # unique target -> row in tv
-        for j, good in enumerate(tok):
-            if good:
-                t_row[j] = len(t_row)
-        q_row, kept = {}, []
-        for i, good in enumerate(qok):
-            if good:
-                q_row[i] = len(q_row)
-                if keys[target_key(pairs[i].target)] in t_row:
-                    kept.append(i)
+        # A query or target given twice (a caption shared by two clips, a clip with five captions) is one
+        # entry, relevant to every counterpart of its rows.
+        q_of, q_first = _unique([(target_key(p.query), p.instruction) for p in pairs])
+        t_of, t_first = _unique([target_key(p.target) for p in pairs])
+        qv, qok = _embed(encoder, [pairs[i].query for i in q_first], [pairs[i].instruction for i in q_first],
+                         skipped)
+        tv, tok = _embed(encoder, [pairs[i].target for i in t_first], [None] * len(t_first), skipped)
+        q_row = {u: n for n, u in enumerate(u for u, good in enumerate(qok) if good)}  # unique -> row in qv
+        t_row = {u: n for n, u in enumerate(u for u, good in enumerate(tok) if good)}
+        kept = [i for i in range(len(pairs)) if q_of[i] in q_row and t_of[i] in t_row]
         groups: dict[str, list[int]] = defaultdict(list)
         for i in kept:
             groups["all"].append(i)
@@ -216,26 +236,31 @@ def evaluate(manifest: str | Path, model: Any = None, *, device: str | None = No
                 groups[f"task={pairs[i].task}"].append(i)
         for name, rows in groups.items():
             # The pool of a group is the targets of its own rows (text->audio among audio clips, ...).
-            pool = sorted({t_row[keys[target_key(pairs[i].target)]] for i in rows})
-            pos = {r: n for n, r in enumerate(pool)}
-            q = qv[[q_row[i] for i in rows]]
-            t = tv[pool]
-            report.groups[name] = _retrieval(q, t, [pos[t_row[keys[target_key(pairs[i].target)]]] for i in rows])
+            queries = sorted({q_of[i] for i in rows})
+            pool = sorted({t_of[i] for i in rows})
+            qpos, tpos = {u: n for n, u in enumerate(queries)}, {u: n for n, u in enumerate(pool)}
+            relevant: list[set[int]] = [set() for _ in queries]
+            for i in rows:
+                relevant[qpos[q_of[i]]].add(tpos[t_of[i]])
+            report.groups[name] = _retrieval(qv[[q_row[u] for u in queries]], tv[[t_row[u] for u in pool]],
+                                             relevant)
 
     if qa:
+        asked = [encoder.processor.qa_prompt(r.question, r.options, qa_protocol) for r in qa]
+        qvec, qok = _embed(encoder, [r.query for r in qa], [instr for instr, _ in asked], skipped)
+        texts = sorted({t for _, scored in asked for t in scored})
+        tvec, tok = _embed(encoder, texts, [None] * len(texts), skipped)
+        t_row = {t: n for n, t in enumerate(t for t, good in zip(texts, tok) if good)}
         correct: dict[str, list[int]] = defaultdict(list)
-        for r in qa:
-            try:
-                qvec, ok = _embed(encoder, [r.query], [r.question or None], skipped)
-                if not ok[0]:
-                    continue
-                ovec, ook = _embed(encoder, list(r.options), [None] * len(r.options),
-                                   skipped)
-            except (MediaError, InputError):
+        n_ok = 0
+        for r, (_, scored), good in zip(qa, asked, qok):
+            if not good:
                 continue
-            if not all(ook):  # a missing option would shift the indices the answer is compared with
+            row = qvec[n_ok]
+            n_ok += 1
+            if not all(t in t_row for t in scored):  # a missing option would shift the indices compared
                 continue
-            best = int((qvec @ ovec.T).argmax())
+            best = int((row @ tvec[[t_row[t] for t in scored]].T).argmax())
             for g in ("all", f"modality={r.modality}") + ((f"task={r.task}",) if r.task else ()):
                 correct[g].append(int(best == r.answer))
         for g, hits in correct.items():

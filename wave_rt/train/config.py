@@ -13,6 +13,8 @@
     chunk_size = 16               # GradCache chunk: rows embedded with a graph at once
     cache_prepared = false        # keep every prepared pair in memory (small corpora)
     distinct_targets = false      # no two rows with the same target (caption) in one batch
+    qa_protocol = "letters"       # QA rows (options + answer), as wave-rt eval asks them: letters (WAVE's:
+                                  # lettered options in the prompt, letters as targets) | options (their texts)
     [optim]                       # defaults: WAVE's public recipe (AdamW, cosine, 3% warmup)
     lr = 2e-5
     weight_decay = 0.0
@@ -66,6 +68,7 @@ class DataSection:
     chunk_size: int = 16
     cache_prepared: bool = False
     distinct_targets: bool = False
+    qa_protocol: str = "letters"
 
 
 @dataclass
@@ -170,6 +173,8 @@ class TrainConfig:
             raise ValueError(f"optim.lr must be > 0, got {self.optim.lr}")
         if not 0.0 <= self.optim.warmup_ratio <= 1.0:
             raise ValueError(f"optim.warmup_ratio must be in [0, 1], got {self.optim.warmup_ratio}")
+        if self.data.qa_protocol not in ("letters", "options"):
+            raise ValueError(f"data.qa_protocol must be letters or options, got {self.data.qa_protocol!r}")
         if self.run.distributed not in ("ddp", "fsdp2"):
             raise ValueError(f"run.distributed must be ddp or fsdp2, got {self.run.distributed!r}")
         if self.run.dtype not in ("fp32", "fp64"):

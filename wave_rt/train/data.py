@@ -56,6 +56,8 @@ class Pair:
     # explicit negatives (WAVE's `neg_text`, e.g. a QA row's wrong options): the query is trained against its
     # target and these only (ContrastiveLoss.options), in batches of such rows
     negatives: tuple[str, ...] = ()
+    # a QA row in eval's format: (question, options, answer index); PairSource asks it by its QA protocol
+    qa: tuple[str | None, tuple[str, ...], int] | None = None
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -187,10 +189,10 @@ def parse_negatives(row: dict[str, Any], target: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def qa_target(row: dict[str, Any]) -> tuple[str, tuple[str, ...], str | None]:
-    """A QA row as `wave-rt eval` reads it (`options`, `answer`, `question` or `instruction`) made a training
-    pair: the question as the query's instruction, the answer's option as the target, the other options as
-    its negatives (as eval scores it: the closest option wins)."""
+def qa_target(row: dict[str, Any]) -> tuple[str | None, tuple[str, ...], int]:
+    """A QA row as `wave-rt eval` reads it (`options`, `answer`, `question` or `instruction`): (question,
+    options, answer index). It trains as eval asks it (PairSource, by the QA protocol): the answer as the
+    target, the other options as its negatives."""
     if any(row.get(c) not in (None, "") for c in ("target_text", "target_path", *NEGATIVE_COLUMNS)):
         raise ValueError("a QA row (options and answer) gives its target and negatives through them: "
                          "leave target_text, target_path and negatives empty")
@@ -200,9 +202,8 @@ def qa_target(row: dict[str, Any]) -> tuple[str, tuple[str, ...], str | None]:
     answer = answer_index(row.get("answer"), options)
     if options.count(options[answer]) > 1:
         raise ValueError(f"the answer's option {options[answer]!r} appears more than once")
-    negatives = tuple(o for i, o in enumerate(options) if i != answer)
     question = row.get("question") or row.get("instruction") or None
-    return options[answer], negatives, question
+    return question, tuple(options), answer
 
 
 def load_pairs(manifest: str | Path, skipped: Counter | None = None) -> list[Pair]:
@@ -216,14 +217,17 @@ def load_pairs(manifest: str | Path, skipped: Counter | None = None) -> list[Pai
             if "__error__" in row:
                 raise ValueError(row["__error__"])
             query, modality = parse_side(row, "query", root)
+            qa = None
             if row.get("options") not in (None, "", []):
-                target, negatives, instruction = qa_target(row)
+                qa = qa_target(row)
+                instruction, options, answer = qa
+                target, negatives = options[answer], tuple(o for i, o in enumerate(options) if i != answer)
             else:
                 target, _ = parse_side(row, "target", root)
                 instruction = row.get("instruction") or None
                 negatives = parse_negatives(row, target)
             pairs.append(Pair(n, query, target, instruction, str(row.get("task") or ""), str(row.get("id") or n),
-                              modality, negatives))
+                              modality, negatives, qa))
         except ValueError as exc:
             err = PairRowError(manifest, n, str(exc))
             log.warning("skipping %s", err)
@@ -238,10 +242,12 @@ class PairSource:
     """Prepares pairs on demand through the inference processor; remembers failures (skipped, counted and
     logged once) and, with cache=True, the prepared tensors (small corpora: every epoch reuses them)."""
 
-    def __init__(self, pairs: Sequence[Pair], processor: Any, cache: bool = False) -> None:
+    def __init__(self, pairs: Sequence[Pair], processor: Any, cache: bool = False, qa_protocol: str = "letters"
+                 ) -> None:
         self.pairs = list(pairs)
         self.processor = processor
         self.cache = cache
+        self.qa_protocol = qa_protocol
         self._prepared: dict[int, tuple[Any, ...]] = {}
         self.bad: dict[int, str] = {}
         self.skipped: Counter = Counter()
@@ -256,11 +262,16 @@ class PairSource:
         if index in self.bad:
             return None
         pair = self.pairs[index]
+        instruction, target, negatives = pair.instruction, pair.target, pair.negatives
         try:
-            out = (self.processor.prepare(pair.query, pair.instruction, index=pair.row),
-                   self.processor.prepare(pair.target, index=pair.row))
-            if pair.negatives:
-                out += (tuple(self.processor.prepare(n, index=pair.row) for n in pair.negatives),)
+            if pair.qa is not None:
+                question, options, answer = pair.qa
+                instruction, scored = self.processor.qa_prompt(question, options, self.qa_protocol)
+                target, negatives = scored[answer], tuple(t for i, t in enumerate(scored) if i != answer)
+            out = (self.processor.prepare(pair.query, instruction, index=pair.row),
+                   self.processor.prepare(target, index=pair.row))
+            if negatives:
+                out += (tuple(self.processor.prepare(n, index=pair.row) for n in negatives),)
         except (MediaError, InputError) as exc:
             self.bad[index] = f"{type(exc).__name__}: {exc}"
             self.skipped["media" if isinstance(exc, MediaError) else "input"] += 1

@@ -227,7 +227,8 @@ class Trainer:
             kept = [p for p in pairs if p.modality == "text" and isinstance(p.target, str)]
             self.load_skipped["not_text"] += len(pairs) - len(kept)
             pairs = kept
-        self.source = PairSource(pairs, self.processor, cache=config.data.cache_prepared)
+        self.source = PairSource(pairs, self.processor, cache=config.data.cache_prepared,
+                                 qa_protocol=config.data.qa_protocol)
         self.plan = BatchPlan(pairs, config.data.batch_size * self.world, config.run.seed,
                               self.recipe.one_task_per_batch, config.data.distinct_targets)
 

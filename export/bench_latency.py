@@ -67,7 +67,7 @@ def _batches(items: Sequence[PreparedItem], size: int, pad_id: int) -> list[Padd
     out = []
     for start in range(0, len(items) - size + 1, size):
         out.append(collate([p.inputs for p in items[start:start + size]], pad_id))
-    return out or [collate([p.inputs for p in items[:size]], pad_id)]
+    return out
 
 
 def measure(run: Callable[[PaddedBatch], torch.Tensor], batches: list[PaddedBatch], device: torch.device,
@@ -104,6 +104,9 @@ def bench_latency(
 ) -> dict[str, Any]:
     """{"latency": {backend: {modality: {...}}}, "throughput": ..., "errors": ...}; `on_result` is called
     with the partial result after every (backend, modality) so a cut run keeps what it measured."""
+    short = {m: len(its) for m, its in items.items() if len(its) < max(batch_sizes)}
+    if short:  # a batch of fewer rows than its size would report throughput for rows never run
+        raise ValueError(f"batch size {max(batch_sizes)} needs as many prepared items per modality; have {short}")
     device = model.device
     result: dict[str, Any] = {"latency": {}, "throughput": {}, "errors": {}}
     for backend in backends:
@@ -225,9 +228,11 @@ def run_bench_latency(
     threads: int | None = None,
     meta: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
+    tokenizer_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Export what the backends need into `bundle` (when it holds no manifest yet), measure, and write the JSON
-    after every (backend, modality), marked partial until complete, then the plot."""
+    """Export what the backends need into `bundle` (when it holds no manifest yet; with the tokenizer of
+    `tokenizer_dir`, so WaveEncoder can open it later), measure, and write the JSON after every (backend,
+    modality), marked partial until complete, then the plot."""
     import datetime as dt
     import tempfile
 
@@ -261,7 +266,7 @@ def run_bench_latency(
         else:
             t0 = time.perf_counter()
             log(f"exporting {', '.join(wanted)} as {', '.join(formats)} -> {bundle}")
-            export_model_bundle(model, bundle, formats=formats, stages=wanted)
+            export_model_bundle(model, bundle, formats=formats, stages=wanted, tokenizer_dir=tokenizer_dir)
             export_seconds["export_all"] = time.perf_counter() - t0
     payload["export_seconds"] = export_seconds
     payload["bundle"] = str(bundle) if bundle else None

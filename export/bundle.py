@@ -68,6 +68,19 @@ def _tensor_meta(t: torch.Tensor, axes: dict[int, str]) -> dict[str, Any]:
             "shape": [axes.get(i, int(s)) for i, s in enumerate(t.shape)]}
 
 
+def _check_formats(formats: tuple[str, ...], dtype: torch.dtype | None) -> None:
+    from wave_rt.export.graphs import OPSET
+
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {formats}")
+    if "onnx" in formats and dtype == torch.bfloat16:
+        # ONNX opset 18 (what TensorRT 10's parser reads fully) has no bfloat16 ConstantOfShape; TensorRT builds
+        # bf16 engines from fp32 graphs (`wave-rt export tensorrt --precision bf16`)
+        raise ValueError(f"bf16 ONNX graphs need opset >= 20 (we export opset {OPSET}): export the onnx format in "
+                         "fp32 or fp16 (TensorRT engines take --precision bf16), or bf16 with --formats aoti")
+
+
 def export_bundle(
     checkpoint: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -84,6 +97,7 @@ def export_bundle(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty: export into a new directory")
+    _check_formats(formats, dtype)  # before loading a 7B model
     model, _ = load_wave_model(checkpoint, device=device, dtype=dtype, recipe=recipe, beats_path=beats_path)
     return export_model_bundle(model, out, formats=formats, stages=stages, tokenizer_dir=checkpoint,
                                source=Path(checkpoint).resolve().name)
@@ -104,9 +118,7 @@ def export_model_bundle(
     from wave_rt.export.graphs import OPSET, export_aoti, export_onnx
     from wave_rt.export.stages import stage_specs
 
-    bad = [f for f in formats if f not in FORMATS]
-    if bad or not formats:
-        raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {formats}")
+    _check_formats(formats, getattr(model, "dtype", None))
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty: export into a new directory")
@@ -191,13 +203,18 @@ def state_fingerprint(model: Any) -> str:
     return _state_fingerprint(model)
 
 
-def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    """(Re)hash every file under root into manifest["files"] and write manifest.json atomically."""
-    files = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST and not p.name.startswith("."):
-            files[p.relative_to(root).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-    manifest["files"] = files
+def write_manifest(root: Path, manifest: dict[str, Any], added: list[Path] | None = None) -> None:
+    """Hash every file under root into manifest["files"] and write manifest.json atomically; with `added`, keep
+    the recorded hashes and hash only those files (a later step, e.g. TensorRT engines, never re-blesses files
+    it did not check)."""
+    if added is None:
+        files = {}
+        paths = [p for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")]
+    else:
+        files, paths = dict(manifest["files"]), added
+    for p in paths:
+        files[p.relative_to(root).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    manifest["files"] = dict(sorted(files.items()))
     tmp = root / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     os.replace(tmp, root / MANIFEST)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from wave_rt.errors import CheckpointError
+from wave_rt.errors import BatchTooLargeError, CheckpointError
 
 DEFAULT_SEQ_BUCKETS = (128, 512, 2048, 8192, 32768)
 OPERATORS_FILE = Path(__file__).resolve().parent / "data" / "tensorrt_onnx_operators.tsv"
@@ -30,7 +30,7 @@ AXIS_RANGES: dict[str, tuple[int, int, int]] = {
     "tokens": (1, 800, 25600),
     "segments": (1, 4, 64),
     "fbank_patches": (2, 64, 512),
-    "audio_tokens": (1, 400, 12800),
+    "audio_tokens": (1, 800, 25600),  # BEATs rows after WAVE's merge: one per Whisper token, as "tokens"
     "merged": (1, 1024, 16384),
 }
 
@@ -140,10 +140,14 @@ def build_engines(bundle: str | os.PathLike[str], precision: str = "fp16", max_b
             raise CheckpointError(onnx_file, f"TensorRT's ONNX parser failed: {errors}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-        if precision == "fp16":
-            config.set_flag(trt.BuilderFlag.FP16)
-        elif precision == "bf16":
-            config.set_flag(trt.BuilderFlag.BF16)
+        if precision != "fp32":
+            flag = getattr(trt.BuilderFlag, precision.upper(), None)
+            if flag is None:  # TensorRT 11 builds only strongly typed networks
+                from wave_rt._optional import PIP_INSTALL
+
+                raise CheckpointError(onnx_file, f"TensorRT {trt.__version__} has no {precision.upper()} builder flag; "
+                                                 f"engines are built with TensorRT 10: {PIP_INSTALL['tensorrt']}")
+            config.set_flag(flag)
         if version_compatible:
             # Engines run on later TensorRT versions of the same major through the lean runtime they embed.
             config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
@@ -170,7 +174,8 @@ def build_engines(bundle: str | os.PathLike[str], precision: str = "fp16", max_b
     manifest["tensorrt"] = {"version": trt.__version__, "precision": precision, "version_compatible": version_compatible,
                             "max_batch_tokens": max_batch_tokens, "profiles": records}
     manifest["versions"]["tensorrt"] = trt.__version__
-    write_manifest(root, manifest)
+    added = written + ([cache_path] if cache_path.exists() and cache_path.is_relative_to(root) else [])
+    write_manifest(root, manifest, added=added)
     return written
 
 
@@ -184,6 +189,7 @@ class TrtStage:
         self.trt = trt
         self.names = names
         self.device = device
+        self.path = path
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         # Version-compatible engines carry a lean runtime: host code the runtime must be allowed to run.
         self.runtime.engine_host_code_allowed = True
@@ -204,7 +210,8 @@ class TrtStage:
                 fits &= all(a <= s <= b for a, s, b in zip(lo, shape, hi))
             if fits:
                 return k
-        raise ValueError(f"no optimization profile holds input shapes {[tuple(inputs[n].shape) for n in self.names]}")
+        raise BatchTooLargeError(f"{self.path.name}: no optimization profile holds input shapes "
+                                 f"{[tuple(inputs[n].shape) for n in self.names]}")
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         stream = torch.cuda.current_stream(self.device)

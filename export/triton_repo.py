@@ -36,13 +36,17 @@ def _tensor(name: str, meta: dict[str, Any]) -> str:
     return f'  {{ name: "{name}" data_type: {_TYPES[meta["dtype"]]} dims: [ {_dims(meta["shape"])} ] }}'
 
 
-def stage_config(stage: str, meta: dict[str, Any], platform: str, gpu: bool) -> str:
+def stage_config(stage: str, meta: dict[str, Any], platform: str, gpu: bool, profiles: int = 0) -> str:
+    """A stage model's config; `profiles`: the engine's optimization profile count (tensorrt), every one listed
+    on the instance (Triton's TensorRT backend uses only the first profile of an instance that lists none)."""
     plat, _, filename = PLATFORMS[platform]
     inputs = ",\n".join(_tensor(n, meta["inputs"][n]) for n in meta["input_order"])
     outputs = ",\n".join(_tensor(n, m) for n, m in meta["outputs"].items())
     kind = "KIND_GPU" if gpu else "KIND_CPU"
+    names = ", ".join(f'"{k}"' for k in range(profiles))
+    listed = f" profile: [ {names} ]" if profiles > 1 else ""
     return (f'name: "wave_{stage}"\nplatform: "{plat}"\ndefault_model_filename: "{filename}"\nmax_batch_size: 0\n'
-            f"input [\n{inputs}\n]\noutput [\n{outputs}\n]\ninstance_group [ {{ kind: {kind} count: 1 }} ]\n")
+            f"input [\n{inputs}\n]\noutput [\n{outputs}\n]\ninstance_group [ {{ kind: {kind} count: 1{listed} }} ]\n")
 
 
 def front_config(dim: int, bundle: str, max_batch: int, queue_delay_us: int) -> str:
@@ -80,12 +84,16 @@ KINDS = {"text": lambda s: s, "query": lambda s: wave_rt.Text(s, side="query"), 
          "video": wave_rt.Video, "av": wave_rt.AudioVisual}
 
 
-def _first(request, name):
+def _rows(request, name):
+    """Every row of an input (a request may carry a batch: [b, 1]); None when the optional input is absent."""
     t = pb_utils.get_input_tensor_by_name(request, name)
     if t is None:
         return None
-    v = t.as_numpy().reshape(-1)[0]
-    return v.decode() if isinstance(v, bytes) else str(v)
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in t.as_numpy().reshape(-1)]
+
+
+def _error(exc):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
 
 
 class TritonPythonModel:
@@ -94,28 +102,41 @@ class TritonPythonModel:
         self.encoder = bls_encoder(params["bundle"]["string_value"], pb_utils)
 
     def execute(self, requests):
-        responses = []
-        items, instructions, slots = [], [], []
+        rows = {}  # request -> [(item, instruction)], one per row of its ITEM
+        errors = {}
         for r, request in enumerate(requests):
             try:
-                kind = _first(request, "MODALITY") or "text"
-                items.append(KINDS[kind](_first(request, "ITEM")))
-                instructions.append(_first(request, "INSTRUCTION"))
-                slots.append(r)
+                items = _rows(request, "ITEM")
+                kinds = _rows(request, "MODALITY") or ["text"] * len(items)
+                instructions = _rows(request, "INSTRUCTION") or [None] * len(items)
+                if not (len(kinds) == len(instructions) == len(items)):
+                    raise ValueError(f"{len(items)} ITEM rows but {len(kinds)} MODALITY and {len(instructions)} "
+                                     "INSTRUCTION rows: give one per item, or none")
+                rows[r] = [(KINDS[k or "text"](it), ins) for it, k, ins in zip(items, kinds, instructions)]
             except Exception as exc:  # one bad request never fails the others
-                responses.append((r, pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))))
+                errors[r] = exc
         by_instruction = {}
-        for item, ins, r in zip(items, instructions, slots):
-            by_instruction.setdefault(ins, []).append((r, item))
+        for r, pairs in rows.items():
+            for j, (item, ins) in enumerate(pairs):
+                by_instruction.setdefault(ins, []).append((r, j, item))
+        out = {r: [None] * len(pairs) for r, pairs in rows.items()}
         for ins, group in by_instruction.items():
             try:
-                emb = self.encoder.encode([it for _, it in group], instruction=ins)
-                for (r, _), row in zip(group, emb):
-                    out = pb_utils.Tensor("EMBEDDING", np.asarray(row, dtype=np.float32))
-                    responses.append((r, pb_utils.InferenceResponse(output_tensors=[out])))
+                emb = self.encoder.encode([it for _, _, it in group], instruction=ins)
             except Exception as exc:
-                responses.extend((r, pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))) for r, _ in group)
-        return [resp for _, resp in sorted(responses, key=lambda x: x[0])]
+                for r, _, _ in group:
+                    errors.setdefault(r, exc)
+                continue
+            for (r, j, _), row in zip(group, emb):
+                out[r][j] = np.asarray(row, dtype=np.float32)
+        responses = []
+        for r in range(len(requests)):
+            if r in errors:
+                responses.append(_error(errors[r]))
+            else:
+                tensor = pb_utils.Tensor("EMBEDDING", np.stack(out[r]))  # [b, dim]: the batch axis Triton expects
+                responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
+        return responses
 '''
 
 
@@ -132,8 +153,11 @@ class BlsStage:
         import torch
 
         tensors = [self.pb.Tensor(n, inputs[n].detach().cpu().contiguous().numpy()) for n in self.names]
+        # outputs in host memory: a GPU stage model's output stays on the device otherwise, and as_numpy() of
+        # a device tensor raises
         request = self.pb.InferenceRequest(model_name=self.model, requested_output_names=[self.output],
-                                           inputs=tensors)
+                                           inputs=tensors,
+                                           preferred_memory=self.pb.PreferredMemory(self.pb.TRITONSERVER_MEMORY_CPU, 0))
         response = request.exec()
         if response.has_error():
             raise RuntimeError(f"{self.model}: {response.error().message()}")
@@ -167,8 +191,11 @@ def write_triton_repo(bundle: str | os.PathLike[str], out_dir: str | os.PathLike
     """Write the repository; graphs are copied (with their external data) under each model's version 1."""
     if platform not in PLATFORMS:
         raise ValueError(f"platform must be one of {', '.join(PLATFORMS)}, got {platform!r}")
+    if platform == "tensorrt" and not gpu:
+        raise ValueError("TensorRT engines run on GPUs only: drop --cpu, or use --platform onnxruntime")
     root = Path(bundle)
     manifest = verify_bundle(root, "onnxruntime" if platform == "onnxruntime" else "tensorrt")
+    engine_profiles = manifest.get("tensorrt", {}).get("profiles", {}) if platform == "tensorrt" else {}
     _, fmt, filename = PLATFORMS[platform]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,7 +206,8 @@ def write_triton_repo(bundle: str | os.PathLike[str], out_dir: str | os.PathLike
         shutil.copyfile(root / files[0], model_dir / "1" / filename)
         for extra in files[1:]:  # ONNX external data keeps the file name the graph refers to
             shutil.copyfile(root / extra, model_dir / "1" / Path(extra).name)
-        (model_dir / "config.pbtxt").write_text(stage_config(name, meta, platform, gpu))
+        (model_dir / "config.pbtxt").write_text(stage_config(name, meta, platform, gpu,
+                                                             len(engine_profiles.get(name, []))))
     front = out / FRONT
     (front / "1").mkdir(parents=True, exist_ok=True)
     (front / "1" / "model.py").write_text(FRONT_MODEL_PY)
@@ -187,3 +215,12 @@ def write_triton_repo(bundle: str | os.PathLike[str], out_dir: str | os.PathLike
     (front / "config.pbtxt").write_text(front_config(int(manifest["embedding_dim"]), server_bundle, max_batch,
                                                      queue_delay_us))
     return out
+
+
+def server_flags(bundle: str | os.PathLike[str], platform: str) -> list[str]:
+    """tritonserver options the repository needs: version-compatible engines run their embedded lean runtime
+    only when the TensorRT backend is told to allow it (its default is false)."""
+    manifest = read_manifest(Path(bundle))
+    if platform == "tensorrt" and manifest.get("tensorrt", {}).get("version_compatible"):
+        return ["--backend-config=tensorrt,version-compatible=true"]
+    return []

@@ -10,7 +10,8 @@ from wave_rt.errors import MissingDependencyError
 # module name -> the install line a user copies. Keep in step with pyproject's extras.
 PIP_INSTALL: dict[str, str] = {
     "nvidia.dali": "pip install nvidia-dali-cuda130",
-    "tensorrt": "pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13",
+    # TensorRT 11 dropped the FP16/BF16 builder flags our weakly typed builds use
+    "tensorrt": "pip install --extra-index-url https://pypi.nvidia.com 'tensorrt-cu13>=10,<11'",
     "onnxruntime": "pip install onnxruntime  (or onnxruntime-gpu on a CUDA machine)",
     "onnx": "pip install onnx",
     "faiss": "pip install faiss-cpu  (or faiss-gpu-cu12 on a CUDA machine)",

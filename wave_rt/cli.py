@@ -372,6 +372,11 @@ def _cmd_export(args: argparse.Namespace, out: TextIO) -> int:
         path = write_triton_repo(args.bundle, args.out, platform=args.platform, gpu=not args.cpu,
                                  max_batch=args.max_batch, bundle_path_in_server=args.server_bundle_path)
         out.write(f"Triton model repository written: {Path(path)}\n")
+        from wave_rt.export.triton_repo import server_flags
+
+        flags = server_flags(args.bundle, args.platform)
+        if flags:
+            out.write(f"start the server with: tritonserver --model-repository {Path(path)} {' '.join(flags)}\n")
     return EXIT_OK
 
 
@@ -382,14 +387,21 @@ def _cmd_bench_latency(args: argparse.Namespace, out: TextIO) -> int:
     from wave_rt.export.bench_latency import prepare_items, run_bench_latency
 
     encoder = WaveEncoder.from_pretrained(None if args.model == "demo" else args.model, device=args.device)
-    items = prepare_items(encoder, args.modalities.split(","))
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    items = prepare_items(encoder, args.modalities.split(","), n=max(8, *batch_sizes))
+    if args.model == "demo":
+        from wave_rt.model.demo import demo_checkpoint
+
+        checkpoint = Path(demo_checkpoint())
+    else:
+        checkpoint = Path(args.model)
     json_path = Path(args.out)
     result = run_bench_latency(
         encoder.model, items, encoder.pad_token_id, args.backends.split(","), json_path,
         json_path.with_suffix(".png"), bundle=Path(args.bundle) if args.bundle else None,
-        batch_sizes=[int(b) for b in args.batch_sizes.split(",")], warmup=args.warmup, iters=args.iters,
+        batch_sizes=batch_sizes, warmup=args.warmup, iters=args.iters,
         threads=args.threads, meta={"command": "wave-rt bench-latency " + args.model, "model": encoder.model_id},
-        log=lambda line: out.write(line + "\n"))
+        log=lambda line: out.write(line + "\n"), tokenizer_dir=checkpoint)
     for backend, reason in result["errors"].items():
         out.write(f"{backend}: not measured: {reason}\n")
     out.write(f"results: {json_path} and {json_path.with_suffix('.png')}\n")

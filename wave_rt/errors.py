@@ -49,6 +49,12 @@ class UnsupportedItemError(InputError):
     """The item's type is not one encode() understands."""
 
 
+class BatchTooLargeError(WaveRTError):
+    """A batch's shapes lie outside what an engine was built for (a TensorRT engine's optimization profiles):
+    the batch runners split it in halves as they split a batch that runs out of memory; a single item that
+    still does not fit is reported with this error."""
+
+
 class DeviceError(WaveRTError, ValueError):
     """A device this process cannot use: CUDA asked for on a machine or torch build without it, a device index
     past the ones present, or a string torch does not parse."""

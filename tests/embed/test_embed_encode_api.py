@@ -9,7 +9,7 @@ from tiny_checkpoints import make_tiny_checkpoint
 
 import wave_rt
 from wave_rt.embed.encoder import WaveEncoder, similarity
-from wave_rt.errors import InputError, UnsupportedItemError
+from wave_rt.errors import BatchTooLargeError, InputError, UnsupportedItemError
 
 TEXTS = ["a dog barks in the distance", "rain", "an orchestra tunes up before the concert begins", "x" * 70,
          "two people talk", "wind through trees at night", "a", "glass breaks"]
@@ -93,7 +93,8 @@ def test_bad_call_arguments_are_clear_errors(encoder):
         wave_rt.similarity(a, a[:, :32])
 
 
-def test_out_of_memory_lowers_the_cap_for_the_batches_after_it(encoder, monkeypatch):
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("simulated"), BatchTooLargeError("no engine profile")])
+def test_out_of_memory_lowers_the_cap_for_the_batches_after_it(encoder, monkeypatch, error):
     # a forward of more than 2 items "runs out of memory": the result is unchanged, and once the cap is lowered
     # the later batches go by it at once instead of each failing at full size first (8 failures, was)
     texts = [("word " * (i % 7 + 1)).strip() + f" {i}" for i in range(40)]
@@ -109,7 +110,7 @@ def test_out_of_memory_lowers_the_cap_for_the_batches_after_it(encoder, monkeypa
         n = items(model_batch)
         if n > 2:
             failures.append(n)
-            raise torch.OutOfMemoryError("simulated")
+            raise error
         forwards.append(n)
         return real_launch(model_batch, normalize)
 
@@ -119,3 +120,17 @@ def test_out_of_memory_lowers_the_cap_for_the_batches_after_it(encoder, monkeypa
     np.testing.assert_allclose(got, want, atol=2e-6)
     assert sum(forwards) == len(texts)
     assert len(failures) <= 4, failures
+
+
+def test_an_item_too_large_for_the_engine_alone_is_reported(encoder, monkeypatch):
+    real_launch = encoder.launch
+
+    def launch(model_batch, normalize=True):
+        if int(model_batch.input_ids.numel()) > 40:
+            raise BatchTooLargeError("decoder.plan: no optimization profile holds input shapes")
+        return real_launch(model_batch, normalize)
+
+    monkeypatch.setattr(encoder, "launch", launch)
+    monkeypatch.setattr(encoder, "embed_prepared", lambda batch, normalize=True: launch(encoder.stage(batch), normalize))
+    with pytest.raises(BatchTooLargeError, match="no optimization profile"):
+        encoder.encode(["short", "word " * 60])

@@ -25,8 +25,10 @@ def test_triton_repo_command(tmp_path, wave_bundle):
 
 @pytest.mark.skipif(available("tensorrt"), reason="TensorRT is installed: the missing-package path cannot run")
 def test_tensorrt_command_without_tensorrt_prints_the_install(wave_bundle):
+    from wave_rt._optional import PIP_INSTALL
+
     code, _, err = _run("export", "tensorrt", str(wave_bundle))
-    assert code == EXIT_ERROR and "pip install --extra-index-url https://pypi.nvidia.com tensorrt" in err
+    assert code == EXIT_ERROR and PIP_INSTALL["tensorrt"] in err and "tensorrt-cu13>=10,<11" in err
 
 
 def test_bundle_command_refuses_a_non_empty_directory(tmp_path, wave_checkpoint):
@@ -77,3 +79,37 @@ def test_latency_warmup_runs_every_batch_before_timing() -> None:
                     iters=4, dtype=torch.float32)
     assert len(times) == 4 and len(calls) == 5 + 4
     assert sorted(calls[:5]) == [0, 1, 2, 3, 4], calls
+
+
+def test_bf16_onnx_is_refused_before_the_model_loads(tmp_path, wave_checkpoint):
+    # opset 18 has no bfloat16 ConstantOfShape: the export failed deep in onnx's checker with a traceback
+    code, _, err = _run("export", "bundle", str(wave_checkpoint), "--out", str(tmp_path / "b"), "--dtype", "bf16")
+    assert code == EXIT_ERROR and "opset >= 20" in err and "--precision bf16" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_bench_latency_bundle_opens_with_the_encoder(tmp_path, wave_checkpoint):
+    # the bundle bench-latency exports had no tokenizer: WaveEncoder could not open it
+    import numpy as np
+
+    from wave_rt.embed.encoder import WaveEncoder
+
+    out_json = tmp_path / "lat.json"
+    code, _, err = _run("bench-latency", str(wave_checkpoint), "--device", "cpu", "--backends", "onnxruntime",
+                        "--modalities", "text", "--iters", "2", "--warmup", "1", "--batch-sizes", "1,12",
+                        "--bundle", str(tmp_path / "bundle"), "--out", str(out_json))
+    assert code == EXIT_OK, err
+    doc = json.loads(out_json.read_text())
+    assert doc["throughput"]["onnxruntime"]["text"]["12"]["n"] >= 1  # 12 rows prepared for a batch of 12
+    engine = WaveEncoder.from_pretrained(tmp_path / "bundle", backend="onnxruntime")
+    torch_path = WaveEncoder.from_pretrained(wave_checkpoint, device="cpu")
+    texts = ["a dog barks", "rain on a roof"]
+    np.testing.assert_allclose(engine.encode(texts), torch_path.encode(texts), atol=1e-4)
+
+
+def test_bench_latency_refuses_batches_larger_than_its_items():
+    # a batch of 8 rows timed as a batch of 16 doubled its throughput
+    from wave_rt.export.bench_latency import bench_latency
+
+    with pytest.raises(ValueError, match="batch size 16 needs as many prepared items"):
+        bench_latency(None, {"text": [object()] * 8}, ["eager"], None, 0, [1, 16])

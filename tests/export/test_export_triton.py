@@ -91,19 +91,91 @@ class _FakePbUtils:
             def has_error(self):
                 return False
 
+        class DeviceTensor(Tensor):
+            def as_numpy(self):  # what python_backend's PbTensor says of a tensor in GPU memory
+                raise RuntimeError("Tensor is stored in GPU and cannot be converted to NumPy.")
+
         class InferenceRequest:
-            def __init__(self, model_name, requested_output_names, inputs):
+            def __init__(self, model_name, requested_output_names, inputs, preferred_memory=None):
                 self.model, self.names, self.inputs = model_name, requested_output_names, inputs
+                self.host = preferred_memory is not None and preferred_memory.kind == fake.TRITONSERVER_MEMORY_CPU
 
             def exec(self):
                 out = fake.sessions[self.model].run(self.names, {t.name: t.array for t in self.inputs})
-                return Response([Tensor(n, a) for n, a in zip(self.names, out)])
+                # the stage models run on GPUs (KIND_GPU): their outputs stay there unless asked for in host memory
+                kind = Tensor if self.host else DeviceTensor
+                return Response([kind(n, a) for n, a in zip(self.names, out)])
 
         self.Tensor, self.InferenceRequest = Tensor, InferenceRequest
+
+    TRITONSERVER_MEMORY_CPU = 1
+
+    class PreferredMemory:
+        def __init__(self, kind, device_id):
+            self.kind, self.device_id = kind, device_id
 
     @staticmethod
     def get_output_tensor_by_name(response, name):
         return next(t for t in response.outputs if t.name == name)
+
+
+def _front_model(monkeypatch, encoder):
+    """The repository's model.py executed against a stand-in for triton_python_backend_utils."""
+    import sys
+    import types
+
+    from wave_rt.export.triton_repo import FRONT_MODEL_PY
+
+    pb = types.ModuleType("triton_python_backend_utils")
+
+    class Tensor:
+        def __init__(self, name, array):
+            self.name, self.array = name, array
+
+        def as_numpy(self):
+            return self.array
+
+    class InferenceResponse:
+        def __init__(self, output_tensors=None, error=None):
+            self.output_tensors, self.error = output_tensors, error
+
+    pb.Tensor, pb.InferenceResponse = Tensor, InferenceResponse
+    pb.TritonError = lambda message: message
+    pb.get_input_tensor_by_name = lambda request, name: (Tensor(name, request[name]) if name in request else None)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    namespace: dict = {}
+    exec(compile(FRONT_MODEL_PY, "model.py", "exec"), namespace)
+    model = namespace["TritonPythonModel"]()
+    model.encoder = encoder
+    return model
+
+
+def test_front_model_answers_every_row_of_a_batched_request(monkeypatch, wave_checkpoint):
+    # with max_batch_size > 0 every input and output carries the batch axis: a request of 2 items got one
+    # vector of shape [dim] back and its second item was dropped
+    from wave_rt.embed.encoder import WaveEncoder
+
+    encoder = WaveEncoder.from_pretrained(wave_checkpoint, device="cpu")
+    model = _front_model(monkeypatch, encoder)
+
+    def column(*values):
+        return np.array([[v.encode()] for v in values], dtype=object)
+
+    requests = [{"ITEM": column("a dog barks", "rain on a roof")},
+                {"ITEM": column("a dog barks"), "MODALITY": column("query"), "INSTRUCTION": column("Find the sound.")},
+                {"ITEM": column("x"), "MODALITY": column("smell")},
+                {"ITEM": column("a", "b"), "INSTRUCTION": column("only one")}]
+    out = model.execute(requests)
+    assert len(out) == 4
+    first = out[0].output_tensors[0].array
+    assert out[0].error is None and first.shape == (2, encoder.dim)
+    np.testing.assert_allclose(first, encoder.encode(["a dog barks", "rain on a roof"]), atol=1e-6)
+    import wave_rt
+
+    want = encoder.encode([wave_rt.Text("a dog barks", side="query")], instruction="Find the sound.")
+    np.testing.assert_allclose(out[1].output_tensors[0].array, want, atol=1e-6)
+    assert out[2].output_tensors is None and "smell" in str(out[2].error)
+    assert out[3].output_tensors is None and "one per item" in str(out[3].error)
 
 
 def test_front_model_bls_path_matches_pytorch(repo, wave_bundle, wave_checkpoint):

@@ -34,7 +34,7 @@ from wave_rt.embed.batching import plan_batches
 from wave_rt.embed.identity import DEMO_MODEL, encoder_fingerprint, weights_fingerprint
 from wave_rt.embed.prepared import PreparedItem
 from wave_rt.embed.processor import WaveProcessor, load_tokenizer
-from wave_rt.embed.runner import ModelRunner
+from wave_rt.embed.runner import TOO_LARGE, ModelRunner
 from wave_rt.errors import UnsupportedItemError
 from wave_rt.items import Item, modality_of
 from wave_rt.model.batch import collate, collate_packed
@@ -305,7 +305,7 @@ class WaveEncoder:
                 if j + 1 < len(groups):
                     staged = self.stage([prepared[g] for g in groups[j + 1]])
                 emb = result.cpu()
-            except torch.OutOfMemoryError:
+            except TOO_LARGE:
                 staged = current = result = None
                 emb = self._run_split(runner, batch)
             out[torch.tensor([idx[g] for g in group])] = emb

@@ -10,9 +10,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from wave_rt.errors import BatchTooLargeError
+
 log = logging.getLogger(__name__)
 
 OutOfMemory: type[BaseException] = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+# what a smaller batch may avoid: memory, or the shape ranges an engine was built for
+TOO_LARGE: tuple[type[BaseException], ...] = (OutOfMemory, BatchTooLargeError)
 
 
 class ModelRunner:
@@ -82,7 +86,7 @@ class ModelRunner:
             return
         try:
             emb = self.encoder.embed_prepared([prepared[i] for i in idx], normalize=self.normalize)
-        except OutOfMemory as exc:
+        except TOO_LARGE as exc:
             self._release_memory()
             with self._lock:
                 self.oom_splits += 1
@@ -90,10 +94,10 @@ class ModelRunner:
                 if len(idx) > 1:
                     self.cap = max(1, min(self.cap, self._padded(prepared, idx) // 2))
             if len(idx) == 1:
-                log.warning("out of memory on a single item of %d tokens", int(prepared[idx[0]].num_tokens))
+                log.warning("%s on a single item of %d tokens", _what(exc), int(prepared[idx[0]].num_tokens))
                 failed[idx[0]] = exc
                 return
-            log.warning("out of memory on a batch of %d (%d padded tokens): splitting; token cap now %d",
+            log.warning("%s on a batch of %d (%d padded tokens): splitting; token cap now %d", _what(exc),
                         len(idx), self._padded(prepared, idx), self.cap)
             self._split(prepared, idx, out, done, failed)
             return
@@ -130,3 +134,7 @@ class ModelRunner:
     def _release_memory(self) -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _what(exc: BaseException) -> str:
+    return "out of memory" if isinstance(exc, OutOfMemory) else f"too large for the engine ({exc})"

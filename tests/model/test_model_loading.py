@@ -245,3 +245,57 @@ def test_released_wave_layout_written_by_transformers_4_51(tmp_path):
     assert config.recipe.name == "all_layer" and config.use_beats
     assert config.text_config.rope_parameters["mrope_section"] == rope["mrope_section"]
     assert _same_weights(ours, released)
+
+
+@pytest.mark.parametrize(("saved", "asked"), [("bfloat16", torch.float32), ("float32", torch.bfloat16)])
+def test_the_asked_dtype_wins_over_the_sub_configs_dtype(wave_dir, tmp_path, saved, asked):
+    # transformers writes a dtype into every sub-config it saves; its _from_config built the decoder and towers
+    # in that dtype over the one asked for (fp32 asked, bf16 built: 7e-3 off; bf16 asked, fp32 built: 2x memory)
+    d = _copy(wave_dir, tmp_path / "ckpt")
+    cfg = json.loads((d / "config.json").read_text())
+    for sub in ("text_config", "audio_config", "vision_config"):
+        cfg[sub]["torch_dtype"] = saved
+    (d / "config.json").write_text(json.dumps(cfg))
+    model, _ = load_wave_model(d, dtype=asked)
+    assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {asked}
+    if asked == torch.float32:
+        assert _same_weights(model, load_wave_model(wave_dir, dtype=torch.float32)[0])
+
+
+def test_an_explicit_beats_path_wins_over_the_safetensors_copy(wave_dir, tmp_path):
+    from wave_rt.model.beats import load_beats_state_dict
+
+    other = make_tiny_checkpoint(tmp_path / "other", recipe="all_layer", use_beats=True, seed=2,
+                                 beats_in_safetensors=False) / "BEATs_iter3_plus_AS2M.pt"
+    model, _ = load_wave_model(wave_dir, beats_path=other)
+    _, state = load_beats_state_dict(other)
+    assert torch.equal(model.beats.state_dict()["patch_embedding.weight"], state["patch_embedding.weight"])
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_wave_model(wave_dir, beats_path=tmp_path / "nonexistent.pt")
+
+
+@pytest.mark.parametrize("override", [{"recipe": "last_token"}, {"preset": "lco-omni"}])
+def test_a_recipe_override_leaves_the_unused_head_unread(wave_dir, override):
+    # WAVE's fusion MLP was refused as "unexpected tensors" under recipe="last_token": the README's override failed
+    enc = WaveEncoder.from_pretrained(wave_dir, **override)
+    assert (enc.config.recipe.name == "last_token") if "recipe" in override else (enc.config.preset == "lco-omni")
+    if "recipe" in override:  # text targets take the final-layer last token under both recipes
+        import numpy as np
+
+        np.testing.assert_allclose(enc.encode(TEXTS), WaveEncoder.from_pretrained(wave_dir).encode(TEXTS), atol=1e-6)
+    with pytest.raises(CheckpointError, match="mis-shaped"):  # another head of the same name is still refused
+        load_wave_model(wave_dir, recipe="last_layer")
+
+
+def test_an_index_naming_a_tensor_its_shard_lacks_is_a_checkpoint_error(wave_dir, tmp_path):
+    from wave_rt.model.loading import save_wave_model
+
+    model, _ = load_wave_model(wave_dir)
+    out = save_wave_model(model, tmp_path / "sharded", tokenizer_dir=wave_dir, max_shard_bytes=200_000)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    shard = out / json.loads((out / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(str(shard))
+    del tensors[name]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"{shard.name}: cannot read tensor {name}"):
+        load_wave_model(out)

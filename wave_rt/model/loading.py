@@ -17,6 +17,7 @@ in one CheckpointError.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -28,6 +29,8 @@ import torch
 from wave_rt.config import OMNI_THINKER, QWEN2_AUDIO, WaveConfig
 from wave_rt.errors import CheckpointError
 from wave_rt.model.midashenglm import MIDASHENGLM
+
+log = logging.getLogger(__name__)
 
 BEATS_FILENAMES = ("BEATs_iter3_plus_AS2M.pt", "beats.safetensors")
 TOKENIZER_FILES = (
@@ -155,7 +158,11 @@ class _TensorSource:
     def shape(self, name: str) -> tuple[int, ...]:
         file = self.index[name]
         if file.suffix == ".safetensors":
-            return tuple(self._open(file).get_slice(name).get_shape())
+            try:
+                return tuple(self._open(file).get_slice(name).get_shape())
+            except Exception as exc:  # safetensors' own error type: the index names a tensor the shard lacks
+                raise CheckpointError(file, f"cannot read tensor {name} (listed in model.safetensors.index.json): "
+                                            f"{exc}") from None
         return tuple(self._load_pickled(file)[name].shape)
 
 
@@ -172,6 +179,9 @@ def safe_torch_load(file: str | os.PathLike[str]) -> dict:
     if not isinstance(obj, dict):
         raise CheckpointError(file, f"expected a dict of tensors, found {type(obj).__name__}")
     return obj
+
+
+HEAD_PREFIXES = ("classify_linear.", "eos_proj.")
 
 
 def _find_beats_file(path: Path, explicit: str | os.PathLike[str] | None) -> Path | None:
@@ -217,6 +227,12 @@ def load_wave_model(
             provided[canon] = name
 
     beats_tensors: dict[str, torch.Tensor] = {}
+    if beats_path is not None:
+        _find_beats_file(root, beats_path)  # an explicit path is checked even where the model does not use it
+        if not config.use_beats:
+            log.warning("%s: beats_path given but the config does not use BEATs; ignored", root)
+        else:  # the caller's file wins over a copy inside the safetensors
+            provided = {k: v for k, v in provided.items() if not k.startswith("beats.")}
     if config.use_beats and not any(k.startswith("beats.") for k in provided):
         beats_file = _find_beats_file(root, beats_path)
         if beats_file is None:
@@ -235,6 +251,14 @@ def load_wave_model(
         config.projector_bias = "audio_projector.net.0.bias" in provided
     model = WaveModel.build(config, device=device, dtype=dtype, init="empty")
     expected = model.state_dict()
+    if recipe is not None or preset is not None:
+        # heads the checkpoint carries for another recipe than the one asked for (WAVE's fusion MLP under an
+        # explicit recipe="last_token", ...): left unread rather than refused as unknown tensors
+        unused = [k for k in provided if k not in expected and k.startswith(HEAD_PREFIXES)]
+        if unused:
+            log.info("%s: recipe %r does not use the checkpoint's %s tensors; not loaded", root, config.recipe.name,
+                     ", ".join(sorted({k.split(".")[0] for k in unused})))
+            provided = {k: v for k, v in provided.items() if k not in unused}
     problems: list[str] = []
     optional = _OPTIONAL.get(config.backbone, ())
     missing = [k for k in expected if k not in provided and k not in beats_tensors

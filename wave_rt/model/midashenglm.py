@@ -54,7 +54,8 @@ def build_midashenglm(model: torch.nn.Module, hf_config: Any, projector_bias: bo
     """Attach MiDashengLM's modules to `model` under its canonical names (`model` = the Qwen2 decoder)."""
     from transformers import Qwen2Model
 
-    model.model = Qwen2Model._from_config(hf_config.text_config)
+    # the caller's default dtype, not the one transformers-saved sub-configs name (WaveModel does the same)
+    model.model = Qwen2Model._from_config(hf_config.text_config, dtype=torch.get_default_dtype())
     audio_cfg = DashengConfig.from_dict(hf_config.audio_encoder_config)
     model.audio_encoder = DashengEncoder(audio_cfg)
     model.audio_projector = FrameStackProjector(audio_cfg.embed_dim, int(hf_config.text_config.hidden_size),

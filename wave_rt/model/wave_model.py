@@ -63,13 +63,16 @@ class WaveModel(nn.Module):
 
             from wave_rt.model.varlen import register_encoder_attention
 
-            self.model = omni.Qwen2_5OmniThinkerTextModel._from_config(hf.text_config)
+            # transformers builds a sub-model in its config's dtype (checkpoints saved by transformers name one
+            # in every sub-config) over the default dtype the caller asked for: pass the asked one explicitly
+            dtype = torch.get_default_dtype()
+            self.model = omni.Qwen2_5OmniThinkerTextModel._from_config(hf.text_config, dtype=dtype)
             # The towers run one varlen attention call per layer over their windows: a registered function
             # whose name contains "flash" selects transformers' cu_seqlens branch. It is set after
             # construction (at init transformers would look for the flash_attn package) on copies of the
             # configs, so that a transformers module built from the same hf_config keeps its own choice.
-            self.audio_tower = omni.Qwen2_5OmniAudioEncoder._from_config(copy.deepcopy(hf.audio_config))
-            self.visual = omni.Qwen2_5OmniVisionEncoder._from_config(copy.deepcopy(hf.vision_config))
+            self.audio_tower = omni.Qwen2_5OmniAudioEncoder._from_config(copy.deepcopy(hf.audio_config), dtype=dtype)
+            self.visual = omni.Qwen2_5OmniVisionEncoder._from_config(copy.deepcopy(hf.vision_config), dtype=dtype)
             varlen = register_encoder_attention()
             for tower in (self.audio_tower, self.visual):
                 tower.config._attn_implementation = varlen
@@ -77,8 +80,9 @@ class WaveModel(nn.Module):
             from transformers import AutoModel
             from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioMultiModalProjector
 
-            self.model = AutoModel.from_config(hf.text_config)
-            self.audio_tower = AutoModel.from_config(hf.audio_config)
+            dtype = torch.get_default_dtype()  # over the sub-configs' own dtype, as above
+            self.model = AutoModel.from_config(hf.text_config, dtype=dtype)
+            self.audio_tower = AutoModel.from_config(hf.audio_config, dtype=dtype)
             self.multi_modal_projector = Qwen2AudioMultiModalProjector(hf)
         elif config.backbone == MIDASHENGLM:
             from wave_rt.model.midashenglm import build_midashenglm

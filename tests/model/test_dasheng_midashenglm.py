@@ -201,3 +201,26 @@ def test_alm2vec_save_pretrained_round_trips(tmp_path):
     wav = (0.3 * np.random.default_rng(3).standard_normal(20000)).astype(np.float32)
     items = [Audio(wav, sample_rate=16000), "a bell rings"]
     assert torch.equal(enc.encode(items, convert_to="torch"), again.encode(items, convert_to="torch"))
+
+
+def test_packed_alm2vec_forward_reads_nothing_back_and_equals_padded(tmp_path):
+    # clip lengths, the kept rows and which chunks need a padding mask are fixed at collation (they were read
+    # back from the device: eight syncs per forward on CUDA)
+    from test_model_packed import HostSyncSpy
+
+    _released_checkpoint(tmp_path, eos_proj=True, seed=3)
+    enc = WaveEncoder.from_pretrained(tmp_path, device="cpu", dtype="fp32")
+    rng = np.random.default_rng(1)
+    prepared = [enc.prepare(Audio((0.3 * rng.standard_normal(n)).astype(np.float32), sample_rate=16000))
+                for n in (16000, 43210, 3200, 27777)] + [enc.prepare("a dog barks twice")]
+    assert enc.packed
+    batch = enc.stage(prepared)
+    with torch.no_grad(), HostSyncSpy() as spy:
+        packed = enc.model(batch)
+    assert spy.seen == []
+    from wave_rt.model.batch import collate
+
+    with torch.no_grad():
+        padded = enc.model(collate([p.inputs for p in prepared], enc.pad_token_id))
+    for k in range(len(prepared)):
+        assert rel(packed[k], padded[k]) <= TOL, k

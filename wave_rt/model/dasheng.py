@@ -161,9 +161,11 @@ class DashengEncoder(nn.Module):
         """Patches whose keys are visible: samples // (hop * 4) == (frames - 1) // 4 for center=True frames."""
         return (mel_frames - 1) // frames_per_patch
 
-    def forward(self, mel: torch.Tensor, valid_patches: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, mel: torch.Tensor, valid_patches: torch.Tensor | None = None,
+                min_valid: int | None = None) -> torch.Tensor:
         """mel [B, n_mels, frames] (dB) -> tokens [B, frames // 4, embed_dim]. valid_patches [B] masks padding
-        keys; None means no item is padded."""
+        keys; None means no item is padded. `min_valid` = valid_patches.min() known on the host: which chunks
+        need a mask is then decided without reading the device."""
         dtype = self.time_pos_embed.dtype
         # BatchNorm over mel bins: the reference moves the bins into the channel axis (b 1 f t -> b f 1 t).
         x = self.init_bn(mel.to(dtype).unsqueeze(2)).transpose(1, 2)
@@ -179,7 +181,8 @@ class DashengEncoder(nn.Module):
             mask = None
             if valid_patches is not None:
                 keys = torch.arange(start, start + t, device=x.device).view(1, t) < valid_patches.view(B, 1)
-                if not bool(keys.all()):
+                padded = start + t > min_valid if min_valid is not None else not bool(keys.all())
+                if padded:
                     mask = torch.zeros(B, 1, 1, t, dtype=h.dtype, device=h.device)
                     mask.masked_fill_(~keys.view(B, 1, 1, t), torch.finfo(h.dtype).min)
             for block in self.blocks:

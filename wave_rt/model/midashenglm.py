@@ -62,22 +62,39 @@ def build_midashenglm(model: torch.nn.Module, hf_config: Any, projector_bias: bo
                                                 k=int(hf_config.subsample_factor), bias=projector_bias)
 
 
+def dasheng_host_inputs(model: torch.nn.Module, mel_lens: torch.Tensor, audio_tokens: torch.Tensor) -> dict[str, Any]:
+    """Host side, at collation (CPU tensors): what encode_dasheng_audio would otherwise read back from the device
+    (clip lengths, the padded token count, which rows each clip keeps, whether a chunk needs a padding mask)."""
+    encoder: DashengEncoder = model.audio_encoder
+    lens = tuple(int(x) for x in mel_lens.tolist())
+    conv = encoder.patch_embed.proj
+    t_max = max(lens)
+    patches = (t_max + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1) // conv.stride[1] + 1
+    per_clip = patches // model.audio_projector.k  # the projector's rows for the padded clip length
+    want = [int(x) for x in audio_tokens.tolist()]
+    if max(want) > per_clip:
+        raise ValueError(f"audio placeholders ask for {max(want)} tokens, the encoder gives {per_clip}")
+    valid = DashengEncoder.valid_patches(mel_lens.cpu(), encoder.cfg.frames_per_patch)
+    keep = torch.cat([torch.arange(w) + i * per_clip for i, w in enumerate(want)])
+    return {"dasheng_lens": lens, "dasheng_valid": valid, "dasheng_min_valid": int(valid.min()),
+            "dasheng_keep_index": keep}
+
+
 def encode_dasheng_audio(model: torch.nn.Module, mel: torch.Tensor, mel_lens: torch.Tensor,
-                         audio_tokens: torch.Tensor) -> torch.Tensor:
+                         audio_tokens: torch.Tensor, host: dict[str, Any] | None = None) -> torch.Tensor:
     """Concatenated log-mel [64, sum(frames)] of every clip -> projected audio tokens [sum(tokens), H].
 
     Clips are padded to the longest (padding keys masked), encoded, frame-stacked, and each clip keeps its
-    first `audio_tokens[i]` rows, as the reference keeps frames // 4 // 5 rows per clip."""
-    encoder: DashengEncoder = model.audio_encoder
-    lens = mel_lens.tolist()
-    n, t_max = len(lens), max(lens)
-    padded = mel.new_zeros(n, mel.shape[0], t_max)
+    first `audio_tokens[i]` rows, as the reference keeps frames // 4 // 5 rows per clip. `host`: the
+    dasheng_host_inputs a packed batch fixed at collation (no read-back); None computes them here."""
+    if host is None:
+        host = dasheng_host_inputs(model, mel_lens.cpu(), audio_tokens.cpu())
+    lens = host["dasheng_lens"]
+    padded = mel.new_zeros(len(lens), mel.shape[0], max(lens))
     for i, clip in enumerate(torch.split(mel, lens, dim=1)):
         padded[i, :, : clip.shape[1]] = clip
-    valid = DashengEncoder.valid_patches(mel_lens.to(mel.device), encoder.cfg.frames_per_patch)
-    tokens = model.audio_projector(encoder(padded, valid))
-    keep = torch.arange(tokens.shape[1], device=tokens.device).view(1, -1) < audio_tokens.to(tokens.device).view(-1, 1)
-    if int(audio_tokens.max()) > tokens.shape[1]:
-        raise ValueError(f"audio placeholders ask for {int(audio_tokens.max())} tokens, the encoder gave {tokens.shape[1]}")
-    return tokens[keep]
+    valid = host["dasheng_valid"].to(mel.device, non_blocking=True)
+    tokens = model.audio_projector(model.audio_encoder(padded, valid, min_valid=host["dasheng_min_valid"]))
+    keep = host["dasheng_keep_index"].to(tokens.device, non_blocking=True)
+    return tokens.reshape(-1, tokens.shape[-1]).index_select(0, keep)
 

@@ -199,7 +199,8 @@ class WaveModel(nn.Module):
         if self.config.backbone == MIDASHENGLM:
             from wave_rt.model.midashenglm import encode_dasheng_audio
 
-            return encode_dasheng_audio(self, batch.mel, batch.mel_lens, batch.audio_tokens)
+            host = batch.audio_tower_kwargs if isinstance(batch, PackedBatch) else None
+            return encode_dasheng_audio(self, batch.mel, batch.mel_lens, batch.audio_tokens, host)
         if self.config.backbone == QWEN2_AUDIO:
             keep = batch.audio_keep_index if isinstance(batch, PackedBatch) else None
             return self.encode_qwen2_audio(batch.mel, batch.mel_lens, batch.audio_tokens, keep)
@@ -251,7 +252,12 @@ class WaveModel(nn.Module):
     def tower_inputs(self, batch: PackedBatch) -> None:
         """Host side, at collation: the window tables the Omni towers would otherwise derive on the device
         with `.tolist()`/`.item()` (chunk lengths, cu_seqlens, max lengths, window order, rotary positions).
-        Uses transformers' own helpers on CPU tensors; a no-op where this transformers lacks them."""
+        Uses transformers' own helpers on CPU tensors; a no-op where this transformers lacks them. MiDashengLM:
+        its clip lengths, kept rows and masked chunks (dasheng_host_inputs)."""
+        if self.config.backbone == MIDASHENGLM and batch.mel is not None:
+            from wave_rt.model.midashenglm import dasheng_host_inputs
+
+            batch.audio_tower_kwargs = dasheng_host_inputs(self, batch.mel_lens, batch.audio_tokens)
         if self.config.backbone != OMNI_THINKER:
             return
         from wave_rt.model.tower_inputs import audio_tower_kwargs, vision_tower_kwargs

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out else RESULTS / f"export_latency_{args.config}_{dev}{tag}.json"
     cfg = small_config() if args.config == "small" else WaveConfig.from_dict(omni_7b_config_dict())
     model = WaveModel.build(cfg, device=device, dtype=dtype, init="random", seed=0)
-    n = args.items
+    n = max(args.items, *batch_sizes)  # a batch larger than the items would time rows never run
     work = Workload(texts=n if "text" in modalities else 0, audios=n if "audio" in modalities else 0,
                     audio_seconds=10.0, videos=0, avs=0, video_seconds=0.0, frame_hw=(28, 28))
     by_mod: dict[str, list] = {}

@@ -35,6 +35,10 @@ def test_decoder_flops_by_hand(model):
     kv = _params(layer.self_attn.k_proj) + _params(layer.self_attn.v_proj)
     saved = sum(2 * (_params(layer) - kv) * (t - 1) + 2 * t * t * width - 4 * t * width for t in lengths)
     assert fl.decoder_flops(lengths, shape, last_layer_trimmed=True) == pytest.approx(expected - saved)
+    # bidirectional recipes (mean pooling over every token): the whole square, no trimmed last layer
+    full = sum(2 * p * t + 4 * len(lm.layers) * t * t * width for t in lengths)
+    assert fl.decoder_flops(lengths, shape, causal=False) == full
+    assert fl.decoder_flops(lengths, shape, last_layer_trimmed=True, causal=False) == full
     # quadratic in the item length: one item of 2T costs more than two items of T (why padding/packing matters)
     assert fl.decoder_flops([20], shape) > fl.decoder_flops([10, 10], shape)
 
@@ -58,3 +62,16 @@ def test_mfu_padding_and_datasheet():
     assert fl.padding_fraction(100, 143) == pytest.approx(1.43)
     assert fl.datasheet_peak("NVIDIA H100 80GB HBM3") == 989.0 and fl.datasheet_peak("cpu") is None
     assert fl.measure_gemm_tflops(torch.device("cpu")) is None
+
+
+def test_beats_flops_leave_out_the_unused_predictor():
+    # a fine-tuned checkpoint carries the AudioSet classifier; the embedding forward never runs it
+    import dataclasses
+
+    from wave_rt.model.beats import BEATsConfig, BEATsEncoder
+
+    cfg = BEATsConfig.tiny()
+    with_head = BEATsEncoder(cfg)
+    without = BEATsEncoder(dataclasses.replace(cfg, finetuned_model=False))
+    assert with_head.predictor is not None and without.predictor is None
+    assert fl.beats_flops([8, 40], with_head) == fl.beats_flops([8, 40], without) > 0

@@ -2,7 +2,8 @@
 
 Counted: matmul FLOPs (2 per multiply-add) of real tokens only, never padding.
 - Decoder: 2 * P_nonembedding * T per item (the embedding table is a lookup, not a matmul) plus causal
-  attention 2 * L * T^2 * d_attn (QK^T and AV, half the square). The embedding forward's last layer only
+  attention 2 * L * T^2 * d_attn (QK^T and AV, half the square; the whole square, 4 * L * T^2 * d_attn, for
+  the bidirectional recipes). The embedding forward's last layer only
   needs keys/values for all tokens and the rest for the last token: `last_layer_trimmed=True` counts that.
 - Audio tower (Whisper-style): conv1/conv2 on the mel frames, 2 * P_layers per token after conv2,
   bidirectional attention 4 * T_w^2 * d per window per layer, the projection on the pooled tokens.
@@ -51,12 +52,15 @@ class DecoderShape:
         )
 
 
-def decoder_flops(lengths: Sequence[int], shape: DecoderShape, last_layer_trimmed: bool = False) -> float:
-    """Prefill FLOPs of items of `lengths` real tokens (causal attention within each item)."""
+def decoder_flops(lengths: Sequence[int], shape: DecoderShape, last_layer_trimmed: bool = False,
+                  causal: bool = True) -> float:
+    """Prefill FLOPs of items of `lengths` real tokens (causal attention within each item: half the square;
+    `causal=False`, the bidirectional recipes: the whole square, and every layer runs for every token)."""
     total = 0.0
+    square = 2 if causal else 4
     for t in lengths:
-        if not last_layer_trimmed:
-            total += 2 * shape.nonembedding_params * t + 2 * shape.layers * t * t * shape.attn_width
+        if not last_layer_trimmed or not causal:
+            total += 2 * shape.nonembedding_params * t + square * shape.layers * t * t * shape.attn_width
             continue
         full = shape.layers - 1
         rest = shape.nonembedding_params - shape.layer_params  # full layers + final norm
@@ -116,8 +120,9 @@ def beats_flops(token_counts: Sequence[int], beats: nn.Module) -> float:
     """BEATs on segments of `token_counts` patch tokens (full attention per segment)."""
     width = int(beats.cfg.encoder_embed_dim)
     layers = int(beats.cfg.encoder_layers)
-    per_token = _params(beats) - _params(getattr(beats, "patch_embedding", None))
     patch = _params(getattr(beats, "patch_embedding", None))
+    # the AudioSet predictor of a fine-tuned checkpoint is loaded but never run by the embedding forward
+    per_token = _params(beats) - patch - _params(getattr(beats, "predictor", None))
     return float(sum(2 * per_token * n + 2 * patch * n + 4 * layers * n * n * width for n in token_counts))
 
 

@@ -66,6 +66,16 @@ def test_tensorrt_platform_needs_engines(tmp_path, wave_bundle):
         write_triton_repo(wave_bundle, tmp_path / "trt", platform="tensorrt")
 
 
+class _Tensor:
+    """pb_utils.Tensor holding a host array."""
+
+    def __init__(self, name, array):
+        self.name, self.array = name, array
+
+    def as_numpy(self):
+        return self.array
+
+
 class _FakePbUtils:
     """The slice of triton_python_backend_utils the BLS stage runner uses, executing the repository's model
     files with ONNX Runtime as the server would."""
@@ -76,13 +86,7 @@ class _FakePbUtils:
         self.sessions = {p.parent.parent.name: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
                          for p in repo.glob("wave_*/1/model.onnx")}
         fake = self
-
-        class Tensor:
-            def __init__(self, name, array):
-                self.name, self.array = name, array
-
-            def as_numpy(self):
-                return self.array
+        Tensor = _Tensor
 
         class Response:
             def __init__(self, outputs):
@@ -127,13 +131,7 @@ def _front_model(monkeypatch, encoder):
     from wave_rt.export.triton_repo import FRONT_MODEL_PY
 
     pb = types.ModuleType("triton_python_backend_utils")
-
-    class Tensor:
-        def __init__(self, name, array):
-            self.name, self.array = name, array
-
-        def as_numpy(self):
-            return self.array
+    Tensor = _Tensor
 
     class InferenceResponse:
         def __init__(self, output_tensors=None, error=None):

@@ -16,6 +16,7 @@ without and skips bias tensors on load): we build it with a bias unless the chec
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -55,7 +56,7 @@ def build_midashenglm(model: torch.nn.Module, hf_config: Any, projector_bias: bo
     from transformers import Qwen2Model
 
     # the caller's default dtype, not the one transformers-saved sub-configs name (WaveModel does the same)
-    model.model = Qwen2Model._from_config(hf_config.text_config, dtype=torch.get_default_dtype())
+    model.model = Qwen2Model._from_config(copy.deepcopy(hf_config.text_config), dtype=torch.get_default_dtype())
     audio_cfg = DashengConfig.from_dict(hf_config.audio_encoder_config)
     model.audio_encoder = DashengEncoder(audio_cfg)
     model.audio_projector = FrameStackProjector(audio_cfg.embed_dim, int(hf_config.text_config.hidden_size),

@@ -64,9 +64,10 @@ class WaveModel(nn.Module):
             from wave_rt.model.varlen import register_encoder_attention
 
             # transformers builds a sub-model in its config's dtype (checkpoints saved by transformers name one
-            # in every sub-config) over the default dtype the caller asked for: pass the asked one explicitly
+            # in every sub-config) over the default dtype the caller asked for: pass the asked one explicitly, on
+            # a copy, since _from_config writes it into the config (whose contents the fingerprint hashes)
             dtype = torch.get_default_dtype()
-            self.model = omni.Qwen2_5OmniThinkerTextModel._from_config(hf.text_config, dtype=dtype)
+            self.model = omni.Qwen2_5OmniThinkerTextModel._from_config(copy.deepcopy(hf.text_config), dtype=dtype)
             # The towers run one varlen attention call per layer over their windows: a registered function
             # whose name contains "flash" selects transformers' cu_seqlens branch. It is set after
             # construction (at init transformers would look for the flash_attn package) on copies of the
@@ -81,8 +82,8 @@ class WaveModel(nn.Module):
             from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioMultiModalProjector
 
             dtype = torch.get_default_dtype()  # over the sub-configs' own dtype, as above
-            self.model = AutoModel.from_config(hf.text_config, dtype=dtype)
-            self.audio_tower = AutoModel.from_config(hf.audio_config, dtype=dtype)
+            self.model = AutoModel.from_config(copy.deepcopy(hf.text_config), dtype=dtype)
+            self.audio_tower = AutoModel.from_config(copy.deepcopy(hf.audio_config), dtype=dtype)
             self.multi_modal_projector = Qwen2AudioMultiModalProjector(hf)
         elif config.backbone == MIDASHENGLM:
             from wave_rt.model.midashenglm import build_midashenglm

@@ -6,7 +6,11 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <mutex>
 #include <stdexcept>
+#include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -49,14 +53,21 @@ void transpose3(const uint8_t* src, int rows, int cols, uint8_t* dst) {
         }
 }
 
-// The one inner loop: acc[i] += line[i] * w over a contiguous run. Compiled for AVX2 and for the baseline;
-// the loader picks the variant the CPU supports (GCC function multiversioning).
-__attribute__((target_clones("avx2", "default"))) void mac_run(int32_t* acc, const uint8_t* line, int32_t w,
-                                                               int n) {
+// "avx2" names an x86 target: other architectures (aarch64, ...) reject the attribute outright, so
+// multiversioning is x86-only and elsewhere the loops are compiled once for the baseline ISA.
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#define WAVE_RT_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define WAVE_RT_CLONES
+#endif
+
+// The one inner loop: acc[i] += line[i] * w over a contiguous run. On x86, compiled for AVX2 and for the
+// baseline; the loader picks the variant the CPU supports (GCC function multiversioning).
+WAVE_RT_CLONES void mac_run(int32_t* acc, const uint8_t* line, int32_t w, int n) {
     for (int i = 0; i < n; ++i) acc[i] += line[i] * w;
 }
 
-__attribute__((target_clones("avx2", "default"))) void clip_run(const int32_t* acc, uint8_t* out, int n) {
+WAVE_RT_CLONES void clip_run(const int32_t* acc, uint8_t* out, int n) {
     for (int i = 0; i < n; ++i) {
         const int32_t v = acc[i] >> kPrecisionBits;
         out[i] = static_cast<uint8_t>(v < 0 ? 0 : (v > 255 ? 255 : v));
@@ -118,25 +129,43 @@ void scatter(const uint8_t* img, int height, int width, const float* lut, int t,
     }
 }
 
+// Bounds must stay inside the frame and be non-decreasing (first tap and end tap alike, as Pillow's tables
+// are): the horizontal-first path resamples only rows [first row's start, last row's end) and the vertical
+// pass indexes into that band, so a non-monotonic table would read outside it.
 void check_axis(const py::array_t<int32_t>& bounds, const py::array_t<int32_t>& coeffs, int in, int out,
                 const char* name) {
     if (bounds.ndim() != 2 || bounds.shape(0) != out || bounds.shape(1) != 2 || coeffs.ndim() != 2 ||
         coeffs.shape(0) != out)
         throw std::invalid_argument(std::string(name) + " resampling table has the wrong shape");
     const int32_t* b = bounds.data();
-    for (int i = 0; i < out; ++i)
-        if (b[2 * i] < 0 || b[2 * i + 1] < 0 || b[2 * i + 1] > coeffs.shape(1) || b[2 * i] + b[2 * i + 1] > in)
+    for (int i = 0; i < out; ++i) {
+        const int64_t start = b[2 * i], count = b[2 * i + 1];
+        if (start < 0 || count < 0 || count > coeffs.shape(1) || start + count > in)
             throw std::invalid_argument(std::string(name) + " resampling table reads outside the frame");
+        if (i > 0 && (start < b[2 * (i - 1)] || start + count < int64_t{b[2 * (i - 1)]} + b[2 * (i - 1) + 1]))
+            throw std::invalid_argument(std::string(name) + " resampling table is not monotonic at row " +
+                                        std::to_string(i) + ": taps must start and end in non-decreasing order");
+    }
 }
 
+std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+
 void resize_normalize_patchify(
-    py::array_t<uint8_t, py::array::c_style | py::array::forcecast> frames, int height, int width,
+    py::array frames_in, int height, int width,
     py::array_t<float, py::array::c_style | py::array::forcecast> lut,
     py::array_t<int32_t, py::array::c_style | py::array::forcecast> h_bounds,
     py::array_t<int32_t, py::array::c_style | py::array::forcecast> h_coeffs,
     py::array_t<int32_t, py::array::c_style | py::array::forcecast> v_bounds,
-    py::array_t<int32_t, py::array::c_style | py::array::forcecast> v_coeffs, py::array_t<float> out,
+    py::array_t<int32_t, py::array::c_style | py::array::forcecast> v_coeffs, py::array out,
     bool vertical_first, int threads) {
+    // No casting of frames or out: a cast would read float pixels in [0, 1] as levels 0..1 (frames), or fill a
+    // temporary copy the caller never sees (out). A non-contiguous uint8 frames view is still copied, harmlessly.
+    if (!py::isinstance<py::array_t<uint8_t>>(frames_in))
+        throw py::type_error("frames must be uint8 [T, H, W, 3], got dtype " + dtype_str(frames_in));
+    if (!py::isinstance<py::array_t<float>>(out))
+        throw py::type_error("out must be a float32 [N, 1176] array, got dtype " + dtype_str(out));
+    const auto frames = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>::ensure(frames_in);
+    if (!frames) throw py::error_already_set();
     if (frames.ndim() != 4 || frames.shape(3) != 3) throw std::invalid_argument("frames must be uint8 [T, H, W, 3]");
     const int T = static_cast<int>(frames.shape(0)), H = static_cast<int>(frames.shape(1)),
               W = static_cast<int>(frames.shape(2));
@@ -154,52 +183,78 @@ void resize_normalize_patchify(
 
     const uint8_t* src = frames.data();
     const float* table = lut.data();
-    float* dst = out.mutable_data();
+    float* dst = static_cast<float*>(out.mutable_data());
     const Axis hx{h_bounds.data(), h_coeffs.data(), static_cast<int>(h_coeffs.shape(1)), width};
     const Axis vy{v_bounds.data(), v_coeffs.data(), static_cast<int>(v_coeffs.shape(1)), height};
     const bool need_h = W != width, need_v = H != height;
     // Rows the vertical pass reads (Pillow resamples only those horizontally).
     const int first = vy.bounds[0], last = vy.bounds[2 * (height - 1)] + vy.bounds[2 * (height - 1) + 1];
 
-    py::gil_scoped_release release;
-    const int workers = std::max(1, std::min(threads, T));
-    std::atomic<int> next{0};
-    auto work = [&] {
-        Scratch scratch;
-        std::vector<uint8_t> tmp, img;
-        for (int f; (f = next.fetch_add(1)) < T;) {
-            const uint8_t* frame = src + static_cast<int64_t>(f) * H * W * 3;
-            const uint8_t* result = frame;
-            if (need_h && need_v) {
-                img.resize(static_cast<size_t>(height) * width * 3);
-                if (vertical_first) {
-                    tmp.resize(static_cast<size_t>(height) * W * 3);
-                    vertical(frame, W, 0, vy, scratch, tmp.data());
-                    horizontal(tmp.data(), height, W, hx, scratch, img.data());
-                } else {
-                    tmp.resize(static_cast<size_t>(last - first) * width * 3);
-                    horizontal(frame + static_cast<int64_t>(first) * W * 3, last - first, W, hx, scratch, tmp.data());
-                    vertical(tmp.data(), width, first, vy, scratch, img.data());
+    // An exception escaping a std::thread calls std::terminate (the interpreter aborts), so every worker
+    // catches, records the first failure and stops the others; it is rethrown once all are joined and the
+    // GIL is held again, where pybind11 turns it into a Python exception.
+    std::exception_ptr failure;
+    std::mutex failure_mutex;
+    std::atomic<bool> failed{false};
+    {
+        py::gil_scoped_release release;
+        const int workers = std::max(1, std::min(threads, T));
+        std::atomic<int> next{0};
+        auto work = [&] {
+            Scratch scratch;
+            std::vector<uint8_t> tmp, img;
+            for (int f; !failed.load() && (f = next.fetch_add(1)) < T;) {
+                const uint8_t* frame = src + static_cast<int64_t>(f) * H * W * 3;
+                const uint8_t* result = frame;
+                if (need_h && need_v) {
+                    img.resize(static_cast<size_t>(height) * width * 3);
+                    if (vertical_first) {
+                        tmp.resize(static_cast<size_t>(height) * W * 3);
+                        vertical(frame, W, 0, vy, scratch, tmp.data());
+                        horizontal(tmp.data(), height, W, hx, scratch, img.data());
+                    } else {
+                        tmp.resize(static_cast<size_t>(last - first) * width * 3);
+                        horizontal(frame + static_cast<int64_t>(first) * W * 3, last - first, W, hx, scratch,
+                                   tmp.data());
+                        vertical(tmp.data(), width, first, vy, scratch, img.data());
+                    }
+                    result = img.data();
+                } else if (need_h) {
+                    img.resize(static_cast<size_t>(height) * width * 3);
+                    horizontal(frame, H, W, hx, scratch, img.data());
+                    result = img.data();
+                } else if (need_v) {
+                    img.resize(static_cast<size_t>(height) * width * 3);
+                    vertical(frame, width, 0, vy, scratch, img.data());
+                    result = img.data();
                 }
-                result = img.data();
-            } else if (need_h) {
-                img.resize(static_cast<size_t>(height) * width * 3);
-                horizontal(frame, H, W, hx, scratch, img.data());
-                result = img.data();
-            } else if (need_v) {
-                img.resize(static_cast<size_t>(height) * width * 3);
-                vertical(frame, width, 0, vy, scratch, img.data());
-                result = img.data();
+                scatter(result, height, width, table, f / kTemporal, f % kTemporal, dst);
+                if (f == T - 1 && T % kTemporal)  // the processor repeats the last frame to fill the temporal patch
+                    scatter(result, height, width, table, f / kTemporal, 1, dst);
             }
-            scatter(result, height, width, table, f / kTemporal, f % kTemporal, dst);
-            if (f == T - 1 && T % kTemporal)  // the processor repeats the last frame to fill the temporal patch
-                scatter(result, height, width, table, f / kTemporal, 1, dst);
+        };
+        auto guarded = [&] {
+            try {
+                work();
+            } catch (...) {
+                std::lock_guard<std::mutex> lock(failure_mutex);
+                if (!failure) failure = std::current_exception();
+                failed.store(true);
+            }
+        };
+        std::vector<std::thread> pool;
+        pool.reserve(static_cast<size_t>(workers));
+        for (int i = 1; i < workers; ++i) {
+            try {
+                pool.emplace_back(guarded);
+            } catch (const std::system_error&) {
+                break;  // no more threads to be had: the ones running (and this one) share the frames
+            }
         }
-    };
-    std::vector<std::thread> pool;
-    for (int i = 1; i < workers; ++i) pool.emplace_back(work);
-    work();
-    for (auto& th : pool) th.join();
+        guarded();
+        for (auto& th : pool) th.join();
+    }
+    if (failure) std::rethrow_exception(failure);
 }
 
 }  // namespace

@@ -93,3 +93,32 @@ def test_archive_ray_refuses_an_encoder_object(local_ray, tmp_path: Path) -> Non
     (tmp_path / "m.jsonl").write_text('{"text": "a"}\n')
     with pytest.raises(ValueError, match="checkpoint path"):
         embed_archive(tmp_path / "m.jsonl", tmp_path / "out", model=FakeEncoder(), engine="ray", progress=False)
+
+
+def test_archive_ray_non_utf8_file_names(local_ray, tmp_path: Path) -> None:  # noqa: ANN001
+    """The work list carries paths as bytes, so a file whose name is not UTF-8 reaches a Ray worker, opens, and is
+    recorded like the local engine records it (escaped id and path); a broken one is its item's error. The work
+    list used to be refused by Arrow: the whole job failed."""
+    import os
+
+    import soundfile as sf
+    from media_factory import tone
+
+    from wave_rt.archive.job import embed_archive
+    from wave_rt.archive.journal import read_errors
+
+    src = tmp_path / "src"
+    src.mkdir()
+    sf.write(src / "a.wav", tone(0.6, 440, 16000), 16000, subtype="PCM_16")
+    sf.write(src / "latin.wav", tone(0.8, 330, 16000), 16000, subtype="PCM_16")
+    os.rename(os.fsencode(src) + b"/latin.wav", os.fsencode(src) + b"/caf\xe9.wav")  # soundfile wants UTF-8 names
+    with open(os.fsencode(src) + b"/bad\xff.wav", "wb") as f:
+        f.write(b"not a wav")
+    local = embed_archive(src, tmp_path / "local", model=None, device="cpu", workers=1, progress=False)
+    dist = embed_archive(src, tmp_path / "ray", model=None, engine="ray", workers=2, progress=False)
+    assert dist.complete and (dist.embedded, dist.failed) == (local.embedded, local.failed) == (2, 1)
+    a, b = read_archive(tmp_path / "local"), read_archive(tmp_path / "ray")
+    assert set(a) == set(b) == {"a.wav", "caf\\xe9.wav"}
+    assert b["caf\\xe9.wav"]["path"] == str(src / "caf\\xe9.wav")
+    assert float(np.abs(a["caf\\xe9.wav"]["embedding"] - b["caf\\xe9.wav"]["embedding"]).max()) <= 1e-5
+    assert [(e["id"], e["path"]) for e in read_errors(tmp_path / "ray")] == [("bad\\xff.wav", str(src / "bad\\xff.wav"))]

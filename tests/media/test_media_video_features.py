@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import logging
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -258,3 +261,118 @@ def test_gpu_path_equals_cpu():
     gpu = patchify_video(frames.cuda())
     assert gpu.pixel_values_videos.is_cuda
     torch.testing.assert_close(gpu.pixel_values_videos.cpu(), cpu.pixel_values_videos, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- native contract
+def _native_call_args(t: int = 2, h: int = 56, w: int = 56, height: int = 56, width: int = 56):
+    from wave_rt.media import features_video as fv
+
+    frames = np.random.default_rng(0).integers(0, 256, (t, h, w, 3), dtype=np.uint8)
+    hb, hc = fv.bicubic_coefficients(w, width)
+    vb, vc = fv.bicubic_coefficients(h, height)
+    out = np.full(((t + 1) // 2 * (height // 14) * (width // 14), 1176), np.nan, np.float32)
+    return frames, hb, hc, vb.copy(), vc, out
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16])
+def test_native_refuses_an_out_it_would_not_write(dtype):
+    # A cast `out` used to be a temporary copy: filled, dropped, the caller's array left as it was.
+    from wave_rt.media import features_video as fv
+
+    frames, hb, hc, vb, vc, out = _native_call_args()
+    wrong = out.astype(dtype)
+    with pytest.raises(TypeError, match=f"out must be a float32.*{np.dtype(dtype).name}"):
+        fv._native().resize_normalize_patchify(frames, 56, 56, fv.normalize_lut(), hb, hc, vb, vc, wrong)
+    with pytest.raises(TypeError, match="out must be a float32"):
+        patchify_native(torch.from_numpy(frames), 56, 56, torch.from_numpy(wrong))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.int64, np.int16])
+def test_native_refuses_frames_that_are_not_uint8(dtype):
+    # A cast would read float pixels in [0, 1] as levels 0 and 1, and wrap int16 levels above 255.
+    from wave_rt.media import features_video as fv
+
+    frames, hb, hc, vb, vc, out = _native_call_args()
+    with pytest.raises(TypeError, match=f"frames must be uint8.*{np.dtype(dtype).name}"):
+        fv._native().resize_normalize_patchify(frames.astype(dtype), 56, 56, fv.normalize_lut(), hb, hc, vb, vc, out)
+    assert np.isnan(out).all()
+    # a non-contiguous uint8 view is still fine (copied, same values)
+    view = np.ascontiguousarray(frames[:, :, ::-1])[:, :, ::-1]
+    fv._native().resize_normalize_patchify(view, 56, 56, fv.normalize_lut(), hb, hc, vb, vc, out)
+    np.testing.assert_array_equal(out, patchify_reference(torch.from_numpy(frames), 56, 56).numpy())
+
+
+@pytest.mark.parametrize("case", ["starts_go_back", "last_ends_before_first"])
+def test_native_refuses_non_monotonic_tables(case):
+    # The horizontal-first path resamples only the rows between the first row's start and the last row's
+    # end; a table that goes back read outside that band (heap overflow under ASan) or wrapped its size.
+    from wave_rt.media import features_video as fv
+
+    frames, hb, hc, vb, vc, out = _native_call_args(1, 100, 60, 56, 28)
+    if case == "starts_go_back":
+        vb[0] = vb[-1] = (90, 5)
+        vb[1] = (0, 5)
+    else:
+        vb[0], vb[-1] = (90, 5), (0, 5)
+    with pytest.raises(ValueError, match="vertical resampling table is not monotonic at row 1"):
+        fv._native().resize_normalize_patchify(frames, 56, 28, fv.normalize_lut(), hb, hc, vb, vc, out, False, 2)
+
+
+WORKER_FAILURE = r"""
+import resource
+import numpy as np
+from wave_rt import _native
+T, W, height, width = 2, 200_000, 2800, 28
+frames = np.zeros((T, 1, W, 3), np.uint8)
+one = 1 << 22
+hb = np.stack([np.arange(width) * (W // width), np.ones(width)], 1).astype(np.int32)
+hc = np.full((width, 1), one, np.int32)
+vb = np.tile(np.array([[0, 1]], np.int32), (height, 1))
+vc = np.full((height, 1), one, np.int32)
+out = np.zeros(((T + 1) // 2 * (height // 14) * (width // 14), 1176), np.float32)
+lut = np.zeros((3, 256), np.float32)
+vm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize")) * 1024
+# the vertical-first scratch frame (height x W x 3 = 1.7 GB) cannot be allocated under this limit
+resource.setrlimit(resource.RLIMIT_AS, (vm + (512 << 20), resource.RLIM_INFINITY))
+try:
+    _native.resize_normalize_patchify(frames, height, width, lut, hb, hc, vb, vc, out, True, 2)
+except MemoryError:
+    print("MemoryError")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status and sets RLIMIT_AS")
+def test_native_worker_failure_is_a_python_exception_not_an_abort():
+    # A C++ exception escaping a std::thread calls std::terminate: the interpreter used to abort (SIGABRT).
+    r = subprocess.run([sys.executable, "-c", WORKER_FAILURE], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "MemoryError"
+
+
+@pytest.fixture
+def native_missing(monkeypatch):
+    import wave_rt
+    from wave_rt.media import features_video as fv
+
+    monkeypatch.delattr(wave_rt, "_native", raising=False)
+    monkeypatch.setitem(sys.modules, "wave_rt._native", None)  # the import now raises ImportError
+    clear = getattr(fv._native, "cache_clear", lambda: None)
+    clear()
+    yield
+    clear()
+
+
+def test_missing_native_falls_back_to_torch_and_says_so_once(native_missing, caplog):
+    from wave_rt.media import features_video as fv
+
+    frames = np.random.default_rng(3).integers(0, 256, (3, 50, 70, 3), dtype=np.uint8)
+    height, width = smart_resize(50, 70, 28, 784, 176400)
+    ref = patchify_reference(torch.from_numpy(frames), height, width)
+    with caplog.at_level(logging.INFO, logger="wave_rt.media.features_video"):
+        first = patchify_video(frames).pixel_values_videos
+        buf = torch.full_like(ref, float("nan"))
+        second = patchify_video(frames, out=buf).pixel_values_videos
+    assert not fv.has_native()
+    assert torch.equal(first, ref) and torch.equal(second, ref) and second.data_ptr() == buf.data_ptr()
+    notes = [r for r in caplog.records if "torch implementation" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].levelno == logging.INFO

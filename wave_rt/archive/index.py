@@ -35,12 +35,22 @@ import numpy as np
 
 from wave_rt.archive.errors import ArchiveFormatError, IndexOptionsError, SearchMismatchError
 from wave_rt.archive.journal import committed_shards
-from wave_rt.archive.manifest import RunManifest, atomic_write_text, read_manifest
+from wave_rt.archive.manifest import (
+    RunManifest,
+    atomic_write_text,
+    exclusive_lock,
+    read_manifest,
+    remove_temp_files_of,
+    temp_path,
+)
 from wave_rt.archive.shards import META_COLUMNS, read_columns
 from wave_rt.errors import MissingDependencyError
 
 KINDS = ("flat", "flat-gpu", "ivf", "hnsw")
 INDEX_META = "index.json"
+# Saves hold this lock (not the job's: indexing while a job appends is allowed), so that one save can clear
+# the temp files a killed save left without touching those of a save in progress.
+INDEX_LOCK = ".index.lock"
 FAISS_GPU_MAX_K = 2048  # GPU FAISS refuses a larger k (GPU_MAX_SELECTION_K)
 
 log = logging.getLogger(__name__)
@@ -306,19 +316,27 @@ class Index:
         """index-<kind>.faiss + index.json (flat-gpu: index.json only; its vectors are the shards')."""
         info = {"kind": self.kind, "rows": len(self), "shards": [list(s) for s in self.shards],
                 "config_hash": self.manifest.config_hash, "params": self.params}
-        if self.kind == "flat-gpu":
+        with exclusive_lock(self.out_dir / INDEX_LOCK):
+            removed = remove_temp_files_of(self.out_dir, [INDEX_META] + [f"index-{k}.faiss" for k in KINDS])
+            if removed:
+                log.info("%s: removed %d temp file(s) of an interrupted index save", self.out_dir, removed)
+            if self.kind == "flat-gpu":
+                atomic_write_text(self.out_dir / INDEX_META, json.dumps(info, indent=2) + "\n")
+                return self.out_dir / INDEX_META
+            faiss = _faiss()
+            index = self.index
+            if hasattr(faiss, "index_gpu_to_cpu") and _gpu_count(faiss) > 0 and self.kind in ("flat", "ivf"):
+                index = faiss.index_gpu_to_cpu(index)
+            file = self.out_dir / f"index-{self.kind}.faiss"
+            tmp = temp_path(file)
+            try:
+                faiss.write_index(index, str(tmp))
+                os.replace(tmp, file)
+            except BaseException:
+                tmp.unlink(missing_ok=True)  # a full disk must not leave an index-sized temp file behind
+                raise
             atomic_write_text(self.out_dir / INDEX_META, json.dumps(info, indent=2) + "\n")
-            return self.out_dir / INDEX_META
-        faiss = _faiss()
-        index = self.index
-        if hasattr(faiss, "index_gpu_to_cpu") and _gpu_count(faiss) > 0 and self.kind in ("flat", "ivf"):
-            index = faiss.index_gpu_to_cpu(index)
-        file = self.out_dir / f"index-{self.kind}.faiss"
-        tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-        faiss.write_index(index, str(tmp))
-        os.replace(tmp, file)
-        atomic_write_text(self.out_dir / INDEX_META, json.dumps(info, indent=2) + "\n")
-        return file
+            return file
 
     def _apply_params(self) -> None:
         params = self.params

@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -107,25 +107,65 @@ class ScanCounts:
     problems: int = 0
 
 
-def _classify(source: ArchiveSource, done: IdSet, reported_duplicates: IdSet) -> Iterator[tuple[str, SourceEntry]]:
+@dataclass
+class ScanState:
+    """What classifying the source learns about ids finished in an earlier run (`done`):
+
+    `recorded`: the duplicate_key (id + path) each finished id was recorded with (its shard row or its error
+    record). That row owns the id whatever the order of the rows now: it is 'done', any other row with the
+    id is a duplicate. When the recorded row is no longer in the source (a moved file), the first row with the
+    id takes its place. Which case holds is known only once the whole source is read, so `present` collects
+    the finished ids whose recorded row is in the source, and `ambiguous` says whether a row took a finished
+    id's place before that was known; then the source is classified again, with the complete `present`."""
+
+    recorded: IdSet
+    present: IdSet | None = None  # complete, from an earlier pass; None: learn it while reading
+    ambiguous: bool = False
+
+
+def _classify(source: Iterable[SourceEntry], done: IdSet, reported_duplicates: IdSet,
+              state: ScanState | None = None) -> Iterator[tuple[str, SourceEntry]]:
     """('pending' | 'done' | 'duplicate' | 'problem' | 'reported', item) for every source item, in order.
-    Only the first item with a given id is embedded; later ones are duplicates (reported once, ever)."""
+    Only the first item with a given id is embedded, or for an id finished earlier the item it was recorded
+    with (ScanState); the others are duplicates (reported once, ever)."""
     seen = IdSet()
+    claimed = IdSet()  # finished ids already given their 'done' row in this pass
+    learning = state is not None and state.present is None
+    if state is not None and learning:
+        state.present = IdSet()
     for item in source:
         h = id_hash(item.id)
-        if seen.contains_hash(h):
-            if reported_duplicates.contains_hash(duplicate_key(item.id, item.path)):
-                yield "reported", item
-            else:
-                yield "duplicate", item
-            continue
-        seen.add_hash(h)
+        first = not seen.contains_hash(h)
+        if first:
+            seen.add_hash(h)
         if done.contains_hash(h):
-            yield "done", item
-        elif item.problem is not None:
-            yield "problem", item
+            if state is None:  # without the recorded keys: the first row with the id is the finished one
+                owner = first
+            else:
+                assert state.present is not None
+                recorded = state.recorded.contains_hash(duplicate_key(item.id, item.path))
+                if recorded and learning:
+                    state.present.add_hash(h)
+                if claimed.contains_hash(h):
+                    owner = False
+                elif recorded:
+                    owner = True
+                else:
+                    # the recorded row is not in the source (as far as it is known): this row takes its place
+                    owner = not state.present.contains_hash(h)
+                    if owner and learning:
+                        state.ambiguous = True
+            if owner:
+                claimed.add_hash(h)
+                yield "done", item
+                continue
+        elif first:
+            yield ("problem" if item.problem is not None else "pending"), item
+            continue
+        if reported_duplicates.contains_hash(duplicate_key(item.id, item.path)):
+            yield "reported", item
         else:
-            yield "pending", item
+            yield "duplicate", item
 
 
 # A source of up to this many items is read once: the scan keeps what it classified for the job to embed.
@@ -133,11 +173,10 @@ def _classify(source: ArchiveSource, done: IdSet, reported_duplicates: IdSet) ->
 SCAN_KEEP_ITEMS = 65536
 
 
-def _scan(source: ArchiveSource, done: IdSet, reported: IdSet) -> tuple[ScanCounts, list[tuple[str, SourceEntry]] | None]:
-    """The counts, and the classified items themselves for a source of at most SCAN_KEEP_ITEMS."""
+def _count(classified: Iterable[tuple[str, SourceEntry]]) -> tuple[ScanCounts, list[tuple[str, SourceEntry]] | None]:
     c = ScanCounts()
     kept: list[tuple[str, SourceEntry]] | None = []
-    for kind, item in _classify(source, done, reported):
+    for kind, item in classified:
         if kept is not None:
             kept.append((kind, item))
             if len(kept) > SCAN_KEEP_ITEMS:
@@ -154,11 +193,24 @@ def _scan(source: ArchiveSource, done: IdSet, reported: IdSet) -> tuple[ScanCoun
     return c, kept
 
 
+def _scan(source: ArchiveSource, done: IdSet, reported: IdSet, state: ScanState | None = None,
+          ) -> tuple[ScanCounts, list[tuple[str, SourceEntry]] | None]:
+    """The counts, and the classified items themselves for a source of at most SCAN_KEEP_ITEMS. A row that
+    took a finished id's place before the id's recorded row came up (ScanState) makes a second pass, over
+    the kept items or the source again; the state then holds what pending_items needs to agree."""
+    counts, kept = _count(_classify(source, done, reported, state))
+    if state is not None and state.ambiguous:
+        items: Iterable[SourceEntry] = [item for _, item in kept] if kept is not None else source
+        counts, kept = _count(_classify(items, done, reported, state))
+    return counts, kept
+
+
 def pending_items(source: ArchiveSource, done: IdSet, reported: IdSet, report: Any,
-                  classified: list[tuple[str, SourceEntry]] | None = None) -> Iterator[SourceEntry]:
-    """The items still to embed (from `classified`, the scan's, else read again); malformed rows and
-    duplicate ids are handed to `report` as error records."""
-    for kind, item in (classified if classified is not None else _classify(source, done, reported)):
+                  classified: list[tuple[str, SourceEntry]] | None = None,
+                  state: ScanState | None = None) -> Iterator[SourceEntry]:
+    """The items still to embed (from `classified`, the scan's, else read again with the scan's `state`);
+    malformed rows and duplicate ids are handed to `report` as error records."""
+    for kind, item in (classified if classified is not None else _classify(source, done, reported, state)):
         if kind == "pending":
             yield item
         elif kind == "problem":
@@ -221,9 +273,10 @@ def _run_job(src: ArchiveSource, out_dir: Path, model: Any, opts: JobOptions, st
     journal.recover()
     errors = ErrorLog(out_dir)
     done = IdSet()
-    journal.done_ids(done)
-    errors.recover(done, retry_all=opts.retry_errors)
-    counts, classified = _scan(src, done, errors.reported_duplicates)
+    state = ScanState(recorded=IdSet())
+    journal.done_ids(done, state.recorded)
+    errors.recover(done, retry_all=opts.retry_errors, done_keys=state.recorded)
+    counts, classified = _scan(src, done, errors.reported_duplicates, state)
     summary = JobSummary(source=src.describe(), out_dir=str(out_dir), engine=opts.engine, seen=counts.seen,
                          already_done=counts.already_done)
     if counts.seen == 0:
@@ -259,7 +312,7 @@ def _run_job(src: ArchiveSource, out_dir: Path, model: Any, opts: JobOptions, st
 
     writer = ArchiveWriter(out_dir, journal, errors, manifest.dim, opts.embedding_dtype,
                            opts.rows_per_shard(manifest.dim), opts.commit_seconds, prog)  # the engine starts it
-    pending = pending_items(src, done, errors.reported_duplicates, writer.put_error, classified)
+    pending = pending_items(src, done, errors.reported_duplicates, writer.put_error, classified, state)
     interrupted = False
     failure: BaseException | None = None
     try:

@@ -25,8 +25,17 @@ from typing import Any
 
 import numpy as np
 
-from wave_rt.archive.manifest import atomic_write_text
-from wave_rt.archive.shards import list_shards, read_ids, remove_temp_files, shard_number, shard_rows
+from wave_rt.archive.manifest import MANIFEST_NAME, atomic_write_text, remove_temp_files_of
+from wave_rt.archive.shards import (
+    is_recordable,
+    list_shards,
+    read_columns,
+    read_ids,
+    recordable,
+    remove_temp_files,
+    shard_number,
+    shard_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +43,13 @@ JOURNAL_NAME = "journal.jsonl"
 ERRORS_NAME = "errors.jsonl"
 DUPLICATE_STAGE = "source"
 DUPLICATE_ERROR = "DuplicateIdError"
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One JSONL line that a strict UTF-8 file can hold: readable non-ASCII text as it is, and \\u escapes
+    (still valid JSON, read back the same) when the record holds a lone surrogate, which UTF-8 cannot encode."""
+    line = json.dumps(record, ensure_ascii=False)
+    return line if is_recordable(line) else json.dumps(record, ensure_ascii=True)
 
 
 def id_hash(item_id: str) -> int:
@@ -143,10 +159,14 @@ class Journal:
         self._file: Any = None
 
     def recover(self) -> list[ShardRecord]:
-        """Clean up after a killed run and return the committed shards."""
+        """Clean up after a killed run and return the committed shards. Called by the job, under the archive
+        directory's lock, so no other writer's temp file can be in flight."""
         removed = remove_temp_files(self.out_dir)
         if removed:
             log.info("%s: removed %d partial shard(s) of an interrupted run", self.out_dir, removed)
+        removed = remove_temp_files_of(self.out_dir, (MANIFEST_NAME, JOURNAL_NAME, ERRORS_NAME))
+        if removed:
+            log.info("%s: removed %d temp file(s) of an interrupted run", self.out_dir, removed)
         listed = {}
         for rec in _read_jsonl_records(self.path):
             name = rec.get("shard")
@@ -183,10 +203,17 @@ class Journal:
         numbers = [shard_number(s.name) or 0 for s in self.shards]
         return max(numbers) + 1 if numbers else 0
 
-    def done_ids(self, into: IdSet) -> IdSet:
+    def done_ids(self, into: IdSet, keys: IdSet | None = None) -> IdSet:
+        """Add the id of every committed row to `into`, and its duplicate_key (id and path) to `keys`."""
         for s in self.shards:
-            for item_id in read_ids(self.out_dir / s.name):
+            if keys is None:
+                for item_id in read_ids(self.out_dir / s.name):
+                    into.add(item_id)
+                continue
+            table = read_columns(self.out_dir / s.name, ["id", "path"])
+            for item_id, path in zip(table.column("id").to_pylist(), table.column("path").to_pylist()):
                 into.add(item_id)
+                keys.add_hash(duplicate_key(item_id, path))
         return into
 
     def record(self, name: str, rows: int) -> None:
@@ -207,18 +234,28 @@ class Journal:
 class ErrorRecord:
     id: str
     path: str | None
-    stage: str  # "source" | "decode" | "preprocess" | "model"
+    stage: str  # "source" | "decode" | "preprocess" | "model" | "write"
     error: str  # exception class name
     message: str
     retryable: bool = False
 
+    def __post_init__(self) -> None:
+        # Recorded as the shards record them: a non-UTF-8 file name in the path or in the message (errors
+        # quote the path they failed on) is spelled out with escapes instead of failing the write.
+        self.id = recordable(self.id) or ""
+        self.path = recordable(self.path)
+        self.message = recordable(self.message) or ""
+
     def to_json(self) -> str:
-        return json.dumps({"id": self.id, "path": self.path, "stage": self.stage, "error": self.error,
-                           "message": self.message, "retryable": self.retryable}, ensure_ascii=False)
+        return json_line({"id": self.id, "path": self.path, "stage": self.stage, "error": self.error,
+                          "message": self.message, "retryable": self.retryable})
 
 
 def duplicate_key(item_id: str, path: str | None) -> int:
-    return id_hash(f"{item_id}\0{path or ''}")
+    """A row's (id, path) as recorded, hashed: a source's raw path and its recorded form give the same key."""
+    if not isinstance(path, str):  # a hand-edited record; None for text rows
+        path = None
+    return id_hash(f"{recordable(str(item_id))}\0{recordable(path) or ''}")
 
 
 class ErrorLog:
@@ -230,9 +267,9 @@ class ErrorLog:
         self.count = 0
         self.reported_duplicates = IdSet()
 
-    def recover(self, done: IdSet, retry_all: bool = False) -> int:
-        """Add permanently failed ids to `done`; drop retryable records (all with retry_all) so that
-        their items are tried again. Returns the number of records kept."""
+    def recover(self, done: IdSet, retry_all: bool = False, done_keys: IdSet | None = None) -> int:
+        """Add permanently failed ids to `done` (and their duplicate_key to `done_keys`); drop retryable records
+        (all with retry_all) so that their items are tried again. Returns the number of records kept."""
         records = _read_jsonl_records(self.path)
         keep: list[dict[str, Any]] = []
         for rec in records:
@@ -245,8 +282,10 @@ class ErrorLog:
                 self.reported_duplicates.add_hash(duplicate_key(item_id, rec.get("path")))
             else:
                 done.add(item_id)
+                if done_keys is not None:
+                    done_keys.add_hash(duplicate_key(item_id, rec.get("path")))
         if len(keep) != len(records):
-            atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
+            atomic_write_text(self.path, "".join(json_line(r) + "\n" for r in keep))
         self.count = len(keep)
         return len(keep)
 

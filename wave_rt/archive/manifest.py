@@ -7,12 +7,15 @@ refused (ArchiveMismatchError) instead of silently mixing vectors that do not sh
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
+import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from wave_rt.archive.errors import ArchiveFormatError, ArchiveMismatchError
 
@@ -92,14 +95,61 @@ def check_compatible(out_dir: str | os.PathLike[str], existing: RunManifest, wan
         raise ArchiveMismatchError(out_dir, diff)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def temp_path(path: Path) -> Path:
+    """The hidden name `path` is written under before its atomic rename (one per process)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def remove_temp_files_of(directory: str | os.PathLike[str], names: Iterable[str]) -> int:
+    """Delete the temp files (temp_path) of the files `names` in `directory`: a kill between the write and the
+    rename leaves one behind, named after a process id that no later run reuses. Only call this while holding
+    the lock of whatever writes those files, or a writer's file could vanish before its rename."""
+    patterns = [re.compile(rf"^\.{re.escape(name)}\.tmp-\d+$") for name in names]
+    removed = 0
+    for p in Path(directory).iterdir():
+        if any(pat.match(p.name) for pat in patterns):
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object], tmp: Path | None = None) -> None:
+    """write(f) into `tmp` (default temp_path), fsync, rename over `path`, fsync the directory: a reader sees
+    the old file or the whole new one."""
+    tmp = tmp or temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # a full disk or an unencodable text must not leave the half-written temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    data = text.encode("utf-8")  # an unencodable text fails before any file is opened
+    atomic_write(path, lambda f: f.write(data))
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an advisory lock on `path` (created if missing), waiting for it. The kernel drops it when the
+    process dies, so a killed holder never leaves a stale lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks, run unguarded
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(directory: Path) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wave_rt.archive.journal import ErrorRecord
-from wave_rt.archive.shards import ShardRow
+from wave_rt.archive.shards import ShardRow, recordable
 from wave_rt.archive.sources import AUDIO_EXTS, SourceEntry
 from wave_rt.errors import InputError, MediaError, WaveRTError
 
@@ -82,7 +82,8 @@ class PreparedEntry:
         self.num_tokens = int(self.prepared.num_tokens)
 
     def row(self) -> ShardRow:
-        return ShardRow(id=self.src.id, path=self.src.path, modality=self.modality,
+        # the shard records a non-UTF-8 file name with escapes; src.path keeps the bytes that open the file
+        return ShardRow(id=self.src.id, path=recordable(self.src.path), modality=self.modality,
                    duration=None if self.prepared.duration is None else float(self.prepared.duration),
                    text=self.src.text, instruction=self.instruction)
 

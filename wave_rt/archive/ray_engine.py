@@ -28,7 +28,7 @@ import numpy as np
 from wave_rt.archive.journal import ErrorRecord
 from wave_rt.archive.options import JobOptions
 from wave_rt.archive.pipeline import PipelineStats, PreparedEntry, error_record, prepare_one
-from wave_rt.archive.shards import ShardRow
+from wave_rt.archive.shards import ShardRow, recordable
 from wave_rt.archive.sources import SourceEntry
 from wave_rt.archive.writer import ArchiveWriter, EmbeddedRows
 from wave_rt.embed.batching import plan_batches
@@ -92,7 +92,9 @@ def _write_worklist(pending: Iterator[SourceEntry], root: Path) -> int:
         shutil.rmtree(root)
     root.mkdir(parents=True)
     names = ("id", "path", "text", "modality", "instruction")
-    schema = pa.schema([pa.field(n, pa.string()) for n in names])
+    # paths travel as the file system's bytes: a file name that is not UTF-8 (a str with lone surrogates) fits
+    # no Arrow string, and the worker must open the very same file
+    schema = pa.schema([pa.field(n, pa.binary() if n == "path" else pa.string()) for n in names])
     total = 0
     part = 0
     chunk: list[SourceEntry] = []
@@ -101,6 +103,7 @@ def _write_worklist(pending: Iterator[SourceEntry], root: Path) -> int:
         nonlocal part
         if chunk:
             cols = {n: [getattr(s, n) for s in chunk] for n in names}
+            cols["path"] = [None if p is None else os.fsencode(p) for p in cols["path"]]
             pq.write_table(pa.table(cols, schema=schema), root / f"work-{part:05d}.parquet")
             part += 1
             chunk.clear()
@@ -139,8 +142,8 @@ class EmbedActor:
         from concurrent.futures import ThreadPoolExecutor
 
         rows = batch.to_pylist()
-        srcs = [SourceEntry(id=r["id"], path=r["path"], text=r["text"], modality=r["modality"] or "auto",
-                           instruction=r["instruction"]) for r in rows]
+        srcs = [SourceEntry(id=r["id"], path=None if r["path"] is None else os.fsdecode(r["path"]), text=r["text"],
+                            modality=r["modality"] or "auto", instruction=r["instruction"]) for r in rows]
         emb = np.zeros((len(rows), int(self.encoder.dim)), np.float32)
         done: dict[int, PreparedEntry] = {}
         failures: dict[int, ErrorRecord] = {}
@@ -196,7 +199,7 @@ class EmbedActor:
                                                       "retryable")}
         for i, src in enumerate(srcs):
             out["id"].append(src.id)
-            out["path"].append(src.path)
+            out["path"].append(recordable(src.path))
             out["text"].append(src.text)
             rec = failures.get(i)
             w = done.get(i)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from wave_rt.archive.errors import ArchiveFormatError
-from wave_rt.archive.manifest import fsync_dir
+from wave_rt.archive.manifest import atomic_write
 
 SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 TMP_PREFIX = ".tmp-part-"
@@ -64,6 +64,32 @@ def shard_schema(dim: int, embedding_dtype: str) -> Any:
     ])
 
 
+def is_recordable(text: str | None) -> bool:
+    """Whether a UTF-8 column or file can hold `text` as it is (not so for lone surrogates)."""
+    if text is None or text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def recordable(text: str | None) -> str | None:
+    r"""`text` as the archive records it (ids, paths, messages): Parquet strings and errors.jsonl are UTF-8, so
+    a str that cannot be encoded, like a file name with bytes that are not UTF-8 (os.walk hands those over as
+    lone surrogates, PEP 383), gets them spelled out as escapes: the name b"caf\xe9.wav" is recorded as the
+    text `caf\xe9.wav` (backslash, x, e, 9); other lone surrogates as `\udXXX`. Valid text is returned
+    unchanged, so applying it twice changes nothing."""
+    if is_recordable(text):
+        return text
+    assert text is not None
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte (e.g. a JSON "\ud800")
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclass
 class ShardRow:
     """The metadata columns of one Parquet row of a shard (the embedding travels beside it, in blocks)."""
@@ -74,6 +100,15 @@ class ShardRow:
     duration: float | None
     text: str | None
     instruction: str | None
+
+
+def unrecordable_field(row: ShardRow) -> str | None:
+    """The first string column of `row` that a UTF-8 Parquet column cannot hold (None: all can): pyarrow would
+    refuse the whole shard for it, every good row with it."""
+    for name in ("id", "path", "modality", "text", "instruction"):
+        if not is_recordable(getattr(row, name)):
+            return name
+    return None
 
 
 @dataclass
@@ -121,12 +156,7 @@ def write_shard(out_dir: str | os.PathLike[str], number: int, rows: list[ShardRo
     final = root / shard_name(number)
     tmp = root / f"{TMP_PREFIX}{number:05d}-{os.getpid()}.parquet"
     table = build_table(rows, embeddings, dim, embedding_dtype)
-    with open(tmp, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fsync_dir(root)
+    atomic_write(final, lambda f: pq.write_table(table, f, compression="zstd"), tmp)
     return final
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from wave_rt.archive.errors import SourceError
+from wave_rt.archive.shards import is_recordable, recordable
 from wave_rt.manifest_text import open_text, undecodable
 
 AUDIO_EXTS = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".wma", ".aif",
@@ -36,7 +37,11 @@ MANIFEST_COLUMNS = ("id", "path", "text", "modality", "instruction")
 class SourceEntry:
     """One entry of a job's source (a manifest row or a media file found on disk), before it is an Item.
     `path` is absolute; `text` is inline text (embedded when the item's modality is text, else kept as
-    metadata); `problem` marks a malformed manifest row (reported, never embedded)."""
+    metadata); `problem` marks a malformed manifest row (reported, never embedded).
+
+    A file name that is not UTF-8 (legal on Linux) keeps its real bytes in `path` (as os.fsdecode gives them,
+    so the file opens) and is recorded in the shards and errors.jsonl with escapes (shards.recordable); the
+    id, which is only ever recorded and matched, is that escaped form from the start."""
 
     id: str
     path: str | None = None
@@ -44,6 +49,10 @@ class SourceEntry:
     modality: str = "auto"
     instruction: str | None = None
     problem: str | None = None
+
+    def __post_init__(self) -> None:
+        if not is_recordable(self.id):
+            object.__setattr__(self, "id", recordable(self.id))
 
 
 def check_modality(modality: str) -> str:
@@ -227,6 +236,14 @@ class ManifestSource(ArchiveSource):
             if value is not None and not isinstance(value, str):
                 return SourceEntry(id=_default_id(raw_id, path, n), problem=f"'{name}' must be a string, got {value!r}")
         item_id = _default_id(raw_id, path, n)
+        for name, value in (("text", text), ("instruction", instruction)):
+            if not is_recordable(value):
+                # only a JSON escape such as "\ud800" makes one: no UTF-8 column (or tokenizer) can take it
+                return SourceEntry(id=item_id, problem=f"'{name}' is not valid Unicode: it holds a lone surrogate "
+                                                       "(a \\udXXX escape that stands for no character)")
+        if path is not None and not _encodable_path(path):
+            return SourceEntry(id=item_id, problem=f"'path' can name no file: it holds a lone surrogate that stands "
+                                                   f"for no byte ({recordable(path)})")
         if modality not in MODALITIES:
             return SourceEntry(id=item_id, problem=f"unknown modality {modality!r}; use one of {', '.join(MODALITIES)}")
         if path is None and text is None:
@@ -238,6 +255,16 @@ class ManifestSource(ArchiveSource):
         full = path if os.path.isabs(path) else os.path.join(self.base, path)
         return SourceEntry(id=item_id, path=os.path.normpath(full), text=text, modality=modality,
                           instruction=instruction)
+
+
+def _encodable_path(path: str) -> bool:
+    # A JSON manifest written from os.listdir names a non-UTF-8 byte as "\udcXX", which os.fsencode turns
+    # back into the byte; any other lone surrogate can name no file.
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _default_id(raw_id: object, path: object, n: int) -> str:

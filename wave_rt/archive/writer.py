@@ -20,7 +20,7 @@ import numpy as np
 
 from wave_rt.archive.journal import ErrorLog, ErrorRecord, Journal
 from wave_rt.archive.progress import Progress
-from wave_rt.archive.shards import ShardBuffer, ShardRow, shard_name, write_shard
+from wave_rt.archive.shards import ShardBuffer, ShardRow, shard_name, unrecordable_field, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -155,20 +155,41 @@ class ArchiveWriter:
     def _handle(self, msg: object) -> None:
         """One message (None: only the time check), then the commits that are due."""
         if isinstance(msg, EmbeddedRows):
-            self.buffer.add(msg.rows, msg.embeddings)
-            self.progress.add(done=len(msg.rows), tokens=msg.tokens, audio_seconds=msg.audio_seconds,
+            rows, embeddings = self._recordable_rows(msg)
+            self.buffer.add(rows, embeddings)
+            self.progress.add(done=len(rows), tokens=msg.tokens, audio_seconds=msg.audio_seconds,
                               video_seconds=msg.video_seconds)
         elif isinstance(msg, ErrorRecord):
-            t0 = time.perf_counter()
-            self.errors.append(msg)
-            self.errors_written += 1
-            self.progress.add(failed=1)
-            self.progress.add_stage("write", time.perf_counter() - t0)
+            self._append_error(msg)
         while len(self.buffer) >= self.shard_rows:
             self._commit(self.shard_rows)
         if len(self.buffer) and time.monotonic() - self._last_commit >= self.commit_seconds:
             self._commit(len(self.buffer))
         self.progress.maybe_render()
+
+    def _append_error(self, rec: ErrorRecord) -> None:
+        t0 = time.perf_counter()
+        self.errors.append(rec)
+        self.errors_written += 1
+        self.progress.add(failed=1)
+        self.progress.add_stage("write", time.perf_counter() - t0)
+
+    def _recordable_rows(self, msg: EmbeddedRows) -> tuple[list[ShardRow], np.ndarray]:
+        """The rows a UTF-8 Parquet shard can hold; each other one becomes its item's error record. pyarrow
+        refuses a whole table for one such string, which stopped the job and lost the good rows beside it.
+        Sources already escape file names; this catches whatever else gets here (a custom source, a model
+        that returns such an instruction)."""
+        bad = [(i, name) for i, r in enumerate(msg.rows) if (name := unrecordable_field(r)) is not None]
+        if not bad:
+            return msg.rows, msg.embeddings
+        for i, name in bad:
+            r = msg.rows[i]
+            self._append_error(ErrorRecord(r.id, r.path, "write", "UnencodableTextError",
+                                           f"its {name!r} holds a lone surrogate, which a UTF-8 Parquet column "
+                                           "cannot store; the row was not written"))
+        drop = {i for i, _ in bad}
+        keep = [i for i in range(len(msg.rows)) if i not in drop]
+        return [msg.rows[i] for i in keep], msg.embeddings[keep]
 
     def _commit_all(self) -> None:
         while len(self.buffer):

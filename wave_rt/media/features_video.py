@@ -12,11 +12,15 @@ layout in one multi-threaded pass; the torch implementation here is its referenc
 from __future__ import annotations
 
 import functools
+import importlib
+import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 PATCH = 14
 MERGE = 2
@@ -198,12 +202,21 @@ def patchify_reference(frames: torch.Tensor, height: int, width: int, order: str
     return normalize_patchify(pad_temporal(resize_bicubic_pil(frames, height, width, order=order)))
 
 
+@functools.lru_cache(maxsize=1)
 def _native():
+    # Cached: looked up once per process (every CPU video asks), so the fallback is also logged only once.
+    # The extension is optional (setup.py installs without it when it fails to build), hence info, not warning.
     try:
-        from wave_rt import _native
-    except ImportError:
+        native = importlib.import_module("wave_rt._native")
+    except ImportError as exc:
+        log.info("wave_rt._native is not available (%s): CPU video preprocessing uses the torch implementation "
+                 "(same values, slower)", exc)
         return None
-    return _native if hasattr(_native, "resize_normalize_patchify") else None
+    if not hasattr(native, "resize_normalize_patchify"):
+        log.info("wave_rt._native (%s) has no resize_normalize_patchify (a stale build?): CPU video "
+                 "preprocessing uses the torch implementation (same values, slower)", native.__file__)
+        return None
+    return native
 
 
 def has_native() -> bool:

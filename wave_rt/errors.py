@@ -6,6 +6,11 @@ from __future__ import annotations
 class WaveRTError(Exception):
     """Base class of every error raised on purpose by wave_rt."""
 
+    def __reduce__(self) -> tuple:
+        # Errors cross process boundaries pickled (Ray actors, worker processes); Exception's default re-calls
+        # __init__ with the message alone, which these constructors do not take: rebuild from the attributes.
+        return _rebuild_error, (type(self), self.args, dict(self.__dict__))
+
 
 class MissingDependencyError(WaveRTError, ImportError):
     """An optional dependency is not installed; the message holds the exact pip command."""
@@ -33,11 +38,6 @@ class InputError(WaveRTError, ValueError):
         self.reason = reason
         self.index = index
         super().__init__(f"item {_describe(item)}: {reason}")
-
-    def __reduce__(self) -> tuple:
-        # worker processes and multiprocessing hand errors back pickled; Exception's default re-calls
-        # __init__ with the message alone
-        return type(self), (self.item, self.reason, self.index)
 
     def __str__(self) -> str:
         # rendered when shown: prepare() learns the item's position after the error is raised
@@ -76,18 +76,15 @@ class MediaError(WaveRTError):
     # the item's position in an encode() call, set by the processor (a bytes source has no name to tell it by)
     index: int | None = None
 
-    def __reduce__(self) -> tuple:
-        return _rebuild_media_error, (type(self), self.source, self.reason, self.index)
-
     def __str__(self) -> str:
         where = f"item {self.index} " if self.index is not None else ""
         return f"{where}{self.source}: {self.reason}"
 
 
-def _rebuild_media_error(cls: type, source: str, reason: str, index: int | None) -> MediaError:
-    err = cls.__new__(cls)
-    MediaError.__init__(err, source, reason)
-    err.source, err.index = source, index  # the label as first described, not described again
+def _rebuild_error(cls: type, args: tuple, state: dict) -> WaveRTError:
+    err = cls.__new__(cls, *args)
+    BaseException.__init__(err, *args)
+    err.__dict__.update(state)
     return err
 
 

@@ -122,3 +122,34 @@ def test_archive_ray_non_utf8_file_names(local_ray, tmp_path: Path) -> None:  # 
     assert b["caf\\xe9.wav"]["path"] == str(src / "caf\\xe9.wav")
     assert float(np.abs(a["caf\\xe9.wav"]["embedding"] - b["caf\\xe9.wav"]["embedding"]).max()) <= 1e-5
     assert [(e["id"], e["path"]) for e in read_errors(tmp_path / "ray")] == [("bad\\xff.wav", str(src / "bad\\xff.wav"))]
+
+
+def test_an_actor_refuses_a_model_other_than_the_drivers(tmp_path: Path) -> None:
+    # a stale copy on one node at the same path: its vectors would be mixed into the archive silently
+    from wave_rt.archive.options import JobOptions
+    from wave_rt.archive.ray_engine import EmbedActor
+    from wave_rt.embed.encoder import WaveEncoder
+    from wave_rt.errors import CheckpointError
+
+    opts = JobOptions(engine="ray", dtype="fp32")
+    right = WaveEncoder.from_pretrained(None, dtype="fp32").fingerprint
+    EmbedActor(None, opts, decode_threads=1, torch_threads=1, fingerprint=right)
+    with pytest.raises(CheckpointError, match="not the one the driver read"):
+        EmbedActor(None, opts, decode_threads=1, torch_threads=1, fingerprint="0" * 16)
+
+
+def test_archive_ray_relative_model_path(local_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    # the actors run in the cluster's working directory, not the driver's: a relative --model was looked up
+    # there (another model, or none)
+    from tiny_checkpoints import make_tiny_checkpoint
+
+    from wave_rt.archive.job import embed_archive
+
+    make_tiny_checkpoint(tmp_path / "ckpt", recipe="all_layer", use_beats=False, seed=5)
+    (tmp_path / "m.jsonl").write_text('{"text": "a dog barks"}\n{"text": "rain"}\n')
+    monkeypatch.chdir(tmp_path)  # the Ray workers started in pytest's directory
+    dist = embed_archive("m.jsonl", "ray", model="ckpt", engine="ray", workers=1, progress=False)
+    local = embed_archive("m.jsonl", "local", model="ckpt", device="cpu", workers=1, progress=False)
+    assert dist.complete and dist.embedded == local.embedded == 2
+    a, b = read_archive(tmp_path / "local"), read_archive(tmp_path / "ray")
+    assert max(float(np.abs(a[i]["embedding"] - b[i]["embedding"]).max()) for i in a) <= 1e-5

@@ -326,7 +326,8 @@ def _run_job(src: ArchiveSource, out_dir: Path, model: Any, opts: JobOptions, st
             from wave_rt.archive.ray_engine import run_ray
 
             # the workers run in the dtype the manifest records (read from the files, see load_encoder)
-            stats = run_ray(pending, writer, model, dataclasses.replace(opts, dtype=manifest.dtype))
+            stats = run_ray(pending, writer, model, dataclasses.replace(opts, dtype=manifest.dtype),
+                            fingerprint=getattr(encoder, "fingerprint", None))
             interrupted = stats.interrupted
             summary.batches, summary.oom_splits = stats.batches, stats.oom_splits
             n_workers = stats.workers

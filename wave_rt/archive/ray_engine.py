@@ -122,16 +122,24 @@ class EmbedActor:
     """One model replica. Called by Ray Data with a pyarrow batch of work rows; returns one output row per
     input row: the embedding (zeros on failure) plus the error columns."""
 
-    def __init__(self, model: str | None, options: JobOptions, decode_threads: int, torch_threads: int) -> None:
+    def __init__(self, model: str | None, options: JobOptions, decode_threads: int, torch_threads: int,
+                 fingerprint: str | None = None) -> None:
         import torch
 
         from wave_rt.embed.encoder import WaveEncoder
+        from wave_rt.errors import CheckpointError
 
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
         device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.options = options
         self.encoder = WaveEncoder.from_pretrained(model, device=device, dtype=options.dtype)
+        if fingerprint is not None and self.encoder.fingerprint != fingerprint:
+            # another copy of the checkpoint on this node (or another file at the same path): its vectors
+            # would be mixed into an archive whose manifest names the driver's model
+            raise CheckpointError(model or "demo", f"the model on {socket.gethostname()} (fingerprint "
+                                  f"{self.encoder.fingerprint}) is not the one the driver read ({fingerprint}): "
+                                  "every node must hold the same checkpoint at the same absolute path")
         self.instruction = options.instruction
         self.budget = options.batch_budget(self.encoder)
         self.runner = ModelRunner(self.encoder, self.budget, options.normalize)
@@ -243,12 +251,13 @@ class EmbedActor:
 
 # ---------------------------------------------------------------------------------------------- driver
 def run_ray(pending: Iterator[SourceEntry], writer: ArchiveWriter, model: Any, options: JobOptions, *,
-            rows_per_call: int | None = None) -> PipelineStats:
+            rows_per_call: int | None = None, fingerprint: str | None = None) -> PipelineStats:
     """Embed `pending` on a pool of Ray actors and hand the results to `writer` (which owns the directory).
 
     The actors get `options` as they are (instruction, dtype, max_batch_tokens, normalize; replicas and
     ray_address are the driver's). rows_per_call: rows per actor call (default: up to 64, fewer for a short
-    work list so that every actor gets a share)."""
+    work list so that every actor gets a share). fingerprint: the model identity the driver read from the files;
+    an actor whose loaded model differs refuses to start."""
     if options.engine != "ray":
         raise ValueError(f"run_ray runs engine='ray' jobs, not engine={options.engine!r}")
     ray = ensure_ray(options.ray_address)
@@ -270,14 +279,17 @@ def run_ray(pending: Iterator[SourceEntry], writer: ArchiveWriter, model: Any, o
     # Ray Data's file listing and read tasks each ask for a whole logical CPU: actors that reserve every
     # CPU of the cluster would leave them unschedulable and the job would wait forever. Keep one free.
     cpus_per_actor = max(0.05, min(1.0, (cpus - 1.0) / n_actors))
-    ctor = dict(model=None if model is None else os.fspath(model), options=options,
+    # absolute: actors run in the cluster's working directory, not the driver's
+    where = None if model is None else os.fspath(model)
+    ctor = dict(model=where if where in (None, "demo") else os.path.abspath(where), options=options,
+                fingerprint=fingerprint,
                 decode_threads=max(1, int(cpus) // max(1, n_actors)) if gpus == 0 else 4,
                 torch_threads=max(1, int(cpus) // max(1, n_actors)) if gpus == 0 else 0)
     if not progress.enabled:
         # --no-progress: Ray Data's own progress bars / log lines too
         rdata.DataContext.get_current().enable_progress_bars = False
     per_call = int(rows_per_call or max(1, min(64, math.ceil(total / (4 * n_actors)))))
-    ds = rdata.read_parquet(str(root))
+    ds = rdata.read_parquet(os.path.abspath(root))  # read by tasks in the cluster's working directory
     # A work-list file is one block, and the actor pool hands out whole blocks: without this a 4,096-row
     # file would go to a single actor while the others idle. Streaming repartition (no shuffle).
     try:

@@ -153,3 +153,50 @@ def test_archive_ray_relative_model_path(local_ray, tmp_path: Path, monkeypatch:
     assert dist.complete and dist.embedded == local.embedded == 2
     a, b = read_archive(tmp_path / "local"), read_archive(tmp_path / "ray")
     assert max(float(np.abs(a[i]["embedding"] - b[i]["embedding"]).max()) for i in a) <= 1e-5
+
+
+KILLED_BY_POISON = """
+import json, os, sys
+from pathlib import Path
+import ray
+from wave_rt.archive import ray_engine
+from wave_rt.archive.job import embed_archive
+
+class KilledByPoison(ray_engine.EmbedActor):  # in __main__: Ray ships it by value
+    def __call__(self, batch):
+        if "poison" in batch.column("id").to_pylist():
+            os._exit(1)
+        return super().__call__(batch)
+
+ray_engine.EmbedActor = KilledByPoison
+tmp = Path(sys.argv[1])
+manifest = tmp / "m.jsonl"
+manifest.write_text("".join(json.dumps({"id": "poison" if i == 5 else f"t{i}", "text": f"sentence number {i}"})
+                            + "\\n" for i in range(24)))
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+s = embed_archive(manifest, tmp / "out", model=None, engine="ray", replicas=2, progress=False, shard_rows=4)
+print("RESULT", json.dumps({"complete": s.complete, "embedded": s.embedded, "failed": s.failed}))
+"""
+
+
+def test_archive_ray_contains_an_item_that_kills_its_actor(tmp_path: Path) -> None:
+    # Ray Data retried an actor task without end: one item that killed its actor every time (a decoder
+    # segfault, the OOM killer) looped until the 30-minute no-progress timeout, and no run could complete. The
+    # driver runs in its own process, as `wave-rt embed --engine ray` does.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from wave_rt.archive.journal import read_errors
+
+    env = {**os.environ, "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "120"}
+    r = subprocess.run([sys.executable, "-c", KILLED_BY_POISON, str(tmp_path)], capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (line,) = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    assert json.loads(line[len("RESULT "):]) == {"complete": True, "embedded": 23, "failed": 1}
+    rows = read_archive(tmp_path / "out")
+    assert set(rows) == {f"t{i}" for i in range(24) if i != 5}
+    (err,) = read_errors(tmp_path / "out")
+    assert err["id"] == "poison" and err["error"] == "DecodeWorkerCrashError" and err["retryable"]

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from wave_rt.archive.journal import ErrorRecord
+from wave_rt.archive.errors import DecodeWorkerCrashError
+from wave_rt.archive.journal import ErrorRecord, IdSet, id_hash
 from wave_rt.archive.options import JobOptions
 from wave_rt.archive.pipeline import PipelineStats, PreparedEntry, error_record, prepare_one
 from wave_rt.archive.shards import ShardRow, recordable
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 WORKLIST_DIR = ".worklist"
 WORKLIST_ROWS = 4096
 ACTOR_START_TIMEOUT_S = 1800  # a 7B replica reading its weights from a network disk can take minutes
+ACTOR_TASK_RETRIES = 2  # tries of a batch whose actor died, after the first
 
 
 def _ray() -> Any:
@@ -117,6 +119,25 @@ def _write_worklist(pending: Iterator[SourceEntry], root: Path) -> int:
     return total
 
 
+def _entry(row: dict[str, Any]) -> SourceEntry:
+    """A work-list row back as the source item it was written from."""
+    return SourceEntry(id=row["id"], path=None if row["path"] is None else os.fsdecode(row["path"]), text=row["text"],
+                       modality=row["modality"] or "auto", instruction=row["instruction"])
+
+
+def _missing(root: Path, received: IdSet) -> list[SourceEntry]:
+    """The work-list rows no result came back for (their batch was given up after its actor died every time)."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for f in sorted(root.glob("work-*.parquet")):
+        ids = pq.read_table(f, columns=["id"]).column("id").to_pylist()
+        lost = [k for k, i in enumerate(ids) if not received.contains_hash(id_hash(i))]
+        if lost:
+            out += [_entry(r) for r in pq.read_table(f).take(lost).to_pylist()]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- actor
 class EmbedActor:
     """One model replica. Called by Ray Data with a pyarrow batch of work rows; returns one output row per
@@ -150,8 +171,7 @@ class EmbedActor:
         from concurrent.futures import ThreadPoolExecutor
 
         rows = batch.to_pylist()
-        srcs = [SourceEntry(id=r["id"], path=None if r["path"] is None else os.fsdecode(r["path"]), text=r["text"],
-                            modality=r["modality"] or "auto", instruction=r["instruction"]) for r in rows]
+        srcs = [_entry(r) for r in rows]
         emb = np.zeros((len(rows), int(self.encoder.dim)), np.float32)
         done: dict[int, PreparedEntry] = {}
         failures: dict[int, ErrorRecord] = {}
@@ -289,26 +309,26 @@ def run_ray(pending: Iterator[SourceEntry], writer: ArchiveWriter, model: Any, o
         # --no-progress: Ray Data's own progress bars / log lines too
         rdata.DataContext.get_current().enable_progress_bars = False
     per_call = int(rows_per_call or max(1, min(64, math.ceil(total / (4 * n_actors)))))
-    ds = rdata.read_parquet(os.path.abspath(root))  # read by tasks in the cluster's working directory
-    # A work-list file is one block, and the actor pool hands out whole blocks: without this a 4,096-row
-    # file would go to a single actor while the others idle. Streaming repartition (no shuffle).
-    try:
-        ds = ds.repartition(target_num_rows_per_block=per_call)
-    except TypeError:  # an older Ray without streaming repartition: whole work-list files are the unit
-        log.info("this Ray has no streaming repartition: work is spread over actors one work-list file at a time")
-    ds = ds.map_batches(EmbedActor, fn_constructor_kwargs=ctor, batch_size=per_call, batch_format="pyarrow",
-                        compute=rdata.ActorPoolStrategy(size=n_actors), num_gpus=1 if gpus > 0 else 0,
-                        num_cpus=cpus_per_actor)
-    ctx = getattr(ds, "context", None)
-    if ctx is not None and getattr(ctx, "wait_for_min_actors_s", 1) <= 0:
-        # Every replica loads its model before work is handed out: otherwise the first one ready takes
-        # blocks the others would have had, and a pool the cluster cannot fit would wait forever instead
-        # of failing with Ray's "Timed out while starting actors".
-        ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     seen_workers: set[str] = set()
+    received = IdSet()  # ids of the rows a result (vector or error record) came back for
+    run = dict(rdata=rdata, ctor=ctor, n_actors=n_actors, gpus=gpus, cpus_per_actor=cpus_per_actor, writer=writer,
+               progress=progress, stats=stats, workers=seen_workers, received=received)
     try:
-        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            _consume(table, writer, progress, stats, seen_workers)
+        _run_pass(root, per_call, **run)
+        missing = _missing(root, received)
+        if missing and per_call > 1:
+            # a batch whose actor died on every try (a decoder crash, the OOM killer on one huge clip): its rows
+            # again, one per call, so that the others are embedded and the one that kills actors is found
+            log.warning("%d work-list rows came back from no Ray actor (their actor died on every try): running "
+                        "them again one per call", len(missing))
+            retry = root / "retry"
+            _write_worklist(iter(missing), retry)
+            run["n_actors"] = min(n_actors, len(missing))
+            _run_pass(retry, 1, **run)
+            missing = _missing(retry, received)
+        for src in missing:
+            exc = DecodeWorkerCrashError(src.path or src.id, "a Ray actor process died on it", ACTOR_TASK_RETRIES + 1)
+            writer.put_error(error_record(src, "prepare", exc, retryable=True))
     except KeyboardInterrupt:
         stats.interrupted = True
     finally:
@@ -317,12 +337,44 @@ def run_ray(pending: Iterator[SourceEntry], writer: ArchiveWriter, model: Any, o
     return stats
 
 
-def _consume(table: Any, writer: ArchiveWriter, progress: Any, stats: PipelineStats, workers: set[str]) -> None:
+def _run_pass(root: Path, per_call: int, *, rdata: Any, ctor: dict[str, Any], n_actors: int, gpus: int,
+              cpus_per_actor: float, writer: ArchiveWriter, progress: Any, stats: PipelineStats, workers: set[str],
+              received: IdSet) -> None:
+    """One Ray Data pass over the work list under `root`, `per_call` rows per actor call."""
+    ds = rdata.read_parquet(os.path.abspath(root))  # read by tasks in the cluster's working directory
+    # A work-list file is one block, and the actor pool hands out whole blocks: without this a 4,096-row
+    # file would go to a single actor while the others idle. Streaming repartition (no shuffle).
+    try:
+        ds = ds.repartition(target_num_rows_per_block=per_call)
+    except TypeError:  # an older Ray without streaming repartition: whole work-list files are the unit
+        log.info("this Ray has no streaming repartition: work is spread over actors one work-list file at a time")
+    # Ray Data retries an actor task without end by default (max_task_retries=-1): one item that kills its
+    # actor every time would loop until the no-progress timeout. A bounded number of tries, then the batch is
+    # dropped (max_errored_blocks) and its rows found missing by the driver.
+    ds = ds.map_batches(EmbedActor, fn_constructor_kwargs=ctor, batch_size=per_call, batch_format="pyarrow",
+                        compute=rdata.ActorPoolStrategy(size=n_actors), num_gpus=1 if gpus > 0 else 0,
+                        num_cpus=cpus_per_actor, max_task_retries=ACTOR_TASK_RETRIES)
+    ctx = getattr(ds, "context", None)
+    if ctx is not None:
+        ctx.max_errored_blocks = -1
+        if getattr(ctx, "wait_for_min_actors_s", 1) <= 0:
+            # Every replica loads its model before work is handed out: otherwise the first one ready takes
+            # blocks the others would have had, and a pool the cluster cannot fit would wait forever instead
+            # of failing with Ray's "Timed out while starting actors".
+            ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+    for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        _consume(table, writer, progress, stats, workers, received)
+
+
+def _consume(table: Any, writer: ArchiveWriter, progress: Any, stats: PipelineStats, workers: set[str],
+             received: IdSet) -> None:
     n = table.num_rows
     if not n:
         return
     cols = table.drop_columns(["embedding"]).to_pydict()  # vectors stay numpy, never Python floats
     workers.update(cols["worker"])
+    for i in cols["id"]:
+        received.add_hash(id_hash(i))
     emb = np.asarray(table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False),
                      dtype=np.float32).reshape(n, -1)
     progress.add_stage("prepare", float(sum(cols["prepare_s"])))

@@ -39,7 +39,8 @@ def dynamic_shapes(spec: StageSpec) -> dict[str, dict[int, Any]]:
 def export_program(spec: StageSpec, example: dict[str, torch.Tensor]) -> torch.export.ExportedProgram:
     args = tuple(example[name] for name in spec.inputs)
     with torch.no_grad():
-        return torch.export.export(spec.module, args, dynamic_shapes=dynamic_shapes(spec), strict=False)
+        return torch.export.export(spec.module, args, dynamic_shapes=dynamic_shapes(spec), strict=False,
+                                   prefer_deferred_runtime_asserts_over_guards=True)
 
 
 def _param_bytes(module: torch.nn.Module) -> int:

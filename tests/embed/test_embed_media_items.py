@@ -110,7 +110,7 @@ def test_video_and_av_templates_and_positions(thinker_encoder, media_dir):
         x = p.inputs
         ids_ = x.input_ids[None]
         mel_lens = torch.tensor([[s.mel_len for s in x.audio]]).sum(-1) if x.audio else None
-        pos, _ = hf.model.get_rope_index(ids_, None, torch.tensor([x.grid_thw]), torch.ones_like(ids_), use_av, mel_lens,
+        pos, _ = (hf.model if hasattr(hf.model, "language_model") else hf).get_rope_index(ids_, None, torch.tensor([x.grid_thw]), torch.ones_like(ids_), use_av, mel_lens,
                                          torch.tensor([x.second_per_grid]))
         assert torch.equal(pos[:, 0], x.position_ids)
 

@@ -43,6 +43,7 @@ def test_core_exports_with_dynamic_shapes(tiny_token_ids, recipe):
     program = torch.export.export(
         core, _inputs(2, 9, [0, 3], 0),
         dynamic_shapes=({0: B, 1: T}, {0: B, 1: T}, {1: B, 2: T}, {0: B}), strict=False,
+        prefer_deferred_runtime_asserts_over_guards=True,  # torch 2.11 cannot prove Min(16T, 32T) == 16T
     )
     for B_, T_, pad in ((3, 17, [5, 0, 16]), (1, 4, [0]), (5, 33, [0, 1, 2, 30, 7])):
         args = _inputs(B_, T_, pad, seed=B_)

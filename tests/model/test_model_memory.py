@@ -64,10 +64,10 @@ def test_spy_catches_output_hidden_states(tiny_token_ids):
     """The same spy flags transformers' output_hidden_states=True path, so the test above can fail."""
     model, batch = _model_and_batch(tiny_token_ids)
     hf = ref.hf_thinker(model)
-    spy = RetentionSpy(hf.model.language_model.layers)
+    spy = RetentionSpy(ref.thinker_lm(hf).layers)
     try:
         with torch.no_grad():
-            hf.model.language_model(inputs_embeds=model.model.embed_tokens(batch.input_ids),
+            ref.thinker_lm(hf)(inputs_embeds=model.model.embed_tokens(batch.input_ids),
                                     attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                                     output_hidden_states=True)
     finally:

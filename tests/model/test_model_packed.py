@@ -233,8 +233,8 @@ def test_packed_gradients_equal_padded(tiny_token_ids, recipe):
 
 def _hf_towers(model: WaveModel):
     hf = ref.hf_thinker(model)
-    assert hf.model.audio_tower.config._attn_implementation in ("sdpa", "eager")
-    return hf.model.audio_tower, hf.model.visual
+    assert ref.thinker_inner(hf).audio_tower.config._attn_implementation in ("sdpa", "eager")
+    return ref.thinker_inner(hf).audio_tower, ref.thinker_inner(hf).visual
 
 
 def test_varlen_encoders_equal_transformers_modules(tiny_token_ids, whisper_fe):

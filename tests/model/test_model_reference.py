@@ -133,12 +133,12 @@ def reference_embedding(model: WaveModel, hf, case: Case) -> torch.Tensor:
             layer_states = ref.last_token_states(out.hidden_states)
         else:
             kw = case.hf_kwargs
-            embeds = hf.model.get_input_embeddings()(ids)
-            whisper = hf.model.get_audio_features(kw["input_features"], kw["feature_attention_mask"]).last_hidden_state
+            embeds = ref.thinker_inner(hf).get_input_embeddings()(ids)
+            whisper = ref.thinker_inner(hf).get_audio_features(kw["input_features"], kw["feature_attention_mask"]).last_hidden_state
             audio = ref.reference_beats_merge(model, whisper, case.fbanks, case.n_segments)
             embeds = embeds.masked_scatter((ids == cfg.token_id("audio")).unsqueeze(-1), audio)
             if "pixel_values_videos" in kw:
-                video = torch.cat(hf.model.get_video_features(kw["pixel_values_videos"], kw["video_grid_thw"]).pooler_output)
+                video = torch.cat(ref.thinker_inner(hf).get_video_features(kw["pixel_values_videos"], kw["video_grid_thw"]).pooler_output)
                 embeds = embeds.masked_scatter((ids == cfg.token_id("video")).unsqueeze(-1), video)
             if case.av is not None:
                 grid, n2 = case.av
@@ -146,7 +146,7 @@ def reference_embedding(model: WaveModel, hf, case: Case) -> torch.Tensor:
             else:
                 pos = torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, 1, -1)  # audio-only: sequential
             pos = pos.to(model.device)
-            out = hf.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+            out = ref.thinker_lm(hf)(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
                                           output_hidden_states=True)
             layer_states = ref.last_token_states(out.hidden_states)
         return ref.apply_reference_head(model, head, layer_states)
@@ -192,7 +192,7 @@ def test_reference_positions_are_what_transformers_computes(tiny_token_ids, whis
         kw = case.hf_kwargs
         ids = case.item.input_ids[None]
         audio_lens = kw["feature_attention_mask"].sum(-1) if "feature_attention_mask" in kw else None
-        pos, _ = hf.model.get_rope_index(
+        pos, _ = ref.thinker_inner(hf).get_rope_index(
             ids, None, kw.get("video_grid_thw"), torch.ones_like(ids), kw.get("use_audio_in_video", False),
             audio_lens, kw.get("video_second_per_grid"))
         assert torch.equal(pos[:, 0], case.item.position_ids), case.name

@@ -77,7 +77,7 @@ def _reference_embedding(hf, cfg, preset: str, input_ids: torch.Tensor, kw: dict
             return out.hidden_states[-1][0, -1]
         # Bidirectional: the thinker's own embeddings, features and RoPE index, then the language model under a
         # 4-D all-visible mask (transformers passes a 4-D mask through unchanged), mean over hidden_states[-1].
-        model = hf.model
+        model = ref.thinker_inner(hf)
         embeds = model.get_input_embeddings()(input_ids)
         if "input_features" in kw:
             audio = model.get_audio_features(kw["input_features"], kw["feature_attention_mask"]).last_hidden_state
@@ -90,7 +90,7 @@ def _reference_embedding(hf, cfg, preset: str, input_ids: torch.Tensor, kw: dict
                                       kw.get("video_second_per_grid"))
         T = input_ids.shape[1]
         full = torch.ones(1, 1, T, T, dtype=torch.bool)
-        out = model.language_model(inputs_embeds=embeds, attention_mask=full, position_ids=pos,
+        out = ref.thinker_lm(hf)(inputs_embeds=embeds, attention_mask=full, position_ids=pos,
                                    output_hidden_states=True)
         return out.hidden_states[-1][0].mean(dim=0)
 

@@ -21,12 +21,15 @@ def hf_thinker(model):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         hf = transformers.Qwen2_5OmniThinkerForConditionalGeneration(cfg).eval()
+    targets = set(hf.state_dict())
     sd = {}
     for k, v in model.state_dict().items():
-        if k.startswith("model."):
-            sd["model.language_model." + k[len("model."):]] = v
-        elif k.startswith(("audio_tower.", "visual.")):
-            sd["model." + k] = v
+        if not k.startswith(("model.", "audio_tower.", "visual.")):
+            continue
+        for cand in (("model.language_model." + k[6:]) if k.startswith("model.") else None, "model." + k, k):
+            if cand in targets:
+                sd[cand] = v
+                break
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     assert missing == ["lm_head.weight"] and not unexpected, (missing, unexpected)
     return hf
@@ -131,3 +134,15 @@ def wave_rope_index(input_ids, video_grid_thw, second_per_grid, n_audio_doubled,
     rest = len(ids) - consumed
     pos.append(torch.arange(rest).view(1, -1).expand(3, -1) + end + 1)
     return torch.cat(pos, dim=1)
+
+
+def thinker_inner(hf):
+    """The module owning get_*_features / get_rope_index / audio_tower / visual: hf.model on transformers
+    with Qwen2_5OmniThinkerModel (>= 5.2x), the ForConditionalGeneration itself before (5.17)."""
+    return hf.model if hasattr(hf.model, "language_model") else hf
+
+
+def thinker_lm(hf):
+    """The decoder (Qwen2_5OmniThinkerTextModel) under either layout."""
+    inner = thinker_inner(hf)
+    return inner.language_model if inner is not hf else hf.model

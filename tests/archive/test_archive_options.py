@@ -124,8 +124,9 @@ def test_the_ray_engine_runs_on_the_jobs_options(monkeypatch, tmp_path):
     records); each actor builds its encoder and runner from them. No Ray cluster is needed for either."""
     seen: dict[str, Any] = {}
 
-    def run_ray(pending: Any, writer: Any, model: Any, options: JobOptions) -> PipelineStats:
-        seen["model"], seen["options"] = model, options
+    def run_ray(pending: Any, writer: Any, model: Any, options: JobOptions, fingerprint: str | None = None
+                ) -> PipelineStats:
+        seen["model"], seen["options"], seen["fingerprint"] = model, options, fingerprint
         for _ in pending:
             pass
         return PipelineStats()
@@ -135,6 +136,7 @@ def test_the_ray_engine_runs_on_the_jobs_options(monkeypatch, tmp_path):
                       normalize=False, progress=False)
     job.embed_archive(_source(tmp_path), tmp_path / "out", options=opts)
     assert seen["model"] is None and seen["options"] == opts
+    assert seen["fingerprint"] == job.load_encoder(None, opts).fingerprint  # what every actor's model must match
 
     shipped = pickle.loads(pickle.dumps(opts))  # what Ray sends each actor
     actor = ray_engine.EmbedActor(None, shipped, decode_threads=1, torch_threads=0)

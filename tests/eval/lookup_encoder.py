@@ -28,7 +28,6 @@ class LookupEncoder:
     def __init__(self, table: dict[str, list[float]]) -> None:
         self.table = table
         self.dim = len(next(iter(table.values()))) if table else 3
-        self.batches: list[int] = []
 
     def prepare(self, item, instruction=None, index=None):
         key = item.text if isinstance(item, Text) else item if isinstance(item, str) else str(item.source)
@@ -40,5 +39,4 @@ class LookupEncoder:
         return torch.tensor(self.table[key], dtype=torch.float32)
 
     def embed_prepared_all(self, prepared):
-        self.batches.append(len(prepared))
         return torch.nn.functional.normalize(torch.stack(list(prepared)), dim=-1)

@@ -295,19 +295,17 @@ class WaveEncoder:
                 # forward that would fail the same way first
                 staged = None
                 emb = self._run_split(runner, batch)
-                out[torch.tensor([idx[g] for g in group])] = emb
-                bar.update(len(group))
-                continue
-            try:
-                current = staged if staged is not None else self.stage(batch)
-                staged = None
-                result = self.launch(current, normalize)
-                if j + 1 < len(groups):
-                    staged = self.stage([prepared[g] for g in groups[j + 1]])
-                emb = result.cpu()
-            except TOO_LARGE:
-                staged = current = result = None
-                emb = self._run_split(runner, batch)
+            else:
+                try:
+                    current = staged if staged is not None else self.stage(batch)
+                    staged = None
+                    result = self.launch(current, normalize)
+                    if j + 1 < len(groups):
+                        staged = self.stage([prepared[g] for g in groups[j + 1]])
+                    emb = result.cpu()
+                except TOO_LARGE:
+                    staged = current = result = None
+                    emb = self._run_split(runner, batch)
             out[torch.tensor([idx[g] for g in group])] = emb
             bar.update(len(group))
 
